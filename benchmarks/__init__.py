@@ -1,0 +1,1 @@
+"""fewstep.benchmarks: the latency benchmark suite behind ``fewstep bench``."""

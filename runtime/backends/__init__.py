@@ -1,0 +1,104 @@
+"""Backends: the one small protocol the sampling loop drives, and loading by name.
+
+A backend opens one graph file (ONNX or TensorRT plan) and returns a ``Graph``:
+
+* ``run(feeds)``: host arrays in, the graph's single output back on the host.
+* ``run_loop(x, fixed, per_step)``: only for ``step`` graphs. Runs the graph once per
+  entry of ``per_step``, feeding each output back as the next ``x``; ``fixed`` inputs
+  (labels, guidance) stay the same. GPU backends keep x on the device for the whole
+  loop (IO binding / device buffers, CUDA graphs); the host fallback is a plain loop.
+
+The loop never knows which backend it drives. Backends are imported lazily, so
+``import fewstep.runtime`` needs neither onnxruntime nor tensorrt.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ..errors import BackendUnavailable
+from ..meta import ModelMeta
+
+Array = NDArray[Any]
+Feeds = Mapping[str, Array]
+
+# name → (module, description). "auto" and "ort" are resolved by ``resolve``.
+BACKENDS: dict[str, tuple[str, str]] = {
+    "ort-cpu": ("ort", "ONNX Runtime, CPU execution provider"),
+    "ort-cuda": ("ort", "ONNX Runtime, CUDA EP with IO binding and CUDA graphs"),
+    "ort-tensorrt": ("ort", "ONNX Runtime, TensorRT EP (fp16, engine and timing caches)"),
+    "tensorrt": ("tensorrt", "TensorRT plan + sidecar, cuda-python, CUDA graphs"),
+    "oracle": ("oracle", "exact ε for a known x0 (tests, overhead benchmarks)"),
+}
+ALIASES = ("auto", "ort")
+
+
+@runtime_checkable
+class Graph(Protocol):
+    """One loaded graph file."""
+
+    meta: ModelMeta
+    path: str
+    backend: str
+    max_batch: int | None  # largest batch one call accepts (a TensorRT profile), or None
+
+    def run(self, feeds: Feeds) -> Array: ...
+
+    def run_loop(self, x: Array, fixed: Feeds, per_step: Sequence[Feeds]) -> Array: ...
+
+
+def host_loop(graph: Graph, x: Array, fixed: Feeds, per_step: Sequence[Feeds]) -> Array:
+    """``run_loop`` for backends that have no device-resident path."""
+    for feeds in per_step:
+        x = graph.run({"x": x, **fixed, **feeds})
+    return x
+
+
+def _module(name: str) -> Any:
+    return importlib.import_module(f"{__name__}.{BACKENDS[name][0]}")
+
+
+def availability() -> dict[str, str | None]:
+    """For every backend name, None when usable here, else the reason it is not."""
+    out: dict[str, str | None] = {}
+    for name in BACKENDS:
+        try:
+            out[name] = _module(name).unavailable_reason(name)
+        except ImportError as e:  # the backend module itself failed to import
+            out[name] = str(e)
+    return out
+
+
+def resolve(name: str, path: str | None = None) -> str:
+    """A concrete backend name for ``name`` (which may be ``auto`` or ``ort``)."""
+    if name not in BACKENDS and name not in ALIASES:
+        raise ValueError(
+            f"backend={name!r} is unknown; use one of {', '.join([*ALIASES, *BACKENDS])}"
+        )
+    if name not in ALIASES:
+        return name
+    avail = availability()
+    if name == "auto" and path is not None and path.endswith(".plan"):
+        if avail["tensorrt"] is None:
+            return "tensorrt"
+        raise BackendUnavailable(f"{path} is a TensorRT plan but {avail['tensorrt']}")
+    return "ort-cuda" if avail["ort-cuda"] is None else "ort-cpu"
+
+
+def load(path: str, name: str = "auto", **options: Any) -> Graph:
+    """Open one graph file with the named backend."""
+    concrete = resolve(name, path)
+    reason = _module(concrete).unavailable_reason(concrete)
+    if reason is not None:
+        raise BackendUnavailable(f"backend {concrete!r} is not usable here: {reason}")
+    graph: Graph = _module(concrete).open_graph(path, concrete, **options)
+    return graph
+
+
+def as_float32(a: Any) -> NDArray[np.float32]:
+    return np.ascontiguousarray(a, dtype=np.float32)

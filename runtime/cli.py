@@ -1,0 +1,66 @@
+"""fewstep: train, export and run few-step diffusion models.
+
+Each subcommand imports what it needs when it runs, so `fewstep --help`, `fewstep
+sample` and `fewstep info` work without PyTorch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "sample": ("fewstep.runtime.cli_sample", "generate images (default: the shipped model)"),
+    "info": ("fewstep.runtime.cli_info", "describe a model file, the backends and the device"),
+    "train": ("fewstep.train.cli", "train a UNet on landscapes or an image folder [torch]"),
+    "export": ("fewstep.export.cli", "checkpoint -> ONNX (+ fused graphs), parity-gated [torch]"),
+    "check": ("fewstep.export.cli_check", "parity gate: ONNX vs the PyTorch reference [torch]"),
+    "build": ("fewstep.export.cli_build", "ONNX -> TensorRT plan + sidecar [tensorrt]"),
+    "bench": ("fewstep.benchmarks.cli", "latency benchmark suite"),
+    "distill": ("fewstep.train.cli_distill", "progressive distillation to few steps [torch]"),
+    "eval": ("fewstep.train.cli_eval", "sample quality: feature-space Frechet distance [torch]"),
+}
+
+
+def usage() -> str:
+    width = max(len(c) for c in COMMANDS)
+    lines = [
+        "usage: fewstep <command> [options]   (fewstep <command> --help for its options)",
+        "",
+        __doc__.strip().splitlines()[0] if __doc__ else "",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name:<{width}}  {desc}" for name, (_, desc) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0 if args else 2
+    if args[0] == "--version":
+        from . import __version__
+
+        print(f"fewstep {__version__}")
+        return 0
+    name = args[0]
+    if name not in COMMANDS:
+        print(f"fewstep: error: unknown command {name!r}; use one of {', '.join(COMMANDS)}",
+              file=sys.stderr)
+        return 2
+    try:
+        module = importlib.import_module(COMMANDS[name][0])
+    except ModuleNotFoundError as e:
+        top = (e.name or "").split(".")[0]
+        print(f"fewstep {name}: error: needs the {top!r} package, which is not installed; "
+              f"see pip install 'fewstep[...]' in the README", file=sys.stderr)
+        return 2
+    result: int = module.main(args[1:], prog=f"fewstep {name}")
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""DDIM: the one home of the diffusion math in fewstep.
+
+Training's forward noising, the PyTorch reference sampler, the fused ONNX graphs
+(traced) and the runtime's host loop all call the functions below. Schedule tables
+are float64 numpy; ``step`` and the conversions use plain arithmetic only
+(``+ - * / **`` and ``.clip``), so the same code runs on numpy arrays and on torch
+tensors, and traces into an ONNX graph.
+
+Notation (code name → symbol in Song, Meng & Ermon, "Denoising Diffusion Implicit
+Models", ICLR 2021; ᾱ is written α there):
+
+================== ============ =====================================================
+code               paper        meaning
+================== ============ =====================================================
+``betas``          β_t          per-step noise variance of the forward process
+``alphas_cumprod`` α_t          ᾱ_t = Π_{s≤t} (1 - β_s); signal fraction at step t
+``a_t``            α_t          alphas_cumprod at the current timestep t
+``a_prev``         α_{t-1}      alphas_cumprod at the previous (next-in-sequence) step
+``x_t``            x_t          the noisy sample at timestep t, shape (B, C, H, W)
+``x0_pred``        f_θ(x_t)     predicted clean sample, "predicted x_0"
+``eps``            ε_θ(x_t)     predicted noise
+``v``              v            velocity √α_t ε - √(1-α_t) x_0 (Salimans & Ho, 2022)
+``eta``            η            0 = deterministic DDIM, 1 = DDPM-like ancestral noise
+``sigma_t``        σ_t(η)       η √((1-α_{t-1})/(1-α_t)) √(1 - α_t/α_{t-1}), eq. (16)
+``noise``          ε_t          fresh standard normal noise for the σ_t term
+``x_prev``         x_{t-1}      the result of one update
+================== ============ =====================================================
+
+Timesteps run from T-1 down to 0; a sampler visits ``timesteps(T, steps, spacing)``
+in order and the *previous* timestep of entry i is entry i+1 (never ``t - T // steps``,
+which is wrong for trailing and linspace spacing). After the last entry comes the
+final alpha: 1.0 with ``set_alpha_to_one`` (the clean image), else alphas_cumprod[0].
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Final, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
+Spacing = Literal["leading", "trailing", "linspace"]
+PredictionType = Literal["epsilon", "v_prediction", "sample"]
+
+BETA_SCHEDULES: Final = ("linear", "scaled_linear", "squaredcos_cap_v2")
+SPACINGS: Final = ("leading", "trailing", "linspace")
+PREDICTION_TYPES: Final = ("epsilon", "v_prediction", "sample")
+
+# An array-like that supports + - * / ** and .clip: a numpy array, a torch tensor (or a
+# float). Typed as Any because the functions are deliberately duck-typed over both.
+A = Any
+
+F64 = NDArray[np.float64]
+
+
+def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; use one of {', '.join(allowed)}")
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name}={value!r} must be a whole number")
+    if value < 1:
+        raise ValueError(f"{name}={value} must be at least 1")
+    return int(value)
+
+
+# ---------------------------------------------------------------------------------
+# Schedules
+# ---------------------------------------------------------------------------------
+
+
+def betas_for(
+    beta_schedule: str,
+    num_train_timesteps: int,
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+) -> F64:
+    """β_1..β_T in float64 for ``linear``, ``scaled_linear`` or ``squaredcos_cap_v2``.
+
+    ``squaredcos_cap_v2`` is the cosine schedule of Nichol & Dhariwal (2021) with
+    β capped at 0.999; it ignores ``beta_start``/``beta_end``.
+    """
+    _choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
+    n = _positive_int("num_train_timesteps", num_train_timesteps)
+    if beta_schedule != "squaredcos_cap_v2" and not 0.0 < beta_start <= beta_end < 1.0:
+        raise ValueError(
+            f"beta_start={beta_start}, beta_end={beta_end} must satisfy "
+            "0 < beta_start <= beta_end < 1; the usual values are 1e-4 and 0.02"
+        )
+    if beta_schedule == "linear":
+        return np.linspace(beta_start, beta_end, n, dtype=np.float64)
+    if beta_schedule == "scaled_linear":
+        root: F64 = np.linspace(beta_start**0.5, beta_end**0.5, n, dtype=np.float64)
+        return root**2
+
+    def alpha_bar(u: float) -> float:
+        return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    return np.array(
+        [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999) for i in range(n)],
+        dtype=np.float64,
+    )
+
+
+def rescale_zero_terminal_snr(betas: F64) -> F64:
+    """Rescale β so that the last timestep has zero SNR (Lin et al. 2024, Algorithm 1).
+
+    With zero terminal SNR the network never sees signal at t = T-1, so an
+    ``epsilon`` model cannot recover x0 there: use ``v_prediction`` (or ``sample``).
+    """
+    sqrt_ab = np.sqrt(np.cumprod(1.0 - betas))
+    first, last = sqrt_ab[0], sqrt_ab[-1]
+    sqrt_ab = (sqrt_ab - last) * first / (first - last)
+    ab = sqrt_ab**2
+    alphas = np.concatenate([ab[:1], ab[1:] / ab[:-1]])
+    return 1.0 - alphas
+
+
+def alphas_cumprod(
+    beta_schedule: str = "linear",
+    num_train_timesteps: int = 1000,
+    beta_start: float = 1e-4,
+    beta_end: float = 0.02,
+    rescale_zero_snr: bool = False,
+) -> F64:
+    """ᾱ_t for t = 0..T-1, float64, strictly decreasing."""
+    betas = betas_for(beta_schedule, num_train_timesteps, beta_start, beta_end)
+    if rescale_zero_snr:
+        betas = rescale_zero_terminal_snr(betas)
+    return np.cumprod(1.0 - betas).astype(np.float64)
+
+
+# ---------------------------------------------------------------------------------
+# Timesteps
+# ---------------------------------------------------------------------------------
+
+
+def timesteps(
+    num_train_timesteps: int,
+    steps: int,
+    spacing: str = "leading",
+    steps_offset: int = 0,
+) -> NDArray[np.int64]:
+    """The timesteps a ``steps``-step sampler visits, strictly decreasing, no duplicates.
+
+    ``leading``  (DDIM paper, diffusers' default): ``arange(steps) * (T // steps) + steps_offset``
+    ``trailing`` (Lin et al. 2024, table 2): ``round(T - i * T / steps) - 1``; starts at T-1
+    ``linspace``: ``round(linspace(0, T-1, steps))``; starts at T-1, ends at 0
+    """
+    t_max = _positive_int("num_train_timesteps", num_train_timesteps)
+    try:
+        n = _positive_int("steps", steps)
+    except ValueError as e:
+        raise ValueError(f"{e}; pass 1 <= steps <= {t_max}") from None
+    if n > t_max:
+        raise ValueError(
+            f"steps={n} exceeds num_train_timesteps={t_max}; pass steps <= {t_max}"
+        )
+    _choice("spacing", spacing, SPACINGS)
+    if isinstance(steps_offset, bool) or not isinstance(steps_offset, (int, np.integer)):
+        raise ValueError(f"steps_offset={steps_offset!r} must be a whole number")
+    if steps_offset and spacing != "leading":
+        raise ValueError(
+            f"steps_offset={steps_offset} applies to leading spacing only; "
+            f"pass steps_offset=0 with spacing={spacing!r}"
+        )
+    if spacing == "leading":
+        ratio = t_max // n
+        ts = np.arange(n, dtype=np.int64)[::-1] * ratio + int(steps_offset)
+        if steps_offset < 0 or ts[0] > t_max - 1:
+            raise ValueError(
+                f"steps_offset={steps_offset} puts timesteps outside 0..{t_max - 1} "
+                f"with steps={n}; pass 0 <= steps_offset <= {t_max - 1 - int(ts[0] - steps_offset)}"
+            )
+    elif spacing == "trailing":
+        ts = np.round(t_max - np.arange(n, dtype=np.float64) * (t_max / n)).astype(np.int64) - 1
+    else:
+        ts = np.round(np.linspace(0.0, t_max - 1, n, dtype=np.float64))[::-1].astype(np.int64)
+    assert np.all(np.diff(ts) < 0) and ts[-1] >= 0 and ts[0] <= t_max - 1, ts
+    return np.ascontiguousarray(ts)
+
+
+def step_alphas(
+    alphas_cumprod: F64, ts: NDArray[np.int64], set_alpha_to_one: bool = True
+) -> tuple[F64, F64]:
+    """(a_t, a_prev) for every entry of ``ts``; a_prev comes from the next entry.
+
+    After the last entry a_prev is 1.0 (``set_alpha_to_one``) or alphas_cumprod[0].
+    """
+    final = 1.0 if set_alpha_to_one else float(alphas_cumprod[0])
+    a_t = alphas_cumprod[ts]
+    a_prev = np.append(alphas_cumprod[ts[1:]], final)
+    return a_t.astype(np.float64), a_prev.astype(np.float64)
+
+
+# ---------------------------------------------------------------------------------
+# Conversions between the three parameterisations, and forward noising
+# ---------------------------------------------------------------------------------
+
+
+def q_sample(x0: A, eps: A, a_t: Any) -> A:
+    """Forward process, eq. (4): x_t = √α_t x0 + √(1-α_t) ε."""
+    return a_t**0.5 * x0 + (1 - a_t) ** 0.5 * eps
+
+
+def v_target(x0: A, eps: A, a_t: Any) -> A:
+    """Velocity v = √α_t ε - √(1-α_t) x0 (Salimans & Ho, 2022, appendix D)."""
+    return a_t**0.5 * eps - (1 - a_t) ** 0.5 * x0
+
+
+def x0_from_eps(x_t: A, eps: A, a_t: Any) -> A:
+    return (x_t - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+
+
+def eps_from_x0(x_t: A, x0: A, a_t: Any) -> A:
+    return (x_t - a_t**0.5 * x0) / (1 - a_t) ** 0.5
+
+
+def x0_from_v(x_t: A, v: A, a_t: Any) -> A:
+    return a_t**0.5 * x_t - (1 - a_t) ** 0.5 * v
+
+
+def eps_from_v(x_t: A, v: A, a_t: Any) -> A:
+    return a_t**0.5 * v + (1 - a_t) ** 0.5 * x_t
+
+
+def target_for(prediction_type: str, x0: A, eps: A, a_t: Any) -> A:
+    """What a network of ``prediction_type`` should output for (x0, ε) at α_t."""
+    _choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    if prediction_type == "epsilon":
+        return eps
+    if prediction_type == "sample":
+        return x0
+    return v_target(x0, eps, a_t)
+
+
+def split_prediction(model_output: A, x_t: A, a_t: Any, prediction_type: str) -> tuple[A, A]:
+    """(x0_pred, eps) from a network output of the given prediction type."""
+    _choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    if prediction_type == "epsilon":
+        return x0_from_eps(x_t, model_output, a_t), model_output
+    if prediction_type == "sample":
+        return model_output, eps_from_x0(x_t, model_output, a_t)
+    return x0_from_v(x_t, model_output, a_t), eps_from_v(x_t, model_output, a_t)
+
+
+def sigma(a_t: Any, a_prev: Any, eta: Any) -> Any:
+    """σ_t(η) of eq. (16): η √((1-α_{t-1})/(1-α_t)) √(1 - α_t/α_{t-1})."""
+    return eta * ((1 - a_prev) / (1 - a_t)) ** 0.5 * (1 - a_t / a_prev) ** 0.5
+
+
+# ---------------------------------------------------------------------------------
+# The update
+# ---------------------------------------------------------------------------------
+
+
+def step(
+    model_output: A,
+    x_t: A,
+    a_t: Any,
+    a_prev: Any,
+    *,
+    prediction_type: str = "epsilon",
+    eta: Any = 0.0,
+    noise: A | None = None,
+    clip_sample_range: float | None = None,
+) -> A:
+    """One DDIM update x_t → x_{t-1}, eq. (12) of Song et al.
+
+    ``a_t``/``a_prev`` are scalars or arrays broadcastable against ``x_t`` (for a
+    per-sample (B,) vector pass it reshaped to (B, 1, 1, 1)). ``eta`` may be a number or
+    such an array; ``noise`` (same shape as x_t) is required when eta is a non-zero
+    number and is ignored when eta is 0. The stochastic term follows diffusers: ε is
+    the network's, also when ``clip_sample_range`` clips x0_pred.
+    """
+    # (1) "predicted x_0" and ε_θ(x_t) from whatever the network predicts.
+    x0_pred, eps = split_prediction(model_output, x_t, a_t, prediction_type)
+    # (2) Optional clipping of the predicted x_0 to the data range.
+    if clip_sample_range is not None:
+        x0_pred = x0_pred.clip(-clip_sample_range, clip_sample_range)
+    # (3) σ_t(η), eq. (16).
+    sigma_t = sigma(a_t, a_prev, eta)
+    # (4) "direction pointing to x_t": √(1 - α_{t-1} - σ_t²) ε_θ(x_t). The radicand is >= 0,
+    # but with float32 coefficients (fused step graph), η = 1 and α_t ≈ 0 rounding can make
+    # it -1e-8 and the root NaN: clamp it at 0 as max(r, 0) = (r + |r|) / 2 (exact for r > 0).
+    radicand = 1 - a_prev - sigma_t**2
+    dir_xt = ((radicand + abs(radicand)) / 2) ** 0.5 * eps
+    # (5) x_{t-1} = √α_{t-1} · predicted x_0 + direction.
+    x_prev = a_prev**0.5 * x0_pred + dir_xt
+    # (6) "random noise" σ_t ε_t.
+    if isinstance(eta, (int, float)) and eta == 0:
+        return x_prev
+    if noise is None:
+        raise ValueError(f"eta={eta} needs noise of the same shape as x_t; pass noise=...")
+    return x_prev + sigma_t * noise

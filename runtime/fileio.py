@@ -1,0 +1,97 @@
+"""Atomic file writes: a temporary file in the target's directory, then a rename.
+
+A crash or Ctrl-C mid-write leaves the previous file intact and no stray temporary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+TMP_MARK = ".fewstep-tmp-"
+
+
+def check_writable_target(path: str | os.PathLike[str]) -> Path:
+    """The target as a Path, or a ValueError naming what is wrong with its folder."""
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    if not folder.is_dir():
+        raise ValueError(
+            f"output folder {str(folder)!r} does not exist; create it or pass another --out"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"output folder {str(folder)!r} is not writable; pass another --out")
+    if target.is_dir():
+        raise ValueError(f"output path {str(target)!r} is a directory; pass a file name")
+    return target
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``.
+
+    On any exception (KeyboardInterrupt included) the temporary is removed and the old
+    file, if any, is left as it was.
+    """
+    target = check_writable_target(path)
+    remove_stale_temporaries(target)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f"{TMP_MARK}{target.name}.{os.getpid()}.",
+        dir=target.parent if str(target.parent) else ".",
+    )
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp_path, 0o644)
+        os.replace(tmp_path, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp_path.unlink()
+        raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(target: Path) -> list[Path]:
+    """Delete temporaries of ``target`` left by writers that died (SIGKILL, power loss).
+
+    A temporary is named ``.fewstep-tmp-<name>.<pid>.<random>``; it is stale when no
+    process with that pid is alive. Live writers' temporaries are left alone.
+    """
+    removed = []
+    folder = target.parent if str(target.parent) else Path(".")
+    prefix = f"{TMP_MARK}{target.name}."
+    with contextlib.suppress(OSError):
+        for entry in folder.iterdir():
+            if not entry.name.startswith(prefix):
+                continue
+            pid_text = entry.name[len(prefix) :].split(".", 1)[0]
+            if pid_text.isdigit() and not _alive(int(pid_text)):
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+                    removed.append(entry)
+    return removed
+
+
+def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> Path:
+    return write_bytes(path, text.encode("utf-8"))

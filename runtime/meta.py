@@ -1,0 +1,342 @@
+"""ModelMeta: what a fewstep artifact is, stored inside every artifact.
+
+One JSON object, written into the checkpoint, into the ONNX file (one
+``metadata_props`` entry under ``META_KEY``) and into the ``.plan.json`` sidecar of a
+TensorRT plan. The runtime reads it instead of guessing, and refuses a file whose
+metadata is missing, from a newer schema, or inconsistent, with an ``ArtifactError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import numpy as np
+from numpy.typing import NDArray
+
+from . import ddim
+from .errors import ArtifactError
+
+SCHEMA_VERSION: Final = 1
+META_KEY: Final = "fewstep.meta"
+
+GRAPH_KINDS: Final = ("denoiser", "step", "sampler")
+PRECISIONS: Final = ("fp32", "fp16")
+OUTPUT_FORMATS: Final = ("float", "uint8")
+OUTPUT_NAME: Final = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+
+
+def _fail(where: str, msg: str) -> ArtifactError:
+    return ArtifactError(f"fewstep metadata field {where}: {msg}")
+
+
+def _check_choice(where: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise _fail(where, f"{value!r} is not one of {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The forward process the model was trained with, and the sampler's fixed choices."""
+
+    beta_schedule: str = "linear"
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    rescale_zero_terminal_snr: bool = False
+    set_alpha_to_one: bool = True
+    clip_sample_range: float | None = 1.0
+    steps_offset: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("schedule.beta_schedule", self.beta_schedule, ddim.BETA_SCHEDULES)
+        if not 1 <= self.num_train_timesteps <= 100_000:
+            raise _fail(
+                "schedule.num_train_timesteps", f"{self.num_train_timesteps} not in 1..100000"
+            )
+        if not (0 < self.beta_start <= self.beta_end < 1):
+            raise _fail("schedule.beta_start/beta_end", f"{self.beta_start}/{self.beta_end}")
+        if self.clip_sample_range is not None and not (
+            math.isfinite(self.clip_sample_range) and self.clip_sample_range > 0
+        ):
+            raise _fail("schedule.clip_sample_range", f"{self.clip_sample_range} must be > 0")
+        if not 0 <= self.steps_offset < self.num_train_timesteps:
+            raise _fail("schedule.steps_offset", f"{self.steps_offset} out of range")
+
+    def alphas_cumprod(self) -> NDArray[np.float64]:
+        return ddim.alphas_cumprod(
+            self.beta_schedule,
+            self.num_train_timesteps,
+            self.beta_start,
+            self.beta_end,
+            self.rescale_zero_terminal_snr,
+        )
+
+    def timesteps(self, steps: int, spacing: str) -> NDArray[np.int64]:
+        offset = self.steps_offset if spacing == "leading" else 0
+        return ddim.timesteps(self.num_train_timesteps, steps, spacing, offset)
+
+    def step_alphas(
+        self, steps: int, spacing: str
+    ) -> tuple[NDArray[np.int64], NDArray[np.float64], NDArray[np.float64]]:
+        """(timesteps, a_t, a_prev) for a ``steps``-step sampler."""
+        ts = self.timesteps(steps, spacing)
+        a_t, a_prev = ddim.step_alphas(self.alphas_cumprod(), ts, self.set_alpha_to_one)
+        return ts, a_t, a_prev
+
+
+@dataclass(frozen=True)
+class GraphInfo:
+    """Which computation a file holds. Checkpoints are ``denoiser``/``fp32``."""
+
+    kind: str = "denoiser"
+    precision: str = "fp32"
+    inputs: tuple[str, ...] = ("x", "t")
+    outputs: tuple[str, ...] = ("eps",)
+    guidance: bool = False
+    # Fused sampler only: the fixed loop baked into the graph.
+    steps: int = 0
+    spacing: str = ""
+    eta: float = 0.0
+    output_format: str = "float"
+
+    def __post_init__(self) -> None:
+        _check_choice("graph.kind", self.kind, GRAPH_KINDS)
+        _check_choice("graph.precision", self.precision, PRECISIONS)
+        _check_choice("graph.output_format", self.output_format, OUTPUT_FORMATS)
+        if self.kind == "sampler":
+            if self.steps < 1:
+                raise _fail("graph.steps", f"{self.steps}: a sampler graph needs steps >= 1")
+            _check_choice("graph.spacing", self.spacing, ddim.SPACINGS)
+            if not 0.0 <= self.eta <= 1.0:
+                raise _fail("graph.eta", f"{self.eta} not in [0, 1]")
+        elif self.steps or self.spacing or self.eta or self.output_format != "float":
+            raise _fail("graph", f"steps/spacing/eta/output_format set on a {self.kind} graph")
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    prediction_type: str
+    schedule: Schedule
+    channels: int
+    height: int
+    width: int
+    num_classes: int = 0
+    class_names: tuple[str, ...] = ()
+    graph: GraphInfo = field(default_factory=GraphInfo)
+    distilled_steps: tuple[int, ...] = ()
+    distilled_spacing: str = ""
+    train_config: Mapping[str, Any] = field(default_factory=dict)
+    source_hash: str = ""
+    fewstep_version: str = ""
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        _check_choice("prediction_type", self.prediction_type, ddim.PREDICTION_TYPES)
+        if self.prediction_type == "epsilon" and self.schedule.rescale_zero_terminal_snr:
+            raise _fail(
+                "prediction_type",
+                "'epsilon' cannot recover x0 at zero terminal SNR; "
+                "train with prediction type v_prediction or sample",
+            )
+        for name in ("channels", "height", "width"):
+            value = getattr(self, name)
+            if not 1 <= value <= 8192:
+                raise _fail(name, f"{value} not in 1..8192")
+        if self.num_classes < 0:
+            raise _fail("num_classes", f"{self.num_classes} < 0")
+        if self.class_names and len(self.class_names) != self.num_classes:
+            raise _fail(
+                "class_names", f"{len(self.class_names)} names for {self.num_classes} classes"
+            )
+        if self.graph.guidance and not self.num_classes:
+            raise _fail("graph.guidance", "guidance needs a class-conditional model")
+        if self.distilled_steps:
+            _check_choice("distilled_spacing", self.distilled_spacing, ddim.SPACINGS)
+            if any(s < 1 or s > self.schedule.num_train_timesteps for s in self.distilled_steps):
+                raise _fail("distilled_steps", f"{self.distilled_steps} out of range")
+        expected_in, expected_out = io_names(self.prediction_type, self.conditional, self.graph)
+        if self.graph.inputs != expected_in or self.graph.outputs != expected_out:
+            raise _fail(
+                "graph.inputs/outputs",
+                f"{list(self.graph.inputs)} -> {list(self.graph.outputs)} does not match a "
+                f"{self.graph.kind} graph of this model, which has "
+                f"{list(expected_in)} -> {list(expected_out)}",
+            )
+        if self.schema_version != SCHEMA_VERSION:
+            raise _fail("schema_version", f"{self.schema_version} != {SCHEMA_VERSION}")
+
+    @classmethod
+    def build(cls, graph: GraphInfo | None = None, **fields: Any) -> ModelMeta:
+        """Construct with the graph's input/output names filled in from the rest."""
+        g = graph or GraphInfo()
+        ins, outs = io_names(fields["prediction_type"], fields.get("num_classes", 0) > 0, g)
+        return cls(graph=dataclasses.replace(g, inputs=ins, outputs=outs), **fields)
+
+    # -- derived -------------------------------------------------------------------
+
+    @property
+    def conditional(self) -> bool:
+        return self.num_classes > 0
+
+    @property
+    def null_label(self) -> int:
+        """The label index that means "no class" (classifier-free guidance)."""
+        return self.num_classes
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W)."""
+        return (self.channels, self.height, self.width)
+
+    def for_graph(self, **changes: Any) -> ModelMeta:
+        """This model's meta for another graph; inputs/outputs follow from the rest."""
+        graph = dataclasses.replace(self.graph, **changes)
+        ins, outs = io_names(self.prediction_type, self.num_classes > 0, graph)
+        return dataclasses.replace(self, graph=dataclasses.replace(graph, inputs=ins, outputs=outs))
+
+    # -- (de)serialisation --------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["train_config"] = dict(self.train_config)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, source: str = "metadata") -> ModelMeta:
+        try:
+            data = json.loads(text)
+        except (ValueError, TypeError, RecursionError) as e:
+            raise ArtifactError(f"{source}: fewstep metadata is not valid JSON ({e})") from None
+        return cls.from_dict(data, source)
+
+    @classmethod
+    def from_dict(cls, data: object, source: str = "metadata") -> ModelMeta:
+        try:
+            return _parse(data)
+        except ArtifactError as e:
+            raise ArtifactError(f"{source}: {e}") from None
+
+
+def io_names(
+    prediction_type: str, conditional: bool, g: GraphInfo
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The input and output names a graph of this kind must have (``g``'s own are ignored)."""
+    cond = ("label",) if conditional else ()
+    guid = ("guidance",) if g.guidance else ()
+    if g.kind == "denoiser":
+        return ("x", "t", *cond, *guid), (OUTPUT_NAME[prediction_type],)
+    if g.kind == "step":
+        return ("x", "t", "a_t", "a_prev", "eta", "noise", *cond, *guid), ("x_prev",)
+    noise = ("noise",) if g.eta > 0 else ()
+    return ("x", *cond, *guid, *noise), ("image" if g.output_format == "uint8" else "x0",)
+
+
+# ---------------------------------------------------------------------------------
+# Strict parsing: anything but well-formed metadata becomes one ArtifactError.
+# ---------------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+def _get(d: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str,
+         default: object = _MISSING) -> Any:
+    if key not in d:
+        if default is _MISSING:
+            raise _fail(f"{where}{key}", "missing")
+        return default
+    value = d[key]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, bool) and bool not in kinds:
+        raise _fail(f"{where}{key}", f"{value!r} is not {_names(kinds)}")
+    if not isinstance(value, kinds):
+        raise _fail(f"{where}{key}", f"{value!r} is not {_names(kinds)}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _fail(f"{where}{key}", f"{value!r} is not finite")
+    return value
+
+
+def _names(kinds: tuple[type, ...]) -> str:
+    return " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+
+
+def _str_tuple(d: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
+    items = _get(d, key, list, where, [])
+    if not all(isinstance(s, str) for s in items):
+        raise _fail(f"{where}{key}", "must be a list of strings")
+    return tuple(items)
+
+
+def _no_extra(d: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    extra = sorted(set(d) - allowed)
+    if extra:
+        raise _fail(where or "(top level)", f"unknown keys {extra}")
+
+
+def _parse(data: object) -> ModelMeta:
+    if not isinstance(data, dict):
+        raise _fail("(top level)", f"expected a JSON object, got {type(data).__name__}")
+    version = _get(data, "schema_version", int, "")
+    if version > SCHEMA_VERSION:
+        raise ArtifactError(
+            f"metadata schema version {version} is newer than this fewstep supports "
+            f"({SCHEMA_VERSION}); upgrade fewstep (pip install -U fewstep)"
+        )
+    if version < 1:
+        raise _fail("schema_version", f"{version} is not a valid version")
+    top = {f.name for f in dataclasses.fields(ModelMeta)}
+    _no_extra(data, top, "")
+
+    s = _get(data, "schedule", dict, "")
+    _no_extra(s, {f.name for f in dataclasses.fields(Schedule)}, "schedule")
+    schedule = Schedule(
+        beta_schedule=_get(s, "beta_schedule", str, "schedule."),
+        num_train_timesteps=_get(s, "num_train_timesteps", int, "schedule."),
+        beta_start=_get(s, "beta_start", float, "schedule."),
+        beta_end=_get(s, "beta_end", float, "schedule."),
+        rescale_zero_terminal_snr=_get(s, "rescale_zero_terminal_snr", bool, "schedule."),
+        set_alpha_to_one=_get(s, "set_alpha_to_one", bool, "schedule."),
+        clip_sample_range=_get(s, "clip_sample_range", (float, type(None)), "schedule."),
+        steps_offset=_get(s, "steps_offset", int, "schedule.", 0),
+    )
+    g = _get(data, "graph", dict, "")
+    _no_extra(g, {f.name for f in dataclasses.fields(GraphInfo)}, "graph")
+    graph = GraphInfo(
+        kind=_get(g, "kind", str, "graph."),
+        precision=_get(g, "precision", str, "graph."),
+        inputs=_str_tuple(g, "inputs", "graph."),
+        outputs=_str_tuple(g, "outputs", "graph."),
+        guidance=_get(g, "guidance", bool, "graph.", False),
+        steps=_get(g, "steps", int, "graph.", 0),
+        spacing=_get(g, "spacing", str, "graph.", ""),
+        eta=_get(g, "eta", float, "graph.", 0.0),
+        output_format=_get(g, "output_format", str, "graph.", "float"),
+    )
+    distilled = _get(data, "distilled_steps", list, "", [])
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in distilled):
+        raise _fail("distilled_steps", "must be a list of whole numbers")
+    return ModelMeta(
+        prediction_type=_get(data, "prediction_type", str, ""),
+        schedule=schedule,
+        channels=_get(data, "channels", int, ""),
+        height=_get(data, "height", int, ""),
+        width=_get(data, "width", int, ""),
+        num_classes=_get(data, "num_classes", int, "", 0),
+        class_names=_str_tuple(data, "class_names", ""),
+        graph=graph,
+        distilled_steps=tuple(distilled),
+        distilled_spacing=_get(data, "distilled_spacing", str, "", ""),
+        train_config=_get(data, "train_config", dict, "", {}),
+        source_hash=_get(data, "source_hash", str, "", ""),
+        fewstep_version=_get(data, "fewstep_version", str, "", ""),
+        schema_version=version,
+    )

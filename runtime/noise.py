@@ -1,0 +1,45 @@
+"""Host-side noise: numpy Philox keyed by (seed, image index).
+
+Image i of a generation draws its initial noise x_T and then its per-step noise from
+its own stream, so an image does not depend on the batch it was generated in, on how
+many images were asked for, or on the backend.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+MAX_SEED = 2**64 - 1
+
+
+def check_seed(seed: object) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed={seed!r} must be a whole number; pass e.g. seed=0")
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed={seed} is outside 0..2**64-1; pass a seed in that range")
+    return int(seed)
+
+
+def image_rng(seed: int, index: int) -> np.random.Generator:
+    key = np.array([check_seed(seed), index], dtype=np.uint64)
+    return np.random.Generator(np.random.Philox(key=key))
+
+
+def generation_noise(
+    seed: int,
+    indices: range,
+    shape: tuple[int, int, int],
+    noise_steps: int = 0,
+) -> tuple[NDArray[np.float32], NDArray[np.float32] | None]:
+    """(x_T (N, C, H, W), step noise (N, noise_steps, C, H, W) or None) for ``indices``."""
+    x_T = np.empty((len(indices), *shape), dtype=np.float32)
+    step_noise = (
+        np.empty((len(indices), noise_steps, *shape), dtype=np.float32) if noise_steps else None
+    )
+    for row, i in enumerate(indices):
+        rng = image_rng(seed, i)
+        x_T[row] = rng.standard_normal(shape, dtype=np.float32)
+        if step_noise is not None:
+            step_noise[row] = rng.standard_normal((noise_steps, *shape), dtype=np.float32)
+    return x_T, step_noise

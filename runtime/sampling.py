@@ -1,0 +1,176 @@
+"""The DDIM sampling loop, written once for numpy, torch and tracing.
+
+``SamplingPlan`` fixes everything about a loop that does not depend on the images
+(timesteps, ᾱ pairs, η, the start step for img2img); ``run_loop`` walks it with a
+caller-supplied ``denoise(x, i)``. The runtime's host path calls it with numpy and an
+ONNX Runtime denoiser, the PyTorch reference sampler with torch and the UNet, and the
+fused sampler export traces it into one ONNX graph.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import ddim
+from .meta import ModelMeta
+
+A = Any  # a numpy array or a torch tensor (see ddim.py)
+
+DEFAULT_SPACING = "trailing"
+
+
+@dataclass(frozen=True)
+class SamplingPlan:
+    timesteps: tuple[int, ...]
+    a_t: tuple[float, ...]
+    a_prev: tuple[float, ...]
+    eta: float
+    prediction_type: str
+    clip_sample_range: float | None
+    start: int = 0
+
+    @property
+    def steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def stochastic(self) -> bool:
+        return self.eta > 0
+
+    @classmethod
+    def create(
+        cls,
+        meta: ModelMeta,
+        steps: int,
+        spacing: str = DEFAULT_SPACING,
+        eta: float = 0.0,
+        strength: float = 1.0,
+    ) -> SamplingPlan:
+        """Validate the sampler arguments against ``meta`` and fix the loop.
+
+        ``strength`` < 1 (img2img) skips the first steps: the loop starts at step
+        ``steps - round(steps * strength)`` and runs at least one step.
+        """
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta={eta!r} must be in [0, 1] (0 = deterministic DDIM)")
+        if (
+            isinstance(strength, bool)
+            or not isinstance(strength, (int, float))
+            or not 0.0 < strength <= 1.0
+        ):
+            raise ValueError(f"strength={strength!r} must be in (0, 1]; 1 = ignore the image")
+        ts, a_t, a_prev = meta.schedule.step_alphas(steps, spacing)
+        run = max(1, round(len(ts) * strength))
+        return cls(
+            timesteps=tuple(int(t) for t in ts),
+            a_t=tuple(float(a) for a in a_t),
+            a_prev=tuple(float(a) for a in a_prev),
+            eta=float(eta),
+            prediction_type=meta.prediction_type,
+            clip_sample_range=meta.schedule.clip_sample_range,
+            start=len(ts) - run,
+        )
+
+
+def initial_state(plan: SamplingPlan, x_T: A, init: A | None = None) -> A:
+    """x at the first step: pure noise, or the init image noised to that step (img2img)."""
+    if init is None:
+        return x_T
+    return ddim.q_sample(init, x_T, plan.a_t[plan.start])
+
+
+def run_loop(
+    plan: SamplingPlan,
+    denoise: Callable[[A, int], A],
+    x: A,
+    noise: A | None = None,
+    inpaint: tuple[A, A, A] | None = None,
+) -> A:
+    """Walk the plan from ``plan.start``; returns the final sample (B, C, H, W).
+
+    ``denoise(x, i)`` returns the network output at step i (timestep
+    ``plan.timesteps[i]``). ``noise`` is (B, steps, C, H, W) and is needed when η > 0.
+    ``inpaint`` = (known image, mask, x_T noise): after each step the region where
+    mask == 0 is replaced by the known image noised to the same level, so it comes out
+    exactly as given.
+    """
+    if plan.stochastic and noise is None:
+        raise ValueError(f"eta={plan.eta} needs per-step noise; pass noise (B, steps, C, H, W)")
+    for i in range(plan.start, plan.steps):
+        out = denoise(x, i)
+        x = ddim.step(
+            out,
+            x,
+            plan.a_t[i],
+            plan.a_prev[i],
+            prediction_type=plan.prediction_type,
+            eta=plan.eta,
+            noise=noise[:, i] if plan.stochastic and noise is not None else None,
+            clip_sample_range=plan.clip_sample_range,
+        )
+        if inpaint is not None:
+            known, mask, eps0 = inpaint
+            x = mask * x + (1 - mask) * ddim.q_sample(known, eps0, plan.a_prev[i])
+    return x
+
+
+def guided(cond: A, uncond: A, guidance: Any) -> A:
+    """Classifier-free guidance: uncond + g (cond - uncond); g = 1 is the conditional model."""
+    return uncond + guidance * (cond - uncond)
+
+
+def check_guidance(meta: ModelMeta, guidance: float | None) -> float | None:
+    if guidance is None:
+        return None
+    if not meta.conditional:
+        raise ValueError(
+            f"guidance={guidance} needs a class-conditional model; this model has no classes"
+        )
+    if (
+        isinstance(guidance, bool)
+        or not isinstance(guidance, (int, float))
+        or not math.isfinite(guidance)
+        or not 0.0 <= guidance <= 50.0
+    ):
+        raise ValueError(f"guidance={guidance!r} must be a number in [0, 50]; 1 = no guidance")
+    return float(guidance)
+
+
+def resolve_labels(meta: ModelMeta, n: int, labels: Any = None) -> Any:
+    """(n,) int64 labels, or None for an unconditional model.
+
+    ``None`` on a class-conditional model cycles through the classes (image i gets
+    class i % num_classes); one int applies to all; a sequence must have n entries.
+    Class names are accepted where the model records them.
+    """
+    import numpy as np
+
+    if not meta.conditional:
+        if labels is not None:
+            raise ValueError(
+                f"labels={labels!r} given, but this model is unconditional; drop the labels"
+            )
+        return None
+    k = meta.num_classes
+    if labels is None:
+        return np.arange(n, dtype=np.int64) % k
+    items = [labels] * n if isinstance(labels, (int, str, np.integer)) else list(labels)
+    if len(items) != n:
+        raise ValueError(f"{len(items)} labels given for n={n} images; pass one label or n labels")
+    out = np.empty(n, dtype=np.int64)
+    for j, item in enumerate(items):
+        if isinstance(item, str):
+            if item in meta.class_names:
+                out[j] = meta.class_names.index(item)
+                continue
+            if not item.lstrip("-").isdigit():
+                names = ", ".join(meta.class_names) or f"0..{k - 1}"
+                raise ValueError(f"label {item!r} is not a class of this model; use one of {names}")
+            item = int(item)
+        if isinstance(item, bool) or not isinstance(item, (int, np.integer)) or not 0 <= item < k:
+            raise ValueError(f"label {item!r} is outside the model's classes 0..{k - 1}")
+        out[j] = int(item)
+    return out

@@ -1,0 +1,229 @@
+"""runtime/ddim.py: schedules, timesteps, the update; oracle exactness; diffusers parity."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fewstep.runtime import ddim
+
+T = 1000
+
+
+def oracle_output(x0: np.ndarray, x_t: np.ndarray, a_t: float, prediction_type: str) -> np.ndarray:
+    eps = ddim.eps_from_x0(x_t, x0, a_t)
+    return ddim.target_for(prediction_type, x0, eps, a_t)
+
+
+def run_oracle(x0: np.ndarray, steps: int, spacing: str, prediction_type: str = "epsilon",
+               eta: float = 0.0, schedule: str = "linear", seed: int = 0) -> np.ndarray:
+    ac = ddim.alphas_cumprod(schedule, T)
+    ts = ddim.timesteps(T, steps, spacing)
+    a_t, a_prev = ddim.step_alphas(ac, ts)
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(x0.shape)
+    for i in range(steps):
+        out = oracle_output(x0, x, float(a_t[i]), prediction_type)
+        noise = rng.standard_normal(x0.shape) if eta else None
+        x = ddim.step(out, x, float(a_t[i]), float(a_prev[i]), prediction_type=prediction_type,
+                      eta=eta, noise=noise)
+    return x
+
+
+@pytest.mark.parametrize("spacing", ddim.SPACINGS)
+def test_oracle_returns_x0_for_every_step_count(spacing: str) -> None:
+    x0 = np.random.default_rng(0).uniform(-1, 1, (2, 3, 4, 4))
+    for steps in range(1, 51):
+        x = run_oracle(x0, steps, spacing)
+        assert np.max(np.abs(x - x0)) <= 1e-6, (spacing, steps)
+
+
+@pytest.mark.parametrize("prediction_type", ddim.PREDICTION_TYPES)
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("schedule", ddim.BETA_SCHEDULES)
+def test_oracle_exact_for_every_parameterisation(prediction_type: str, eta: float,
+                                                 schedule: str) -> None:
+    x0 = np.random.default_rng(1).uniform(-1, 1, (2, 3, 4, 4))
+    for steps in (1, 2, 4, 7, 20):
+        x = run_oracle(x0, steps, "trailing", prediction_type, eta, schedule)
+        assert np.max(np.abs(x - x0)) <= 1e-6
+
+
+def test_without_alpha_one_the_last_step_lands_at_alphas_cumprod_0() -> None:
+    ac = ddim.alphas_cumprod("linear", T)
+    ts = ddim.timesteps(T, 4, "leading")
+    _, a_prev = ddim.step_alphas(ac, ts, set_alpha_to_one=False)
+    assert a_prev[-1] == ac[0]
+    assert list(a_prev[:-1]) == list(ac[ts[1:]])
+
+
+@pytest.mark.parametrize("spacing", ddim.SPACINGS)
+def test_timesteps_valid_for_every_step_count(spacing: str) -> None:
+    for t_max in (1, 7, 100, T):
+        for steps in range(1, t_max + 1):
+            ts = ddim.timesteps(t_max, steps, spacing)
+            assert len(ts) == steps
+            assert ts.dtype == np.int64
+            assert np.all(np.diff(ts) < 0), (t_max, steps)
+            assert ts[-1] >= 0 and ts[0] <= t_max - 1
+
+
+def test_timesteps_known_values() -> None:
+    assert ddim.timesteps(1000, 4, "leading").tolist() == [750, 500, 250, 0]
+    assert ddim.timesteps(1000, 4, "leading", steps_offset=1).tolist() == [751, 501, 251, 1]
+    assert ddim.timesteps(1000, 4, "trailing").tolist() == [999, 749, 499, 249]
+    assert ddim.timesteps(1000, 3, "trailing").tolist() == [999, 666, 332]
+    assert ddim.timesteps(1000, 4, "linspace").tolist() == [999, 666, 333, 0]
+    assert ddim.timesteps(1000, 1, "trailing").tolist() == [999]
+
+
+def test_previous_timestep_is_the_next_entry_not_t_minus_ratio() -> None:
+    ac = ddim.alphas_cumprod("linear", T)
+    ts = ddim.timesteps(T, 3, "trailing")  # 999, 666, 332: gaps differ from T // 3 = 333
+    _, a_prev = ddim.step_alphas(ac, ts)
+    assert a_prev[0] == ac[666] and a_prev[1] == ac[332] and a_prev[2] == 1.0
+
+
+def test_schedules() -> None:
+    for name in ddim.BETA_SCHEDULES:
+        ac = ddim.alphas_cumprod(name, T)
+        assert ac.dtype == np.float64 and ac.shape == (T,)
+        assert np.all(np.diff(ac) < 0) and 0 < ac[-1] < ac[0] < 1
+    lin = ddim.betas_for("linear", T)
+    assert lin[0] == pytest.approx(1e-4) and lin[-1] == pytest.approx(0.02)
+    sl = ddim.betas_for("scaled_linear", T, 0.00085, 0.012)
+    assert sl[0] == pytest.approx(0.00085) and sl[-1] == pytest.approx(0.012)
+    cos = ddim.betas_for("squaredcos_cap_v2", T)
+    assert cos.max() <= 0.999
+
+
+def test_zero_terminal_snr() -> None:
+    ac = ddim.alphas_cumprod("scaled_linear", T, 0.00085, 0.012, rescale_zero_snr=True)
+    assert ac[-1] == pytest.approx(0.0, abs=1e-12)
+    plain = ddim.alphas_cumprod("scaled_linear", T, 0.00085, 0.012)
+    assert ac[0] == pytest.approx(plain[0])
+    x0 = np.random.default_rng(2).uniform(-1, 1, (1, 3, 4, 4))
+    # v-prediction recovers x0 even from the zero-SNR first step.
+    ts = ddim.timesteps(T, 4, "trailing")
+    a_t, a_prev = ddim.step_alphas(ac, ts)
+    x = np.random.default_rng(3).standard_normal(x0.shape)
+    for i in range(4):
+        eps = ddim.eps_from_x0(x, x0, a_t[i])
+        v = ddim.v_target(x0, eps, a_t[i])
+        x = ddim.step(v, x, float(a_t[i]), float(a_prev[i]), prediction_type="v_prediction")
+    assert np.max(np.abs(x - x0)) < 1e-6
+
+
+def test_conversions_round_trip(rng: np.random.Generator) -> None:
+    x0, eps = rng.standard_normal((2, 3, 8, 8)), rng.standard_normal((2, 3, 8, 8))
+    for a in (0.999, 0.5, 0.01):
+        x_t = ddim.q_sample(x0, eps, a)
+        np.testing.assert_allclose(ddim.x0_from_eps(x_t, eps, a), x0, atol=1e-10)
+        np.testing.assert_allclose(ddim.eps_from_x0(x_t, x0, a), eps, atol=1e-8)
+        v = ddim.v_target(x0, eps, a)
+        np.testing.assert_allclose(ddim.x0_from_v(x_t, v, a), x0, atol=1e-10)
+        np.testing.assert_allclose(ddim.eps_from_v(x_t, v, a), eps, atol=1e-10)
+
+
+def test_clip_sample_range_clips_x0(rng: np.random.Generator) -> None:
+    x_t = rng.standard_normal((1, 3, 4, 4)) * 3
+    out = ddim.step(x_t * 2, x_t, 0.5, 1.0, prediction_type="sample", clip_sample_range=1.0)
+    assert np.max(np.abs(out)) <= 1.0 + 1e-12
+    unclipped = ddim.step(x_t * 2, x_t, 0.5, 1.0, prediction_type="sample")
+    assert np.max(np.abs(unclipped)) > 1.0
+
+
+def test_numpy_and_torch_agree(rng: np.random.Generator) -> None:
+    torch = pytest.importorskip("torch")
+    ac = ddim.alphas_cumprod("squaredcos_cap_v2", T)
+    ts = ddim.timesteps(T, 5, "trailing")
+    a_t, a_prev = ddim.step_alphas(ac, ts)
+    for pred in ddim.PREDICTION_TYPES:
+        x = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
+        xt = torch.from_numpy(x.copy())
+        for i in range(5):
+            out = np.tanh(x * 0.7 + 0.1 * i).astype(np.float32)
+            noise = rng.standard_normal(x.shape).astype(np.float32)
+            kw = dict(prediction_type=pred, eta=0.7, clip_sample_range=1.0)
+            x = ddim.step(out, x, float(a_t[i]), float(a_prev[i]), noise=noise, **kw)
+            xt = ddim.step(torch.from_numpy(out), xt, float(a_t[i]), float(a_prev[i]),
+                           noise=torch.from_numpy(noise), **kw)
+            assert x.dtype == np.float32 and xt.dtype == torch.float32
+        np.testing.assert_allclose(xt.numpy(), x, rtol=1e-5, atol=1e-5)
+    # Per-sample (B, 1, 1, 1) coefficient tensors, as the fused step graph passes them.
+    a = torch.tensor([0.3, 0.6]).view(-1, 1, 1, 1)
+    b = torch.tensor([0.5, 0.9]).view(-1, 1, 1, 1)
+    xs = torch.randn(2, 3, 4, 4)
+    o = torch.randn(2, 3, 4, 4)
+    batched = ddim.step(o, xs, a, b)
+    for j in range(2):
+        single = ddim.step(o[j : j + 1], xs[j : j + 1], float(a[j]), float(b[j]))
+        torch.testing.assert_close(batched[j : j + 1], single)
+
+
+@pytest.mark.parametrize("prediction_type", ddim.PREDICTION_TYPES)
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("steps", [1, 4, 10, 50])
+def test_equals_diffusers_ddim_where_diffusers_is_right(prediction_type: str, eta: float,
+                                                        steps: int) -> None:
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    for offset, alpha_one, clip in ((0, True, True), (1, False, False)):
+        sched = diffusers.DDIMScheduler(
+            num_train_timesteps=T, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+            prediction_type=prediction_type, clip_sample=clip, clip_sample_range=1.0,
+            set_alpha_to_one=alpha_one, steps_offset=offset, timestep_spacing="leading",
+        )
+        sched.set_timesteps(steps)
+        ts = ddim.timesteps(T, steps, "leading", steps_offset=offset)
+        assert sched.timesteps.tolist() == ts.tolist()
+        ac = ddim.alphas_cumprod("linear", T)
+        a_t, a_prev = ddim.step_alphas(ac, ts, set_alpha_to_one=alpha_one)
+        gen = np.random.default_rng(steps)
+        x = gen.standard_normal((2, 3, 4, 4)).astype(np.float32)
+        xd = torch.from_numpy(x.copy())
+        for i, t in enumerate(ts):
+            out = np.sin(x * 1.3 + 0.01 * t).astype(np.float32)
+            outd = torch.sin(xd * 1.3 + 0.01 * float(t))
+            noise = gen.standard_normal(x.shape).astype(np.float32)
+            xd = sched.step(outd, int(t), xd, eta=eta,
+                            variance_noise=torch.from_numpy(noise)).prev_sample
+            x = ddim.step(out, x, float(a_t[i]), float(a_prev[i]), prediction_type=prediction_type,
+                          eta=eta, noise=noise, clip_sample_range=1.0 if clip else None)
+        np.testing.assert_allclose(x, xd.numpy(), rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(num_train_timesteps=1000, steps=0),
+         "steps=0 must be at least 1; pass 1 <= steps <= 1000"),
+        (dict(num_train_timesteps=1000, steps=-3), "steps=-3 must be at least 1"),
+        (dict(num_train_timesteps=1000, steps=1200),
+         "steps=1200 exceeds num_train_timesteps=1000; pass steps <= 1000"),
+        (dict(num_train_timesteps=1000, steps=2.5), "steps=2.5 must be a whole number"),
+        (dict(num_train_timesteps=1000, steps=True), "steps=True must be a whole number"),
+        (dict(num_train_timesteps=1000, steps=4, spacing="middle"),
+         "spacing='middle' is not supported; use one of leading, trailing, linspace"),
+        (dict(num_train_timesteps=1000, steps=4, spacing="trailing", steps_offset=1),
+         "steps_offset=1 applies to leading spacing only"),
+        (dict(num_train_timesteps=1000, steps=4, steps_offset=300),
+         "steps_offset=300 puts timesteps outside 0..999"),
+        (dict(num_train_timesteps=0, steps=1), "num_train_timesteps=0 must be at least 1"),
+    ],
+)
+def test_timesteps_errors_name_value_and_fix(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError) as e:
+        ddim.timesteps(**kwargs)
+    assert message in str(e.value)
+
+
+def test_other_errors() -> None:
+    with pytest.raises(ValueError, match="beta_schedule='cosine' is not supported; use one of"):
+        ddim.betas_for("cosine", 1000)
+    with pytest.raises(ValueError, match=r"beta_start=0\.5, beta_end=0\.1 must satisfy"):
+        ddim.betas_for("linear", 1000, 0.5, 0.1)
+    with pytest.raises(ValueError, match="prediction_type='eps' is not supported"):
+        ddim.step(np.zeros(1), np.zeros(1), 0.5, 0.9, prediction_type="eps")
+    with pytest.raises(ValueError, match=r"eta=0\.5 needs noise of the same shape as x_t"):
+        ddim.step(np.zeros(1), np.zeros(1), 0.5, 0.9, eta=0.5)

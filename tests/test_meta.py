@@ -1,0 +1,96 @@
+"""runtime/meta.py: ModelMeta round trip and strict, one-error parsing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fewstep.runtime.errors import ArtifactError
+from fewstep.runtime.meta import SCHEMA_VERSION, GraphInfo, ModelMeta, Schedule
+
+
+def make(**kw: object) -> ModelMeta:
+    fields: dict = dict(prediction_type="v_prediction", schedule=Schedule(), channels=3,
+                        height=32, width=32, num_classes=6,
+                        class_names=("a", "b", "c", "d", "e", "f"))
+    fields.update(kw)
+    return ModelMeta.build(**fields)
+
+
+def test_round_trip_every_graph_kind() -> None:
+    base = make(train_config={"lr": 3e-4, "nested": {"x": [1, 2]}}, source_hash="sha256:ab")
+    for meta in (
+        base,
+        base.for_graph(guidance=True),
+        base.for_graph(kind="step", precision="fp16"),
+        base.for_graph(kind="sampler", steps=4, spacing="trailing", eta=0.0,
+                       output_format="uint8", guidance=True),
+        base.for_graph(kind="sampler", steps=8, spacing="leading", eta=1.0),
+    ):
+        again = ModelMeta.from_json(meta.to_json())
+        assert again == meta
+        assert again.to_json() == meta.to_json()
+
+
+def test_io_names_follow_the_graph() -> None:
+    m = make()
+    assert m.graph.inputs == ("x", "t", "label") and m.graph.outputs == ("v",)
+    s = m.for_graph(kind="sampler", steps=4, spacing="trailing", eta=0.5, guidance=True,
+                    output_format="uint8")
+    assert s.graph.inputs == ("x", "label", "guidance", "noise")
+    assert s.graph.outputs == ("image",)
+    st = make(num_classes=0, class_names=(), prediction_type="epsilon").for_graph(kind="step")
+    assert st.graph.inputs == ("x", "t", "a_t", "a_prev", "eta", "noise")
+    assert st.graph.outputs == ("x_prev",)
+
+
+def test_derived() -> None:
+    m = make()
+    assert m.conditional and m.null_label == 6 and m.image_shape == (3, 32, 32)
+    ts, _, a_prev = m.schedule.step_alphas(4, "trailing")
+    assert ts.tolist() == [999, 749, 499, 249] and a_prev[-1] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: d.update(schema_version=SCHEMA_VERSION + 1),
+         "newer than this fewstep supports"),
+        (lambda d: d.pop("prediction_type"), "field prediction_type: missing"),
+        (lambda d: d.update(prediction_type="eps"), "'eps' is not one of epsilon"),
+        (lambda d: d.update(channels="3"), "field channels: '3' is not int"),
+        (lambda d: d.update(height=0), "field height: 0 not in 1..8192"),
+        (lambda d: d["schedule"].update(num_train_timesteps=True), "is not int"),
+        (lambda d: d["schedule"].update(beta_schedule="cosine"), "'cosine' is not one of"),
+        (lambda d: d.update(surprise=1), "unknown keys ['surprise']"),
+        (lambda d: d["graph"].update(kind="loop"), "'loop' is not one of denoiser"),
+        (lambda d: d["graph"].update(inputs=["x", "t"]), "does not match a denoiser graph"),
+        (lambda d: d["graph"].update(steps=4), "steps/spacing/eta/output_format set on a"),
+        (lambda d: d.update(class_names=["a"]), "1 names for 6 classes"),
+        (lambda d: d.update(graph=[]), "field graph: [] is not dict"),
+    ],
+)
+def test_bad_metadata_is_one_artifact_error(mutate: object, message: str) -> None:
+    d = json.loads(make().to_json())
+    mutate(d)  # type: ignore[operator]
+    with pytest.raises(ArtifactError) as e:
+        ModelMeta.from_json(json.dumps(d), source="model.onnx")
+    assert message in str(e.value)
+    assert str(e.value).startswith("model.onnx") or "newer" in str(e.value)
+
+
+@pytest.mark.parametrize("text", ["", "{", "null", "[]", "42", '"x"', "{}", "NaN"])
+def test_not_metadata_at_all(text: str) -> None:
+    with pytest.raises(ArtifactError):
+        ModelMeta.from_json(text)
+
+
+def test_epsilon_with_zero_terminal_snr_is_refused() -> None:
+    with pytest.raises(ArtifactError, match="cannot recover x0 at zero terminal SNR"):
+        make(prediction_type="epsilon", schedule=Schedule(rescale_zero_terminal_snr=True))
+
+
+def test_guidance_needs_classes() -> None:
+    with pytest.raises(ArtifactError, match="guidance needs a class-conditional model"):
+        make(num_classes=0, class_names=(), graph=GraphInfo(guidance=True))
