@@ -1,0 +1,1 @@
+"""fewstep.train: PyTorch training of small UNet denoisers (needs the ``train`` extra)."""

@@ -1,0 +1,137 @@
+"""Checkpoints: weights (raw and EMA), optimizer state and ModelMeta in one file.
+
+Everything in a checkpoint loads with ``torch.load(weights_only=True)``: tensors,
+numbers, strings, lists and dicts, no pickled classes. A file that needs pickle is
+refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fewstep.runtime.errors import ArtifactError
+from fewstep.runtime.fileio import atomic_path
+from fewstep.runtime.meta import ModelMeta
+
+from .unet import UNet, UNetConfig
+
+FORMAT = "fewstep-checkpoint"
+VERSION = 1
+
+
+def weights_hash(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over parameter names, shapes, dtypes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()
+
+
+@dataclass
+class Checkpoint:
+    meta: ModelMeta
+    unet_config: UNetConfig
+    ema: dict[str, torch.Tensor]
+    model: dict[str, torch.Tensor] | None = None
+    optimizer: dict[str, Any] | None = None
+    step: int = 0
+    extra: dict[str, Any] | None = None
+
+    def build_model(self, which: str = "ema") -> UNet:
+        """A UNet in eval mode carrying the EMA (default) or the raw weights."""
+        model = UNet(self.unet_config)
+        state = self.ema if which == "ema" else self.model
+        if state is None:
+            raise ArtifactError(f"checkpoint has no {which!r} weights")
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            first = str(e).splitlines()[0]
+            raise ArtifactError(
+                f"checkpoint weights do not fit its own UNet config ({first}); the file is damaged"
+            ) from None
+        return model.eval()
+
+
+def save(path: str | os.PathLike[str], ckpt: Checkpoint) -> Path:
+    payload: dict[str, Any] = {
+        "format": FORMAT,
+        "version": VERSION,
+        "meta": ckpt.meta.to_json(),
+        "unet_config": ckpt.unet_config.to_dict(),
+        "ema": ckpt.ema,
+        "step": ckpt.step,
+    }
+    if ckpt.model is not None:
+        payload["model"] = ckpt.model
+    if ckpt.optimizer is not None:
+        payload["optimizer"] = ckpt.optimizer
+    if ckpt.extra:
+        payload["extra"] = ckpt.extra
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def load(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> Checkpoint:
+    p = Path(path)
+    if not p.is_file():
+        raise ArtifactError(f"checkpoint {str(p)!r} does not exist or is not a file")
+    if not zipfile.is_zipfile(p):
+        raise ArtifactError(
+            f"{str(p)!r} is not a readable PyTorch checkpoint (not a torch.save zip archive); "
+            "pass a .pt file written by fewstep train"
+        )
+    try:
+        raw = torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = str(e).strip().splitlines()
+        first = next((ln.strip() for ln in lines if "GLOBAL" in ln or "global" in ln),
+                     lines[0] if lines else "").split(". Please")[0][:200]
+        raise ArtifactError(
+            f"{str(p)!r} needs pickle to load ({first}); fewstep loads checkpoints with "
+            "weights_only=True and refuses code in data files. Re-save it with fewstep train"
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ArtifactError(
+            f"{str(p)!r} is not a readable PyTorch checkpoint ({first}); "
+            "pass a .pt file written by fewstep train"
+        ) from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise ArtifactError(
+            f"{str(p)!r} is a PyTorch file but not a fewstep checkpoint "
+            "(no 'format': 'fewstep-checkpoint' entry); pass a .pt file written by fewstep train"
+        )
+    if raw.get("version") != VERSION:
+        raise ArtifactError(
+            f"{str(p)!r} has checkpoint version {raw.get('version')!r}; this fewstep reads "
+            f"version {VERSION}: upgrade fewstep"
+        )
+    try:
+        meta = ModelMeta.from_json(raw["meta"], source=str(p))
+        config = UNetConfig.from_dict(raw["unet_config"])
+        ema = raw["ema"]
+    except (KeyError, TypeError, ValueError) as e:
+        if isinstance(e, ArtifactError):
+            raise
+        raise ArtifactError(f"{str(p)!r}: damaged checkpoint ({type(e).__name__}: {e})") from None
+    return Checkpoint(
+        meta=meta,
+        unet_config=config,
+        ema=ema,
+        model=raw.get("model"),
+        optimizer=raw.get("optimizer"),
+        step=int(raw.get("step", 0)),
+        extra=raw.get("extra"),
+    )
