@@ -1,0 +1,1 @@
+"""fewstep.export: checkpoint → ONNX (plain, fused step, fused sampler) → TensorRT plan."""

@@ -1,0 +1,220 @@
+"""The parity gate: ONNX Runtime against the PyTorch reference, same inputs and noise.
+
+For every graph of an artifact it runs ONNX Runtime (CPU always, CUDA when the CUDA
+execution provider is present) and the PyTorch reference sampler on fresh random
+inputs with the same host noise, and reports max abs error and PSNR of the final
+images (on the 0..255 scale). Gates: fp32 ≥ 40 dB, fp16 ≥ 35 dB unless configured.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+
+from fewstep.runtime import artifact, images, sampling
+from fewstep.runtime import noise as host_noise
+from fewstep.runtime.meta import ModelMeta
+from fewstep.runtime.sampling import SamplingPlan
+from fewstep.train import reference
+
+from .graphs import DenoiserGraph
+
+DEFAULT_GATES = {"fp32": 40.0, "fp16": 35.0}
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+@dataclass(frozen=True)
+class ParityRow:
+    graph: str
+    kind: str
+    precision: str
+    provider: str
+    what: str
+    max_abs: float
+    psnr: float
+    gate: float
+
+    @property
+    def passed(self) -> bool:
+        return self.psnr >= self.gate
+
+
+def psnr(reference_255: NDArray[Any], actual_255: NDArray[Any], peak: float = 255.0) -> float:
+    mse = float(np.mean((reference_255.astype(np.float64) - actual_255.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(peak**2 / mse)
+
+
+def available_providers() -> list[str]:
+    import onnxruntime as ort
+
+    have = ort.get_available_providers()
+    return [k for k, v in PROVIDERS.items() if v in have]
+
+
+def _session(path: Path, provider: str) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
+    return ort.InferenceSession(str(path), opts, providers=providers)
+
+
+def _to_255(x: NDArray[Any]) -> NDArray[np.float64]:
+    """Final samples in model range → unrounded 0..255 values (B, H, W, C)."""
+    pixels = (np.clip(x.astype(np.float64), -1.0, 1.0) + 1.0) * 127.5
+    out: NDArray[np.float64] = pixels.transpose(0, 2, 3, 1)
+    return out
+
+
+class _Case:
+    """One generation's inputs: noise, labels, guidance, for a graph's meta."""
+
+    def __init__(self, meta: ModelMeta, n: int, seed: int, plan: SamplingPlan,
+                 guidance: float | None) -> None:
+        self.plan = plan
+        self.labels = sampling.resolve_labels(meta, n, None)
+        self.guidance = guidance
+        self.x_T, self.noise = host_noise.generation_noise(
+            seed, range(n), meta.image_shape, plan.steps if plan.stochastic else 0
+        )
+
+    def fixed(self, meta: ModelMeta) -> dict[str, NDArray[Any]]:
+        feeds: dict[str, NDArray[Any]] = {}
+        n = len(self.x_T)
+        if "label" in meta.graph.inputs:
+            feeds["label"] = self.labels
+        if "guidance" in meta.graph.inputs:
+            feeds["guidance"] = np.full(n, self.guidance or 1.0, dtype=np.float32)
+        return feeds
+
+
+def _ort_generate(sess: Any, meta: ModelMeta, case: _Case) -> NDArray[Any]:
+    """Run a denoiser/step/sampler graph through the whole loop; final samples or image."""
+    kind, plan, n = meta.graph.kind, case.plan, len(case.x_T)
+    fixed = case.fixed(meta)
+    out_name = meta.graph.outputs[0]
+    if kind == "sampler":
+        feeds = {"x": case.x_T, **fixed}
+        if "noise" in meta.graph.inputs and case.noise is not None:
+            feeds["noise"] = case.noise
+        result: NDArray[Any] = sess.run([out_name], feeds)[0]
+        return result
+
+    def full(v: float) -> NDArray[np.float32]:
+        return np.full(n, v, dtype=np.float32)
+
+    if kind == "denoiser":
+        def denoise(x: NDArray[Any], i: int) -> NDArray[Any]:
+            out: NDArray[Any] = sess.run([out_name], {"x": x, "t": full(plan.timesteps[i]),
+                                                     **fixed})[0]
+            return out
+
+        final: NDArray[Any] = sampling.run_loop(plan, denoise, case.x_T.copy(), case.noise)
+        return final
+    x: NDArray[Any] = case.x_T.copy()
+    zeros = np.zeros_like(x)
+    for i in range(plan.steps):
+        step_noise = case.noise[:, i] if case.noise is not None else zeros
+        x = sess.run([out_name], {
+            "x": x, "t": full(plan.timesteps[i]), "a_t": full(plan.a_t[i]),
+            "a_prev": full(plan.a_prev[i]), "eta": full(plan.eta), "noise": step_noise,
+            **fixed,
+        })[0]
+    return x
+
+
+def check_artifact(
+    onnx_path: str | Path,
+    model: torch.nn.Module,
+    source_meta: ModelMeta,
+    *,
+    providers: list[str] | None = None,
+    n: int = 4,
+    steps: int = 4,
+    eta: float = 0.0,
+    seed: int = 0,
+    guidance: float = 2.0,
+    gates: dict[str, float] | None = None,
+) -> list[ParityRow]:
+    """Parity rows for every graph of the artifact at ``onnx_path``."""
+    gates = {**DEFAULT_GATES, **(gates or {})}
+    providers = providers or available_providers()
+    model = model.float().eval()
+    rows: list[ParityRow] = []
+    for path in artifact.siblings(onnx_path):
+        meta = artifact.read_onnx_meta(path)
+        if meta.source_hash != source_meta.source_hash:
+            raise ValueError(
+                f"{path.name} was exported from another checkpoint "
+                f"({meta.source_hash[:19]} vs {source_meta.source_hash[:19]}); "
+                "check it against the checkpoint it came from"
+            )
+        g = meta.graph
+        guide = guidance if g.guidance else None
+        if g.kind == "sampler":
+            plan = SamplingPlan.create(meta, g.steps, g.spacing, g.eta)
+        else:
+            plan = SamplingPlan.create(meta, steps, sampling.DEFAULT_SPACING,
+                                       eta if g.kind == "step" else 0.0)
+        case = _Case(meta, n, seed, plan, guide)
+        ref = reference.sample(model, meta, n, plan.steps, eta=plan.eta, seed=seed,
+                               guidance=guide, spacing=g.spacing or sampling.DEFAULT_SPACING)
+        ref_255 = _to_255(ref)
+        for provider in providers:
+            sess = _session(path, provider)
+            gate = gates[g.precision]
+            if g.kind == "denoiser":
+                rows.append(_denoiser_row(sess, path, meta, model, provider, gate, seed))
+            out = _ort_generate(sess, meta, case)
+            if g.output_format == "uint8":
+                actual = out.astype(np.float64)
+                expect = images.to_uint8_nhwc(ref).astype(np.float64)
+            else:
+                actual, expect = _to_255(out), ref_255
+            rows.append(ParityRow(
+                path.name, g.kind, g.precision, provider,
+                f"final images, {plan.steps} steps, eta {plan.eta:g}",
+                float(np.max(np.abs(actual - expect))), psnr(expect, actual), gate,
+            ))
+    return rows
+
+
+def _denoiser_row(sess: Any, path: Path, meta: ModelMeta, model: torch.nn.Module,
+                  provider: str, gate: float, seed: int) -> ParityRow:
+    """One call of the denoiser graph on random inputs against the torch module."""
+    rng = np.random.default_rng(seed + 1)
+    n = 4
+    feeds: dict[str, NDArray[Any]] = {
+        "x": rng.standard_normal((n, *meta.image_shape), dtype=np.float32),
+        "t": rng.integers(0, meta.schedule.num_train_timesteps, n).astype(np.float32),
+    }
+    if meta.conditional:
+        feeds["label"] = rng.integers(0, meta.num_classes + 1, n).astype(np.int64)
+    if meta.graph.guidance:
+        feeds["guidance"] = np.full(n, 2.0, dtype=np.float32)
+    out = sess.run(None, feeds)[0]
+    torch_graph = DenoiserGraph(model, meta, meta.graph.guidance, fp16=False)
+    with torch.no_grad():
+        expect = torch_graph(**{k: torch.from_numpy(v) for k, v in feeds.items()}).numpy()
+    peak = float(np.max(expect) - np.min(expect))
+    return ParityRow(path.name, "denoiser", meta.graph.precision, provider,
+                     "network output, random inputs", float(np.max(np.abs(out - expect))),
+                     psnr(expect, out, peak), gate)
+
+
+def table(rows: list[ParityRow]) -> str:
+    head = (f"{'graph':<28} {'prov':<5} {'prec':<5} {'what':<36} {'max abs':>9} "
+            f"{'PSNR dB':>8} {'gate':>5}  ok")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        p = "inf" if math.isinf(r.psnr) else f"{r.psnr:.1f}"
+        lines.append(f"{r.graph:<28} {r.provider:<5} {r.precision:<5} {r.what:<36} "
+                     f"{r.max_abs:>9.4g} {p:>8} {r.gate:>5.0f}  {'yes' if r.passed else 'NO'}")
+    return "\n".join(lines)

@@ -1,0 +1,310 @@
+"""Checkpoint → ONNX: the denoiser, the fused step graph and fused sampler graphs.
+
+``export_artifact`` traces the torch modules of ``export.graphs`` with the
+torch.export-based exporter (opset ≥ 17, dynamic batch only), stores the ModelMeta of
+each graph in ``metadata_props``, lets the graphs share one external weights file,
+validates every file with ``onnx.checker`` (full check) and writes atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import sys
+import time
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from fewstep.runtime import artifact
+from fewstep.runtime.meta import META_KEY, ModelMeta
+from fewstep.runtime.sampling import DEFAULT_SPACING, SamplingPlan
+
+from .graphs import DenoiserGraph, SamplerGraph, StepGraph
+
+DEFAULT_OPSET = 18
+# Initializers at least this large go to the shared weights file; smaller stay inline.
+EXTERNAL_MIN_BYTES = 1024
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    precision: str = "fp32"
+    guidance: bool = False
+    fused: tuple[str, ...] = ()
+    sampler_steps: tuple[int, ...] = (4,)
+    spacing: str | None = None
+    eta: float = 0.0
+    sampler_output: str = "uint8"
+    opset: int = DEFAULT_OPSET
+    shared_weights: bool = True
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "fp16"):
+            raise ValueError(f"precision={self.precision!r} must be fp32 or fp16")
+        for f in self.fused:
+            if f not in ("step", "sampler"):
+                raise ValueError(f"fused={f!r} must be step or sampler")
+        if self.sampler_output not in ("uint8", "float"):
+            raise ValueError(f"sampler_output={self.sampler_output!r} must be uint8 or float")
+        if not 17 <= self.opset <= 23:
+            raise ValueError(f"opset={self.opset} must be in 17..23")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"eta={self.eta} must be in [0, 1]")
+
+
+@dataclass
+class GraphReport:
+    path: Path
+    meta: ModelMeta
+    nodes: int
+    fp32_islands: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def check_options_against(meta: ModelMeta, options: ExportOptions) -> None:
+    """Refuse options the model cannot honour, before any work."""
+    if options.guidance and not meta.conditional:
+        raise ValueError(
+            "--guidance needs a class-conditional checkpoint; this one has no classes "
+            "(train without --unconditional)"
+        )
+    if "sampler" in options.fused:
+        for s in options.sampler_steps:
+            SamplingPlan.create(meta, s, options.spacing or _spacing(meta), options.eta)
+
+
+def _spacing(meta: ModelMeta) -> str:
+    return meta.distilled_spacing or DEFAULT_SPACING
+
+
+# ---------------------------------------------------------------------------------
+# Tracing
+# ---------------------------------------------------------------------------------
+
+
+def example_inputs(meta: ModelMeta, batch: int = 2) -> dict[str, torch.Tensor]:
+    """Inputs in ``meta.graph.inputs`` order, of a batch that avoids 0/1 specialisation."""
+    c, h, w = meta.image_shape
+    g = torch.Generator().manual_seed(0)
+    make: dict[str, Callable[[], torch.Tensor]] = {
+        "x": lambda: torch.randn(batch, c, h, w, generator=g),
+        "t": lambda: torch.rand(batch, generator=g) * (meta.schedule.num_train_timesteps - 1),
+        "label": lambda: torch.arange(batch) % max(1, meta.num_classes),
+        "guidance": lambda: torch.full((batch,), 2.0),
+        "a_t": lambda: torch.full((batch,), 0.3),
+        "a_prev": lambda: torch.full((batch,), 0.6),
+        "eta": lambda: torch.zeros(batch),
+        "noise": lambda: (
+            torch.randn(batch, meta.graph.steps, c, h, w, generator=g)
+            if meta.graph.kind == "sampler" else torch.randn(batch, c, h, w, generator=g)
+        ),
+    }
+    return {name: make[name]() for name in meta.graph.inputs}
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporter's chatter (it prints progress and warnings we don't need)."""
+    buf = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
+        warnings.simplefilter("ignore")
+        import logging
+
+        level = logging.getLogger("torch").level
+        logging.getLogger("torch").setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            logging.getLogger("torch").setLevel(level)
+
+
+def trace(module: torch.nn.Module, meta: ModelMeta, opset: int) -> onnx.ModelProto:
+    """Export ``module`` to an in-memory ModelProto with the batch as the only free dim."""
+    inputs = example_inputs(meta)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    dynamic = {name: {0: batch} for name in inputs}
+    module.eval()
+    with _quiet(), torch.no_grad():
+        program = torch.onnx.export(
+            module, (), None, kwargs=inputs, input_names=list(inputs),
+            output_names=list(meta.graph.outputs), dynamic_shapes=dynamic,
+            opset_version=opset, dynamo=True, external_data=False, verbose=False,
+        )
+    assert program is not None
+    model: onnx.ModelProto = program.model_proto
+    actual = [i.name for i in model.graph.input]
+    if actual != list(meta.graph.inputs):
+        raise RuntimeError(f"exported inputs {actual} differ from {list(meta.graph.inputs)}")
+    model.producer_name = "fewstep"
+    onnx.helper.set_model_props(model, {META_KEY: meta.to_json()})
+    return model
+
+
+def fp32_islands(model: onnx.ModelProto) -> dict[str, int]:
+    """Op types (and counts) of nodes that compute in float32 inside an fp16 graph."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+    types.update({v.name: v.type.tensor_type.elem_type for v in inferred.graph.output})
+    skip = {"Cast", "Shape", "Constant", "Reshape", "Unsqueeze", "Squeeze", "Concat",
+            "Gather", "Slice", "Expand", "Identity", "Transpose", "Split"}
+    counts: Counter[str] = Counter()
+    for node in inferred.graph.node:
+        if node.op_type in skip:
+            continue
+        if any(types.get(o) == onnx.TensorProto.FLOAT for o in node.output):
+            counts[node.op_type] += 1
+    return dict(sorted(counts.items()))
+
+
+# ---------------------------------------------------------------------------------
+# Writing: shared external weights, full check, atomic placement
+# ---------------------------------------------------------------------------------
+
+
+def _externalise(models: list[onnx.ModelProto], location: str) -> bytes:
+    """Move large initializers of all models into one deduplicated blob; returns it."""
+    blob = bytearray()
+    offsets: dict[str, tuple[int, int]] = {}
+    for model in models:
+        for init in model.graph.initializer:
+            arr = numpy_helper.to_array(init)
+            raw = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<")).tobytes()
+            if len(raw) < EXTERNAL_MIN_BYTES:
+                continue
+            key = hashlib.sha256(
+                f"{init.data_type}:{tuple(init.dims)}:".encode() + raw
+            ).hexdigest()
+            if key not in offsets:
+                align = 4096 if len(raw) >= 1 << 20 else 64
+                blob.extend(b"\0" * (-len(blob) % align))
+                offsets[key] = (len(blob), len(raw))
+                blob.extend(raw)
+            offset, length = offsets[key]
+            dims, name, dtype = list(init.dims), init.name, init.data_type
+            init.Clear()
+            init.name, init.data_type = name, dtype
+            init.dims.extend(dims)
+            init.data_location = onnx.TensorProto.EXTERNAL
+            for k, v in (("location", location), ("offset", str(offset)),
+                         ("length", str(length))):
+                entry = init.external_data.add()
+                entry.key, entry.value = k, v
+    return bytes(blob)
+
+
+def write_graphs(graphs: dict[str, onnx.ModelProto], folder: Path, stem: str,
+                 shared: bool) -> list[Path]:
+    """Write ``graphs`` (file name → model) into ``folder``; check each file fully."""
+    written = []
+    models = list(graphs.values())
+    if shared:
+        blob = _externalise(models, "")
+        if blob:
+            location = f"{stem}.weights.{hashlib.sha256(blob).hexdigest()[:12]}.bin"
+            for m in models:
+                for init in m.graph.initializer:
+                    for entry in init.external_data:
+                        if entry.key == "location":
+                            entry.value = location
+            (folder / location).write_bytes(blob)
+            written.append(folder / location)
+    for name, model in graphs.items():
+        path = folder / name
+        onnx.save_model(model, path)
+        onnx.checker.check_model(str(path), full_check=True)
+        written.append(path)
+    return written
+
+
+def place(staged: list[Path], out_folder: Path, stem: str, source_hash: str) -> list[Path]:
+    """Move staged files into ``out_folder`` (weights first), then tidy stale files.
+
+    A graph of the same base name left from an export of another checkpoint is
+    removed; weights files no graph refers to any more are removed.
+    """
+    final = []
+    for src in sorted(staged, key=lambda p: not p.name.endswith(".bin")):
+        dst = out_folder / src.name
+        src.replace(dst)
+        final.append(dst)
+    names = {p.name for p in final}
+    graphs = [p for p in artifact.siblings(out_folder / f"{stem}.onnx") if p.is_file()]
+    for g in graphs:
+        if g.name in names:
+            continue
+        try:
+            other = artifact.read_onnx_meta(g)
+            stale = other.source_hash != source_hash
+        except ValueError:
+            stale = True
+        if stale:
+            g.unlink()
+            _log(f"removed {g.name}: it came from another checkpoint")
+    referenced: set[str] = set()
+    for g in artifact.siblings(out_folder / f"{stem}.onnx"):
+        with contextlib.suppress(ValueError):
+            referenced.update(artifact.read_onnx_header(g).external_data)
+    for w in out_folder.glob(f"{artifact.glob_escape(stem)}.weights.*.bin"):
+        if w.name not in referenced:
+            w.unlink()
+    return final
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------
+# The whole export
+# ---------------------------------------------------------------------------------
+
+
+def graph_modules(
+    unet: torch.nn.Module, meta: ModelMeta, options: ExportOptions
+) -> Iterator[tuple[str, torch.nn.Module, ModelMeta]]:
+    """(file suffix kind, module, its meta) for every graph the options ask for."""
+    fp16 = options.precision == "fp16"
+    base = meta.for_graph(kind="denoiser", precision=options.precision,
+                          guidance=options.guidance)
+    denoiser = DenoiserGraph(unet, base, options.guidance, fp16)
+    yield "denoiser", denoiser, base
+    if "step" in options.fused:
+        yield "step", StepGraph(denoiser, base), base.for_graph(kind="step")
+    if "sampler" in options.fused:
+        spacing = options.spacing or _spacing(meta)
+        uint8 = options.sampler_output == "uint8"
+        for steps in options.sampler_steps:
+            plan = SamplingPlan.create(base, steps, spacing, options.eta)
+            smeta = base.for_graph(kind="sampler", steps=steps, spacing=spacing,
+                                   eta=options.eta,
+                                   output_format="uint8" if uint8 else "float")
+            yield "sampler", SamplerGraph(denoiser, plan, uint8), smeta
+
+
+def export_to_folder(unet: torch.nn.Module, meta: ModelMeta, folder: Path, stem: str,
+                     options: ExportOptions) -> tuple[list[Path], list[GraphReport]]:
+    """Trace every asked-for graph and write them (checked) into ``folder``."""
+    check_options_against(meta, options)
+    graphs: dict[str, onnx.ModelProto] = {}
+    reports = []
+    for kind, module, gmeta in graph_modules(unet, meta, options):
+        name = artifact.graph_path(folder / f"{stem}.onnx", kind, gmeta.graph.steps,
+                                   gmeta.graph.eta).name
+        t0 = time.perf_counter()
+        _log(f"exporting {name} ({kind}, {options.precision})")
+        model = trace(module, gmeta, options.opset)
+        islands = fp32_islands(model) if options.precision == "fp16" else {}
+        reports.append(GraphReport(folder / name, gmeta, len(model.graph.node), islands,
+                                   time.perf_counter() - t0))
+        graphs[name] = model
+    files = write_graphs(graphs, folder, stem, options.shared_weights)
+    return files, reports
