@@ -1,0 +1,110 @@
+"""Build a TensorRT plan (+ its .plan.json sidecar) from a fewstep ONNX file.
+
+The plan runs only on this GPU model and this TensorRT version; the sidecar records
+both, so `fewstep sample --backend tensorrt` refuses a mismatched or stale plan and
+prints the command to rebuild it. Precision comes from the ONNX (export with
+--precision fp16 for an fp16 plan); --fp16-weak (TensorRT 10 only) lets TensorRT pick
+fp16 kernels for an fp32 graph instead. --batch sets the optimisation profile
+MIN:OPT:MAX (or N for a fixed batch); the default is 1:1:16 (1:1:4 on Jetson), less for
+large images. --all builds every graph of the artifact (model.onnx, model.step.onnx,
+model.sampler-4.onnx, ...) into --out's folder with the same names. Layer timings are
+kept in a timing cache (default ~/.cache/fewstep/) so rebuilds are faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fewstep.runtime import clitools
+from fewstep.runtime.artifact import read_onnx_meta, siblings
+from fewstep.runtime.plan import PLAN_EXT, BatchProfile
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    p = clitools.parser(prog, __doc__)
+    p.add_argument("onnx", type=Path, help="the fewstep ONNX file (model.onnx, model.step.onnx...)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="the plan to write (model.plan); with --all, a folder or a .plan name "
+                        "whose siblings get matching names")
+    p.add_argument("--batch", default=None,
+                   help="batch profile MIN:OPT:MAX, or N for a fixed batch "
+                        "(default: 1:1:16, 1:1:4 on Jetson, less for large images)")
+    p.add_argument("--opt-level", type=int, default=3,
+                   help="TensorRT builder optimisation level 0..5 (higher: slower build, "
+                        "maybe faster plan)")
+    p.add_argument("--workspace-mib", type=clitools.positive_int, default=None,
+                   help="TensorRT workspace limit in MiB (default: half the free GPU memory, "
+                        "at most 8 GiB; on Jetson a quarter, at most 2 GiB)")
+    p.add_argument("--timing-cache", type=Path, default=None,
+                   help="timing cache file, or a folder for one named by GPU and TensorRT "
+                        "version (default: $FEWSTEP_CACHE_DIR or ~/.cache/fewstep)")
+    p.add_argument("--no-timing-cache", action="store_true", help="use no timing cache")
+    p.add_argument("--version-compatible", action="store_true",
+                   help="a plan that also runs on later TensorRT versions and on tensorrt-lean "
+                        "(may be slower)")
+    p.add_argument("--exclude-lean-runtime", action="store_true",
+                   help="with --version-compatible: leave the lean runtime out of the plan "
+                        "(smaller; then it needs this exact TensorRT version's runtime)")
+    p.add_argument("--fp16-weak", action="store_true",
+                   help="TensorRT 10 only: let TensorRT use fp16 in an fp32 graph (weak typing); "
+                        "prefer exporting with --precision fp16")
+    p.add_argument("--all", action="store_true",
+                   help="build a plan for every graph of the artifact ONNX belongs to")
+    p.add_argument("--verbose", action="store_true", help="print TensorRT's verbose log")
+    return p
+
+
+def _targets(args: argparse.Namespace) -> list[tuple[Path, Path]]:
+    """(onnx, plan) pairs, with every ONNX's metadata read (so checked) before TensorRT."""
+    from fewstep.export.tensorrt_build import plan_name_for
+
+    onnx: Path = args.onnx
+    out: Path = args.out
+    meta = read_onnx_meta(onnx)  # ArtifactError: missing, not ONNX, no fewstep metadata
+    if args.all:
+        if not (out.is_dir() or out.name.endswith(PLAN_EXT)):
+            raise ValueError(
+                f"--out {str(out)!r} with --all must be an existing folder or a name ending "
+                f"in {PLAN_EXT}"
+            )
+        pairs = []
+        for path in siblings(onnx, ".onnx"):
+            pairs.append((path, plan_name_for(path, out, read_onnx_meta(path))))
+        return pairs
+    if out.is_dir():
+        return [(onnx, plan_name_for(onnx, out, meta))]
+    return [(onnx, out)]
+
+
+def body(args: argparse.Namespace) -> int:
+    from fewstep.export import tensorrt_build as tb
+
+    if args.batch is not None:
+        BatchProfile.parse(args.batch)  # a bad --batch is reported before anything else
+    requests = [
+        tb.prepare_build(
+            onnx, plan, batch=args.batch, fp16_weak=args.fp16_weak, opt_level=args.opt_level,
+            workspace_mib=args.workspace_mib, timing_cache=args.timing_cache,
+            use_timing_cache=not args.no_timing_cache,
+            version_compatible=args.version_compatible,
+            exclude_lean_runtime=args.exclude_lean_runtime, verbose=args.verbose,
+        )
+        for onnx, plan in _targets(args)
+    ]
+    tb.import_build_tensorrt()  # BackendUnavailable (exit 2) says how to install it
+    for request in requests:
+        try:
+            sidecar = tb.build_from_request(request)
+        except tb.BuildFailed as e:
+            if args.debug:
+                raise
+            print(f"error: {e}", file=sys.stderr)
+            return clitools.EXIT_FAILED_CHECK
+        print(f"{request.out_path}  batch {sidecar.profile}  {sidecar.precision}  "
+              f"TensorRT {sidecar.tensorrt_version}  {sidecar.gpu_name}")
+    return clitools.EXIT_OK
+
+
+main = clitools.main_of(build_parser, body)

@@ -1,0 +1,408 @@
+"""ONNX -> TensorRT plan + ``.plan.json`` sidecar, for TensorRT 10.x (Jetson) and 11.x.
+
+Precision lives in the ONNX graph (fewstep exports fp16 with fp32 islands), so the
+network is strongly typed: always on TensorRT 11, which removed weak typing, and on
+TensorRT 10 through the STRONGLY_TYPED creation flag. Only on TensorRT 10, and only when
+asked (``fp16_weak``), is an fp32 graph built weakly typed with BuilderFlag.FP16.
+
+Everything up to the first TensorRT call (``prepare_build``, ``typing_mode``) is pure
+and tested without TensorRT; ``build_plan`` then parses with ``OnnxParser.parse_from_file``
+(so external weights beside the ONNX are found), makes one optimisation profile over the
+batch for every input, builds, and writes the plan and then the sidecar, each atomically
+and both under one file lock, so an interrupted or concurrent build never leaves a
+partial plan or a plan with another build's sidecar. The timing cache is merged back
+under its own lock (``plan.locked_update``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fewstep.runtime import fileio
+from fewstep.runtime.artifact import read_onnx_meta
+from fewstep.runtime.errors import ArtifactError, BackendUnavailable
+from fewstep.runtime.meta import ModelMeta
+from fewstep.runtime.plan import (
+    MIB,
+    PLAN_EXT,
+    BatchProfile,
+    PlanSidecar,
+    default_profile,
+    default_workspace_bytes,
+    file_lock,
+    locked_update,
+    new_sidecar,
+    onnx_hashes,
+    parse_version,
+    profile_shapes,
+    sidecar_path,
+    timing_cache_key,
+    timing_cache_path,
+    write_sidecar,
+)
+
+OPT_LEVELS = range(0, 6)  # IBuilderConfig.builder_optimization_level: 0..5, default 3
+
+
+class BuildFailed(RuntimeError):
+    """TensorRT ran and did not produce a plan (exit code 1 in the CLI)."""
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    """A validated build, before TensorRT is imported."""
+
+    onnx_path: Path
+    out_path: Path
+    meta: ModelMeta
+    profile: BatchProfile | None  # None: the default for the GPU found at build time
+    precision: str
+    fp16_weak: bool
+    strongly_typed: bool | None  # None: strongly typed unless fp16_weak
+    opt_level: int
+    workspace_bytes: int | None  # None: default_workspace_bytes of the GPU
+    timing_cache: Path | None  # a file, a folder for the keyed file, or None = default folder
+    use_timing_cache: bool
+    version_compatible: bool
+    exclude_lean_runtime: bool
+    verbose: bool
+
+
+def prepare_build(
+    onnx_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    *,
+    batch: str | BatchProfile | None = None,
+    precision: str | None = None,
+    fp16_weak: bool = False,
+    strongly_typed: bool | None = None,
+    opt_level: int = 3,
+    workspace_mib: int | None = None,
+    timing_cache: str | os.PathLike[str] | None = None,
+    use_timing_cache: bool = True,
+    version_compatible: bool = False,
+    exclude_lean_runtime: bool = False,
+    verbose: bool = False,
+) -> BuildRequest:
+    """Check every argument and read the ONNX's ModelMeta; ValueError/ArtifactError if bad."""
+    onnx = Path(onnx_path)
+    out = Path(out_path)
+    if not out.name.endswith(PLAN_EXT):
+        raise ValueError(f"--out {str(out)!r} must end in {PLAN_EXT} (e.g. --out model.plan)")
+    meta = read_onnx_meta(onnx)  # missing file, not ONNX, no fewstep metadata: ArtifactError
+    fileio.check_writable_target(out)
+    profile = BatchProfile.parse(batch) if isinstance(batch, str) else batch
+    if isinstance(opt_level, bool) or opt_level not in OPT_LEVELS:
+        raise ValueError(f"--opt-level {opt_level} must be 0..5 (3 is TensorRT's default)")
+    if workspace_mib is not None and (isinstance(workspace_mib, bool) or workspace_mib < 1):
+        raise ValueError(f"--workspace-mib {workspace_mib} must be at least 1")
+    if exclude_lean_runtime and not version_compatible:
+        raise ValueError(
+            "--exclude-lean-runtime only applies to version-compatible plans; "
+            "add --version-compatible"
+        )
+    graph_precision = meta.graph.precision
+    if fp16_weak and graph_precision == "fp16":
+        raise ValueError(
+            f"--fp16-weak is for fp32 graphs, and {onnx.name} is already fp16; drop --fp16-weak"
+        )
+    if fp16_weak and strongly_typed:
+        raise ValueError(
+            "--fp16-weak builds a weakly typed network, which strongly_typed=True forbids; "
+            "drop one of them"
+        )
+    wanted = "fp16" if fp16_weak else graph_precision
+    if precision is not None and precision != wanted:
+        if precision == "fp16":
+            raise ValueError(
+                f"{onnx.name} is an {graph_precision} graph and the precision lives in the "
+                "ONNX: export it with `fewstep export --precision fp16` (or, on TensorRT 10 "
+                "only, build with --fp16-weak)"
+            )
+        raise ValueError(
+            f"precision={precision!r} but {onnx.name} is an {graph_precision} graph"
+            f"{' built with --fp16-weak' if fp16_weak else ''}; export an {precision} ONNX"
+        )
+    return BuildRequest(
+        onnx_path=onnx, out_path=out, meta=meta, profile=profile, precision=wanted,
+        fp16_weak=fp16_weak, strongly_typed=strongly_typed, opt_level=opt_level,
+        workspace_bytes=None if workspace_mib is None else workspace_mib * MIB,
+        timing_cache=None if timing_cache is None else Path(timing_cache),
+        use_timing_cache=use_timing_cache, version_compatible=version_compatible,
+        exclude_lean_runtime=exclude_lean_runtime, verbose=verbose,
+    )
+
+
+@dataclass(frozen=True)
+class TypingMode:
+    strongly_typed: bool  # what the plan is
+    network_flag: bool  # pass NetworkDefinitionCreationFlag.STRONGLY_TYPED (TensorRT 10 only)
+    fp16_flag: bool  # set BuilderFlag.FP16 (TensorRT 10, weak typing only)
+
+
+def typing_mode(tensorrt_version: str, fp16_weak: bool, strongly_typed: bool | None) -> TypingMode:
+    """How to type the network on this TensorRT version (see the module docstring)."""
+    major = parse_version(tensorrt_version)[0]
+    if major < 10:
+        raise ValueError(
+            f"TensorRT {tensorrt_version} is too old; fewstep builds with TensorRT 10.x or "
+            "11.x: pip install -U 'fewstep[tensorrt]' (JetPack 6 ships 10.x)"
+        )
+    if major >= 11:
+        if fp16_weak:
+            raise ValueError(
+                f"--fp16-weak needs TensorRT 10: TensorRT {tensorrt_version} removed weak "
+                "typing (BuilderFlag.FP16); export the model with --precision fp16 instead "
+                "(an fp16 ONNX with fp32 islands) and build that"
+            )
+        if strongly_typed is False:
+            raise ValueError(
+                f"TensorRT {tensorrt_version} networks are always strongly typed; "
+                "drop strongly_typed=False"
+            )
+        # STRONGLY_TYPED is deprecated and ignored on 11.x: pass no flag.
+        return TypingMode(strongly_typed=True, network_flag=False, fp16_flag=False)
+    if fp16_weak and strongly_typed:
+        raise ValueError("--fp16-weak needs a weakly typed network; drop strongly_typed=True")
+    st = (not fp16_weak) if strongly_typed is None else strongly_typed
+    return TypingMode(strongly_typed=st, network_flag=st, fp16_flag=fp16_weak)
+
+
+def say(msg: str) -> None:
+    print(f"fewstep build: {msg}", file=sys.stderr, flush=True)
+
+
+def build_plan(
+    onnx_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
+    *,
+    batch: str | BatchProfile | None = None,
+    precision: str | None = None,
+    fp16_weak: bool = False,
+    strongly_typed: bool | None = None,
+    opt_level: int = 3,
+    workspace_mib: int | None = None,
+    timing_cache: str | os.PathLike[str] | None = None,
+    use_timing_cache: bool = True,
+    version_compatible: bool = False,
+    exclude_lean_runtime: bool = False,
+    verbose: bool = False,
+) -> PlanSidecar:
+    """Build ``out_path`` (+ ``out_path``.json) from ``onnx_path``; returns the sidecar.
+
+    ``batch``: "min:opt:max", "N" or a BatchProfile (default ``plan.default_profile``).
+    ``timing_cache``: a cache file, or a folder for the file named by GPU and TensorRT
+    version (default ``plan.default_cache_dir()``); ``use_timing_cache=False`` for none.
+    """
+    request = prepare_build(
+        onnx_path, out_path, batch=batch, precision=precision, fp16_weak=fp16_weak,
+        strongly_typed=strongly_typed, opt_level=opt_level, workspace_mib=workspace_mib,
+        timing_cache=timing_cache, use_timing_cache=use_timing_cache,
+        version_compatible=version_compatible, exclude_lean_runtime=exclude_lean_runtime,
+        verbose=verbose,
+    )
+    return build_from_request(request)
+
+
+def import_build_tensorrt() -> Any:
+    """The full tensorrt module (the lean runtime cannot build), or BackendUnavailable."""
+    from fewstep.runtime.backends.tensorrt import TRT_MISSING
+
+    try:
+        import tensorrt
+    except ImportError:
+        raise BackendUnavailable(TRT_MISSING) from None
+    return tensorrt
+
+
+def _cache_file(request: BuildRequest, gpu: str, cc: str, trt_version: str) -> Path:
+    given = request.timing_cache
+    if given is not None and not given.is_dir():
+        return given
+    return timing_cache_path(gpu, cc, trt_version, given)
+
+
+def build_from_request(request: BuildRequest) -> PlanSidecar:
+    """Run TensorRT on a validated request (see ``build_plan``)."""
+    from fewstep.runtime.backends import tensorrt as trt_backend
+
+    trt = import_build_tensorrt()
+    try:
+        cudart = trt_backend.import_cudart()
+    except ImportError:
+        raise BackendUnavailable(trt_backend.CUDA_PYTHON_MISSING) from None
+    trt_version = str(trt.__version__)
+    mode = typing_mode(trt_version, request.fp16_weak, request.strongly_typed)
+    dev = trt_backend.device_info(cudart)
+    meta = request.meta
+    profile = request.profile or default_profile(meta, jetson=dev.integrated)
+    workspace = request.workspace_bytes or default_workspace_bytes(
+        dev.free_memory, dev.total_memory, dev.integrated)
+    name = request.onnx_path.name
+    started = time.monotonic()
+
+    logger = trt_backend.make_logger(trt, request.verbose)
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if mode.network_flag else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    say(f"parsing {name} with TensorRT {trt_version} "
+        f"({'strongly typed' if mode.strongly_typed else 'weakly typed, fp16 allowed'})")
+    if not parser.parse_from_file(str(request.onnx_path)):
+        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise ArtifactError(
+            f"TensorRT {trt_version} could not parse {name}: "
+            + ("; ".join(errors) or "; ".join(logger.errors) or "no message")
+            + "; re-export it with `fewstep export` (check the ONNX opset is supported)"
+        )
+    _check_network(network, meta, profile, name)
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
+    config.builder_optimization_level = request.opt_level
+    if mode.fp16_flag:
+        config.set_flag(trt.BuilderFlag.FP16)
+    if request.version_compatible:
+        config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
+    if request.exclude_lean_runtime:
+        config.set_flag(trt.BuilderFlag.EXCLUDE_LEAN_RUNTIME)
+    opt_profile = builder.create_optimization_profile()
+    for tensor, (lo, opt, hi) in profile_shapes(meta, profile).items():
+        opt_profile.set_shape(tensor, lo, opt, hi)
+    if config.add_optimization_profile(opt_profile) < 0:
+        raise BuildFailed(f"TensorRT rejected the profile {profile}: {'; '.join(logger.errors)}")
+
+    cache_file = None
+    if request.use_timing_cache:
+        cache_file = _cache_file(request, dev.name, dev.compute_capability, trt_version)
+        blob = cache_file.read_bytes() if cache_file.is_file() else b""
+        cache = config.create_timing_cache(blob)
+        if cache is None and blob:
+            say(f"timing cache {cache_file} is unreadable; starting an empty one")
+            cache = config.create_timing_cache(b"")
+        if not config.set_timing_cache(cache, ignore_mismatch=False):
+            say(f"timing cache {cache_file} was made on another device; starting an empty one")
+            config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
+
+    say(f"building batch {profile} on {dev.name} (compute {dev.compute_capability}), "
+        f"opt level {request.opt_level}, workspace {workspace // MIB} MiB"
+        + (", version-compatible" if request.version_compatible else "")
+        + (" (without lean runtime)" if request.exclude_lean_runtime else ""))
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise BuildFailed(
+            f"TensorRT {trt_version} could not build {name}: "
+            + ("; ".join(logger.errors[-5:]) or "no error message (try --verbose)")
+        )
+    plan = bytes(memoryview(serialized))
+    del serialized
+
+    onnx_sha, ext = onnx_hashes(request.onnx_path)
+    onnx_file = os.path.relpath(request.onnx_path.resolve(), request.out_path.resolve().parent)
+    sidecar = new_sidecar(
+        meta=meta, tensorrt_version=trt_version, cuda_runtime_version=dev.cuda_runtime_version,
+        gpu_name=dev.name, compute_capability=dev.compute_capability, profile=profile,
+        precision=request.precision, strongly_typed=mode.strongly_typed,
+        fp16_weak=request.fp16_weak, builder_optimization_level=request.opt_level,
+        workspace_bytes=workspace, version_compatible=request.version_compatible,
+        exclude_lean_runtime=request.exclude_lean_runtime, onnx_file=onnx_file,
+        onnx_sha256=onnx_sha, external_data_sha256=ext,
+        plan_sha256=hashlib.sha256(plan).hexdigest(), plan_bytes=len(plan),
+        extra={"timing_cache": timing_cache_key(dev.name, dev.compute_capability, trt_version)
+               if cache_file is not None else "",
+               "build_seconds": round(time.monotonic() - started, 2)},
+    )
+    write_plan(request.out_path, plan, sidecar)
+    if cache_file is not None:
+        _save_timing_cache(config, cache_file)
+    say(f"wrote {request.out_path} ({len(plan) / MIB:.1f} MiB) and "
+        f"{sidecar_path(request.out_path).name} in {time.monotonic() - started:.1f} s")
+    return sidecar
+
+
+def write_plan(out_path: Path, plan: bytes, sidecar: PlanSidecar) -> None:
+    """The plan, then its sidecar, each atomically, under one lock: readers see either the
+    old pair, a new plan with the old sidecar (refused: its sha256 differs) or the new pair."""
+    if hashlib.sha256(plan).hexdigest() != sidecar.plan_sha256:
+        raise AssertionError("sidecar does not describe this plan")
+    with file_lock(out_path):
+        fileio.write_bytes(out_path, plan)
+        write_sidecar(out_path, sidecar)
+
+
+def _save_timing_cache(config: Any, cache_file: Path) -> None:
+    """Merge this build's timings into the cache file (another build may have added some)."""
+    cache = config.get_timing_cache()
+    if cache is None:
+        return
+
+    def merge(old: bytes | None) -> bytes:
+        if old:
+            on_disk = config.create_timing_cache(old)
+            if on_disk is not None:
+                cache.combine(on_disk, ignore_mismatch=True)
+        return bytes(memoryview(cache.serialize()))
+
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        locked_update(cache_file, merge)
+    except (OSError, ValueError) as e:  # a cache is an optimisation, never a failure
+        say(f"could not save the timing cache {cache_file}: {e}")
+
+
+def _dims(shape: Any) -> tuple[int, ...]:
+    return tuple(int(d) for d in shape)
+
+
+def _check_network(network: Any, meta: ModelMeta, profile: BatchProfile, name: str) -> None:
+    """The parsed network has the graph's inputs/outputs, with shapes the profile fits."""
+    inputs = {network.get_input(i).name: _dims(network.get_input(i).shape)
+              for i in range(network.num_inputs)}
+    outputs = [network.get_output(i).name for i in range(network.num_outputs)]
+    g = meta.graph
+    if sorted(inputs) != sorted(g.inputs) or outputs != list(g.outputs):
+        raise ArtifactError(
+            f"{name} has inputs {sorted(inputs)} -> {outputs} but its fewstep metadata says "
+            f"{sorted(g.inputs)} -> {list(g.outputs)}; re-export it with `fewstep export`"
+        )
+    for tensor, shapes in profile_shapes(meta, profile).items():
+        dims = inputs[tensor]
+        for shape in (shapes[0], shapes[2]):
+            if len(dims) != len(shape) or any(
+                d not in (-1, s) for d, s in zip(dims, shape, strict=True)
+            ):
+                fixed = dims[0] if dims and dims[0] > 0 else None
+                hint = (f"; it was exported with a fixed batch of {fixed}: pass --batch {fixed} "
+                        "or re-export with a dynamic batch") if fixed else ""
+                raise ArtifactError(
+                    f"{name}: input {tensor!r} has shape {dims} (-1 = dynamic), which does not "
+                    f"fit {shape} needed for batch {profile}{hint}"
+                )
+
+
+def plan_name_for(onnx_path: Path, out: Path, meta: ModelMeta) -> Path:
+    """Where ``--all`` puts the plan of one sibling graph: same naming as the ONNX files."""
+    from fewstep.runtime.artifact import base_stem, graph_path
+
+    g = meta.graph
+    base = out if out.name.endswith(PLAN_EXT) else out / (base_stem(onnx_path) + PLAN_EXT)
+    return graph_path(base, g.kind, g.steps, g.eta, ext=PLAN_EXT)
+
+
+__all__ = [
+    "BuildFailed",
+    "BuildRequest",
+    "TypingMode",
+    "build_from_request",
+    "build_plan",
+    "plan_name_for",
+    "prepare_build",
+    "typing_mode",
+    "write_plan",
+]

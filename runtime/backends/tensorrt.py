@@ -1,0 +1,745 @@
+"""The ``tensorrt`` backend: a TensorRT plan + its sidecar, driven with cuda-python.
+
+Opening a plan reads ``model.plan.json`` and refuses a plan built for another GPU or
+TensorRT version, a replaced plan file or a stale one (``plan.check_compatible``), then
+deserializes it (with ``tensorrt``, or ``tensorrt_lean`` when only the lean runtime is
+installed and the plan is version-compatible) and allocates, once, a device buffer for
+every I/O tensor at the profile's largest batch, pinned host staging buffers and a
+stream.
+
+* ``run(feeds)``: inputs are copied into pinned staging, then H2D, ``execute_async_v3``,
+  D2H on one stream. The first call at a batch size runs plainly (the warm-up TensorRT
+  asks for before capture); the next one captures H2D + enqueue + D2H into a CUDA graph
+  for that batch size, on an execution context of its own whose shapes never change,
+  and later calls only launch the graph. When capture fails the plan runs plainly.
+* ``run_loop(x, fixed, per_step)`` (step plans): x stays on the device, ping-ponging
+  between two buffers; each step's small inputs (t, a_t, a_prev, eta, noise) are
+  staged for all steps at once. When the batch size and the step count repeat, the whole
+  loop is captured into one CUDA graph.
+
+Neither tensorrt nor cuda-python is imported until a plan is opened, so this module
+imports anywhere (``backends.availability()`` asks it why it is unusable).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ArtifactError, BackendUnavailable
+from ..meta import ModelMeta
+from ..plan import (
+    BatchProfile,
+    PlanSidecar,
+    RuntimeInfo,
+    check_compatible,
+    input_shapes,
+    load_sidecar,
+    parse_version,
+)
+from . import Array, Feeds, host_loop
+
+TRT_MISSING = (
+    "TensorRT is not installed: pip install 'fewstep[tensorrt]' (x86-64) "
+    "or use JetPack's tensorrt on Jetson"
+)
+CUDA_PYTHON_MISSING = (
+    "cuda-python is not installed: pip install 'fewstep[tensorrt]' (or pip install cuda-python)"
+)
+MIN_TRT_MAJOR = 10
+MAX_CAPTURED_BATCHES = 4  # CUDA graphs (one execution context each) kept per plan
+MAX_CAPTURED_LOOPS = 2
+
+
+# ---------------------------------------------------------------------------------
+# Importing TensorRT and cuda-python
+# ---------------------------------------------------------------------------------
+
+
+def import_tensorrt(allow_lean: bool = True) -> tuple[Any, bool]:
+    """(the tensorrt module, True if it is the lean runtime ``tensorrt_lean``)."""
+    try:
+        import tensorrt
+
+        return tensorrt, False
+    except ImportError:
+        if not allow_lean:
+            raise
+    return importlib.import_module("tensorrt_lean"), True
+
+
+def import_cudart() -> Any:
+    """cuda-python's runtime API: ``cuda.bindings.runtime`` (>= 12.6) or ``cuda.cudart``."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        from cuda import cudart
+    return cudart
+
+
+class CudaError(RuntimeError):
+    """A CUDA runtime call failed."""
+
+
+def cuda_check(result: Any, what: str) -> Any:
+    """Every cuda-python call returns (error, *values): raise unless error is cudaSuccess."""
+    err, values = result[0], tuple(result[1:])
+    if int(err) != 0:
+        name = getattr(err, "name", str(err))
+        raise CudaError(f"{what} failed: {name} ({int(err)})")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    index: int
+    name: str
+    compute_capability: str  # "9.0"
+    integrated: bool  # Jetson: GPU memory is the CPU's memory
+    total_memory: int
+    free_memory: int
+    cuda_runtime_version: str  # "12.6"
+
+
+def device_info(cudart: Any, index: int | None = None) -> DeviceInfo:
+    """The current (or given) GPU, via cudaGetDeviceProperties and cudaMemGetInfo."""
+    if index is None:
+        index = int(cuda_check(cudart.cudaGetDevice(), "cudaGetDevice"))
+    else:
+        cuda_check(cudart.cudaSetDevice(index), f"cudaSetDevice({index})")
+    prop = cuda_check(cudart.cudaGetDeviceProperties(index), "cudaGetDeviceProperties")
+    raw = prop.name
+    name = (raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw))
+    name = name.split("\x00", 1)[0].strip()
+    free, total = cuda_check(cudart.cudaMemGetInfo(), "cudaMemGetInfo")
+    version = int(cuda_check(cudart.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion"))
+    return DeviceInfo(
+        index=index,
+        name=name,
+        compute_capability=f"{int(prop.major)}.{int(prop.minor)}",
+        integrated=bool(int(prop.integrated)),
+        total_memory=int(total),
+        free_memory=int(free),
+        cuda_runtime_version=f"{version // 1000}.{(version % 1000) // 10}",
+    )
+
+
+def unavailable_reason(name: str = "tensorrt") -> str | None:
+    """None when plans can run here, else why not (TensorRT, cuda-python or a GPU missing)."""
+    try:
+        trt, _lean = import_tensorrt()
+    except ImportError:
+        return TRT_MISSING
+    except Exception as e:  # a broken install: missing libnvinfer and the like
+        return f"TensorRT does not load ({type(e).__name__}: {e}); reinstall it"
+    version = getattr(trt, "__version__", "0")
+    try:
+        major = parse_version(version)[0]
+    except ValueError:
+        return f"TensorRT reports version {version!r}; fewstep needs TensorRT 10.x or 11.x"
+    if major < MIN_TRT_MAJOR:
+        return (f"TensorRT {version} is too old; fewstep needs TensorRT 10.x or 11.x: "
+                "pip install -U 'fewstep[tensorrt]' (JetPack 6 ships 10.x)")
+    try:
+        cudart = import_cudart()
+    except ImportError:
+        return CUDA_PYTHON_MISSING
+    try:
+        count = int(cuda_check(cudart.cudaGetDeviceCount(), "cudaGetDeviceCount"))
+    except CudaError as e:
+        return f"no usable CUDA GPU ({e})"
+    if count < 1:
+        return "no CUDA GPU is visible (CUDA_VISIBLE_DEVICES?)"
+    return None
+
+
+# ---------------------------------------------------------------------------------
+# Logging
+# ---------------------------------------------------------------------------------
+
+
+def make_logger(trt: Any, verbose: bool = False, keep: int = 20) -> Any:
+    """A TensorRT logger printing warnings and errors to stderr and keeping the last errors."""
+    severity = trt.ILogger.Severity
+
+    class _Logger(trt.ILogger):  # type: ignore[misc]
+        def __init__(self) -> None:
+            trt.ILogger.__init__(self)
+            self.errors: list[str] = []
+            self.threshold = severity.VERBOSE if verbose else severity.WARNING
+
+        def log(self, sev: Any, msg: str) -> None:
+            if sev in (severity.ERROR, severity.INTERNAL_ERROR):
+                self.errors = [*self.errors[-(keep - 1):], str(msg)]
+            if int(sev) <= int(self.threshold):
+                tag = {severity.INTERNAL_ERROR: "internal error", severity.ERROR: "error",
+                       severity.WARNING: "warning", severity.INFO: "info"}.get(sev, "verbose")
+                print(f"[TensorRT {tag}] {msg}", file=sys.stderr)
+
+    return _Logger()
+
+
+# ---------------------------------------------------------------------------------
+# Device and pinned buffers
+# ---------------------------------------------------------------------------------
+
+
+class _Pinned:
+    """Page-locked host memory (cudaMallocHost) viewed as numpy."""
+
+    def __init__(self, cudart: Any, nbytes: int) -> None:
+        self.cudart = cudart
+        self.nbytes = max(1, nbytes)
+        self.ptr: int | None = int(cuda_check(cudart.cudaMallocHost(self.nbytes), "cudaMallocHost"))
+
+    def view(self, dtype: np.dtype[Any], shape: tuple[int, ...], offset: int = 0) -> Array:
+        assert self.ptr is not None
+        count = int(np.prod(shape, dtype=np.int64))
+        assert offset + count * dtype.itemsize <= self.nbytes
+        raw = (ctypes.c_ubyte * (count * dtype.itemsize)).from_address(self.ptr + offset)
+        flat: Array = np.frombuffer(memoryview(raw), dtype=np.uint8)
+        return flat.view(dtype).reshape(shape)
+
+    def free(self) -> None:
+        if self.ptr is not None:
+            with contextlib.suppress(Exception):
+                self.cudart.cudaFreeHost(self.ptr)
+            self.ptr = None
+
+
+class _Device:
+    """Device memory (cudaMalloc)."""
+
+    def __init__(self, cudart: Any, nbytes: int) -> None:
+        self.cudart = cudart
+        self.nbytes = max(1, nbytes)
+        self.ptr: int | None = int(cuda_check(cudart.cudaMalloc(self.nbytes), "cudaMalloc"))
+
+    def free(self) -> None:
+        if self.ptr is not None:
+            with contextlib.suppress(Exception):
+                self.cudart.cudaFree(self.ptr)
+            self.ptr = None
+
+
+@dataclass
+class _Tensor:
+    name: str
+    is_input: bool
+    dtype: np.dtype[Any]
+    max_shape: tuple[int, ...]
+    device: _Device
+    host: _Pinned
+
+    @property
+    def max_nbytes(self) -> int:
+        return int(np.prod(self.max_shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+class _CapturedGraph:
+    """One instantiated CUDA graph (cudaGraphExec_t) and the execution context it uses."""
+
+    def __init__(self, cudart: Any, exec_: Any, context: Any) -> None:
+        self.cudart = cudart
+        self.exec_: Any = exec_
+        self.context: Any = context  # kept alive (and at fixed shapes) for the graph
+
+    def launch(self, stream: Any) -> None:
+        cuda_check(self.cudart.cudaGraphLaunch(self.exec_, stream), "cudaGraphLaunch")
+
+    def free(self) -> None:
+        if self.exec_ is not None:
+            with contextlib.suppress(Exception):
+                self.cudart.cudaGraphExecDestroy(self.exec_)
+            self.exec_ = None
+        self.context = None
+
+
+def capture_graph(cudart: Any, stream: Any,
+                  body: Callable[[], None]) -> tuple[Any, Exception | None]:
+    """Capture ``body``'s work on ``stream`` into an instantiated CUDA graph.
+
+    Returns (cudaGraphExec_t, None), or (None, the error) when capture or instantiation
+    failed; the stream is then out of capture mode and CUDA's error state is cleared.
+    The caller does TensorRT's warm-up first: one enqueue after the input shapes are set
+    (the trtexec pattern: enqueue, synchronize, begin capture, enqueue, end capture).
+    """
+    mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+    try:
+        cuda_check(cudart.cudaStreamBeginCapture(stream, mode), "cudaStreamBeginCapture")
+    except CudaError as e:
+        cudart.cudaGetLastError()
+        return None, e
+    try:
+        body()
+    except Exception as e:
+        result = cudart.cudaStreamEndCapture(stream)
+        if int(result[0]) == 0 and result[1] is not None:
+            cudart.cudaGraphDestroy(result[1])
+        cudart.cudaGetLastError()
+        return None, e
+    try:
+        graph = cuda_check(cudart.cudaStreamEndCapture(stream), "cudaStreamEndCapture")
+    except CudaError as e:
+        cudart.cudaGetLastError()
+        return None, e
+    try:
+        exec_ = cuda_check(cudart.cudaGraphInstantiateWithFlags(graph, 0),
+                           "cudaGraphInstantiateWithFlags")
+    except CudaError as e:
+        cudart.cudaGetLastError()
+        return None, e
+    finally:
+        cudart.cudaGraphDestroy(graph)
+    return exec_, None
+
+
+_Staging = dict[str, tuple[_Pinned, _Device]]  # per-step input -> (all steps' host, device)
+_LoopKey = tuple[int, int, tuple[str, ...]]  # (batch, steps, the per-step input names)
+
+
+# ---------------------------------------------------------------------------------
+# The graph
+# ---------------------------------------------------------------------------------
+
+
+class TensorRTGraph:
+    """One TensorRT plan, ready to run; see the module docstring."""
+
+    backend = "tensorrt"
+
+    def __init__(self, plan_path: str, *, device: int | None = None,
+                 cuda_graphs: bool = True, verbose: bool = False,
+                 check_source: bool = True) -> None:
+        self.path = str(plan_path)
+        self._lock = threading.Lock()
+        self._released = False
+        self._contexts: list[Any] = []
+        self._context: Any = None
+        self._engine: Any = None
+        self._runtime: Any = None
+        self._stream: Any = None
+        self._tensors: dict[str, _Tensor] = {}
+        self._graphs: dict[int, _CapturedGraph] = {}
+        self._loop_graphs: dict[_LoopKey, _CapturedGraph] = {}
+        self._staging: dict[_LoopKey, _Staging] = {}
+        self._seen: set[int] = set()
+        self._seen_loops: set[_LoopKey] = set()
+
+        self.sidecar: PlanSidecar = load_sidecar(plan_path)
+        self.meta: ModelMeta = self.sidecar.meta
+        self.profile: BatchProfile = self.sidecar.profile
+        self.max_batch: int | None = self.profile.max
+        self.cuda_graphs = cuda_graphs
+
+        trt, lean = import_tensorrt()
+        cudart = import_cudart()
+        self._trt, self._cudart = trt, cudart
+        dev = device_info(cudart, device)
+        here = RuntimeInfo(
+            tensorrt_version=str(trt.__version__), gpu_name=dev.name,
+            compute_capability=dev.compute_capability,
+            cuda_runtime_version=dev.cuda_runtime_version, lean=lean,
+        )
+        check_compatible(self.sidecar, here, plan_path, check_source=check_source)
+
+        self._logger = make_logger(trt, verbose)
+        try:
+            self._runtime = trt.Runtime(self._logger)
+            if self.sidecar.version_compatible:
+                # A version-compatible plan embeds (or needs) the lean runtime's host code;
+                # the sidecar's sha256 has just vouched for this very file.
+                self._runtime.engine_host_code_allowed = True
+            self._engine = self._runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
+            if self._engine is None:
+                raise ArtifactError(
+                    f"TensorRT {trt.__version__} could not deserialize {Path(plan_path).name} "
+                    f"({self._errors()}); rebuild it with `fewstep build`"
+                )
+            self._stream = cuda_check(
+                cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking),
+                "cudaStreamCreateWithFlags",
+            )
+            self._context = self._new_context()
+            self._allocate()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- setup -----------------------------------------------------------------------
+
+    def _new_context(self) -> Any:
+        ctx = self._engine.create_execution_context()
+        if ctx is None:
+            raise BackendUnavailable(
+                f"TensorRT could not create an execution context for {self.path} "
+                f"({self._errors()}; out of GPU memory?)"
+            )
+        self._contexts.append(ctx)
+        return ctx
+
+    def _drop_context(self, ctx: Any) -> None:
+        self._contexts = [c for c in self._contexts if c is not ctx]
+
+    def _allocate(self) -> None:
+        """One device + one pinned buffer per I/O tensor, sized for the profile's max batch."""
+        trt, engine, ctx = self._trt, self._engine, self._context
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        g = self.meta.graph
+        if sorted(inputs) != sorted(g.inputs) or outputs != list(g.outputs):
+            raise ArtifactError(
+                f"{self.path} has inputs {sorted(inputs)} -> {outputs}, but its sidecar says "
+                f"{sorted(g.inputs)} -> {list(g.outputs)}; rebuild it with `fewstep build`"
+            )
+        max_in = input_shapes(self.meta, self.profile.max)
+        for name in inputs:
+            hi = tuple(int(d) for d in engine.get_tensor_profile_shape(name, 0)[2])
+            if hi != max_in[name]:
+                raise ArtifactError(
+                    f"{self.path}: input {name!r} has max shape {hi} in the plan but "
+                    f"{max_in[name]} by its sidecar; rebuild it with `fewstep build`"
+                )
+            self._set_shape(ctx, name, hi)
+        for name in names:
+            dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
+            shape = max_in.get(name) or tuple(int(d) for d in ctx.get_tensor_shape(name))
+            if any(d < 0 for d in shape):
+                raise ArtifactError(
+                    f"{self.path}: output {name!r} has a data-dependent shape {shape}; "
+                    "fewstep plans have static output shapes per batch"
+                )
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            self._tensors[name] = _Tensor(name, name in inputs, dtype, shape,
+                                          _Device(self._cudart, nbytes),
+                                          _Pinned(self._cudart, nbytes))
+        self._bind(ctx)
+
+    def _bind(self, ctx: Any, overrides: dict[str, int] | None = None) -> None:
+        for name, t in self._tensors.items():
+            ptr = (overrides or {}).get(name, t.device.ptr)
+            if not ctx.set_tensor_address(name, ptr):
+                raise BackendUnavailable(
+                    f"TensorRT refused the address of tensor {name!r}: {self._errors()}")
+
+    def _set_shape(self, ctx: Any, name: str, shape: tuple[int, ...]) -> None:
+        if not ctx.set_input_shape(name, shape):
+            raise ValueError(
+                f"input {name!r} shape {shape} is outside the plan's profile "
+                f"(batch {self.profile}): {self._errors()}"
+            )
+
+    def _set_batch(self, ctx: Any, batch: int) -> None:
+        for name, shape in input_shapes(self.meta, batch).items():
+            self._set_shape(ctx, name, shape)
+
+    def _errors(self) -> str:
+        logger = getattr(self, "_logger", None)
+        errors = getattr(logger, "errors", [])
+        return "; ".join(errors[-3:]) or "see the TensorRT log above"
+
+    # -- the Graph protocol ------------------------------------------------------------
+
+    def run(self, feeds: Feeds) -> Array:
+        """Host arrays in, the plan's single output back on the host."""
+        g = self.meta.graph
+        with self._lock:
+            self._check_open()
+            batch = self._validate(feeds, g.inputs)
+            for name in g.inputs:
+                self._stage(name, feeds[name], batch)
+            out = self._tensors[g.outputs[0]]
+            graph = self._graphs.get(batch)
+            if graph is None and self.cuda_graphs and batch in self._seen:
+                graph = self._capture_run(batch)
+            if graph is not None:
+                graph.launch(self._stream)
+            else:
+                self._set_batch(self._context, batch)
+                self._bind(self._context)
+                self._copies_in(batch, g.inputs)
+                self._enqueue(self._context)
+                self._copy_out(out, batch)
+                self._seen.add(batch)
+            self._sync()
+            return self._result(out, batch)
+
+    def run_loop(self, x: Array, fixed: Feeds, per_step: Sequence[Feeds]) -> Array:
+        """A step plan run once per entry of ``per_step`` with x kept on the device."""
+        g = self.meta.graph
+        out = self._tensors.get(g.outputs[0])
+        xt = self._tensors.get("x")
+        if (g.kind != "step" or not per_step or out is None or xt is None
+                or out.dtype != xt.dtype or out.max_shape != xt.max_shape):
+            return host_loop(self, x, fixed, per_step)
+        with self._lock:
+            self._check_open()
+            step_names = tuple(per_step[0])
+            if any(set(f) != set(step_names) for f in per_step):
+                raise ValueError("every entry of per_step must feed the same inputs")
+            batch = self._validate({"x": x, **fixed, **per_step[0]}, g.inputs)
+            steps = len(per_step)
+            key: _LoopKey = (batch, steps, tuple(sorted(step_names)))
+            staging = self._staging.get(key)
+            temporary = staging is None and len(self._staging) >= MAX_CAPTURED_LOOPS
+            if staging is None:
+                staging = {}
+                for name in step_names:
+                    n = steps * self._nbytes(name, batch)
+                    staging[name] = (_Pinned(self._cudart, n), _Device(self._cudart, n))
+                if not temporary:
+                    self._staging[key] = staging
+            try:
+                self._stage("x", x, batch)
+                for name, value in fixed.items():
+                    self._stage(name, value, batch)
+                for i, feeds in enumerate(per_step):
+                    for name in step_names:
+                        arr = self._checked(name, feeds[name], batch)
+                        staging[name][0].view(arr.dtype, arr.shape,
+                                              i * self._nbytes(name, batch))[...] = arr
+                loop = self._loop_graphs.get(key)
+                if loop is None and self.cuda_graphs and key in self._seen_loops and (
+                    not temporary
+                ):
+                    loop = self._capture_loop(key, step_names, tuple(fixed), staging)
+                if loop is not None:
+                    loop.launch(self._stream)
+                else:
+                    self._device_loop(self._context, batch, steps, step_names, tuple(fixed),
+                                      staging)
+                    self._bind(self._context)
+                    self._seen_loops.add(key)
+                self._sync()
+                return self._result(xt if steps % 2 == 0 else out, batch)
+            finally:
+                if temporary:
+                    self._sync()
+                    _free_staging(staging)
+
+    # -- plumbing ------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._released:
+            raise ValueError(f"{self.path} was closed; open it again with backends.load")
+
+    def _validate(self, feeds: Feeds, names: Sequence[str]) -> int:
+        missing = sorted(set(names) - set(feeds))
+        extra = sorted(set(feeds) - set(names))
+        if missing or extra:
+            raise ValueError(
+                f"feeds {sorted(feeds)} do not match the plan's inputs {sorted(names)}"
+                + (f" (missing {missing})" if missing else "")
+                + (f" (unexpected {extra})" if extra else "")
+            )
+        batch = int(np.shape(feeds["x"])[0]) if np.ndim(feeds["x"]) else 0
+        if not self.profile.contains(batch):
+            raise ValueError(
+                f"batch {batch} is outside {Path(self.path).name}'s profile {self.profile} "
+                f"(min {self.profile.min}, max {self.profile.max}); pass at most "
+                f"{self.profile.max} images per call or rebuild with `fewstep build "
+                f"--batch {min(self.profile.min, max(batch, 1))}:{self.profile.opt}:"
+                f"{max(batch, self.profile.max)}`"
+            )
+        return batch
+
+    def _checked(self, name: str, value: Any, batch: int) -> Array:
+        want = input_shapes(self.meta, batch)[name]
+        arr = np.asarray(value)
+        if arr.shape != want:
+            raise ValueError(f"input {name!r} has shape {arr.shape}, expected {want}")
+        return np.ascontiguousarray(arr, dtype=self._tensors[name].dtype)
+
+    def _nbytes(self, name: str, batch: int) -> int:
+        count = int(np.prod(input_shapes(self.meta, batch)[name], dtype=np.int64))
+        return count * self._tensors[name].dtype.itemsize
+
+    def _stage(self, name: str, value: Any, batch: int) -> None:
+        arr = self._checked(name, value, batch)
+        self._tensors[name].host.view(arr.dtype, arr.shape)[...] = arr
+
+    def _memcpy(self, dst: int, src: int, nbytes: int, kind: Any) -> None:
+        cuda_check(self._cudart.cudaMemcpyAsync(dst, src, nbytes, kind, self._stream),
+                   "cudaMemcpyAsync")
+
+    def _copies_in(self, batch: int, names: Sequence[str]) -> None:
+        h2d = self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        for name in names:
+            t = self._tensors[name]
+            assert t.device.ptr is not None and t.host.ptr is not None
+            self._memcpy(t.device.ptr, t.host.ptr, self._nbytes(name, batch), h2d)
+
+    @staticmethod
+    def _out_shape(t: _Tensor, batch: int) -> tuple[int, ...]:
+        return (batch, *t.max_shape[1:])
+
+    def _copy_out(self, t: _Tensor, batch: int, src: int | None = None) -> None:
+        d2h = self._cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        nbytes = int(np.prod(self._out_shape(t, batch), dtype=np.int64)) * t.dtype.itemsize
+        assert t.host.ptr is not None and t.device.ptr is not None
+        self._memcpy(t.host.ptr, src if src is not None else t.device.ptr, nbytes, d2h)
+
+    def _enqueue(self, ctx: Any) -> None:
+        if not ctx.execute_async_v3(int(self._stream)):
+            raise RuntimeError(f"TensorRT execute_async_v3 failed: {self._errors()}")
+
+    def _sync(self) -> None:
+        cuda_check(self._cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+
+    def _result(self, t: _Tensor, batch: int) -> Array:
+        return np.array(t.host.view(t.dtype, self._out_shape(t, batch)), copy=True)
+
+    # -- CUDA graphs -----------------------------------------------------------------------
+
+    def _capture(self, body: Callable[[], None]) -> Any:
+        """``capture_graph`` on this plan's stream; None (and no more graphs) on failure."""
+        exec_, error = capture_graph(self._cudart, self._stream, body)
+        if error is not None:
+            return self._no_graphs(error)
+        return exec_
+
+    def _no_graphs(self, why: Exception) -> None:
+        self.cuda_graphs = False
+        print(f"fewstep: CUDA graph capture failed for {Path(self.path).name} ({why}); "
+              "running it without CUDA graphs", file=sys.stderr)
+
+    def _capture_run(self, batch: int) -> _CapturedGraph | None:
+        if len(self._graphs) >= MAX_CAPTURED_BATCHES:
+            return None
+        ctx = self._new_context()  # its shapes stay at `batch` for the graph's lifetime
+        self._set_batch(ctx, batch)
+        self._bind(ctx)
+        self._enqueue(ctx)  # TensorRT needs one enqueue after a shape change before capture
+        self._sync()
+        out = self._tensors[self.meta.graph.outputs[0]]
+
+        def body() -> None:
+            self._copies_in(batch, self.meta.graph.inputs)
+            self._enqueue(ctx)
+            self._copy_out(out, batch)
+
+        exec_ = self._capture(body)
+        if exec_ is None:
+            self._drop_context(ctx)
+            return None
+        self._graphs[batch] = graph = _CapturedGraph(self._cudart, exec_, ctx)
+        return graph
+
+    # -- the device-resident loop ----------------------------------------------------------
+
+    def _device_loop(self, ctx: Any, batch: int, steps: int, step_names: Sequence[str],
+                     fixed_names: Sequence[str], staging: _Staging) -> None:
+        """H2D of x, fixed and every step's inputs; the steps with x ping-ponging between
+        the x and output buffers (step i reads buffer i % 2); D2H of the final x."""
+        h2d = self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        out_name = self.meta.graph.outputs[0]
+        xt, out = self._tensors["x"], self._tensors[out_name]
+        assert xt.device.ptr is not None and out.device.ptr is not None
+        self._set_batch(ctx, batch)
+        self._copies_in(batch, ("x", *fixed_names))
+        for name in step_names:
+            host, dev = staging[name]
+            assert host.ptr is not None and dev.ptr is not None
+            self._memcpy(dev.ptr, host.ptr, steps * self._nbytes(name, batch), h2d)
+        buffers = (xt.device.ptr, out.device.ptr)
+        for i in range(steps):
+            addresses = {"x": buffers[i % 2], out_name: buffers[(i + 1) % 2]}
+            for name in step_names:
+                dev_ptr = staging[name][1].ptr
+                assert dev_ptr is not None
+                addresses[name] = dev_ptr + i * self._nbytes(name, batch)
+            self._bind(ctx, addresses)
+            self._enqueue(ctx)
+        final = xt if steps % 2 == 0 else out
+        self._copy_out(final, batch, src=buffers[steps % 2])
+
+    def _capture_loop(self, key: _LoopKey, step_names: Sequence[str],
+                      fixed_names: Sequence[str], staging: _Staging) -> _CapturedGraph | None:
+        batch, steps, _ = key
+        ctx = self._new_context()
+        self._set_batch(ctx, batch)
+        self._bind(ctx)
+        self._enqueue(ctx)  # warm-up after the shape change, before capture
+        self._sync()
+        exec_ = self._capture(
+            lambda: self._device_loop(ctx, batch, steps, step_names, fixed_names, staging)
+        )
+        if exec_ is None:
+            self._drop_context(ctx)
+            return None
+        self._loop_graphs[key] = graph = _CapturedGraph(self._cudart, exec_, ctx)
+        return graph
+
+    # -- lifetime ----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free graphs, contexts, engine, buffers and the stream. Safe to call twice."""
+        if getattr(self, "_released", True):
+            return
+        with self._lock:
+            self._released = True
+            if self._stream is not None:
+                with contextlib.suppress(Exception):
+                    self._cudart.cudaStreamSynchronize(self._stream)
+            for graph in [*self._graphs.values(), *self._loop_graphs.values()]:
+                graph.free()
+            for staging in self._staging.values():
+                _free_staging(staging)
+            self._graphs, self._loop_graphs, self._staging = {}, {}, {}
+            # TensorRT objects go in order: contexts, engine, runtime.
+            self._contexts, self._context = [], None
+            self._engine = None
+            self._runtime = None
+            for t in self._tensors.values():
+                t.device.free()
+                t.host.free()
+            self._tensors = {}
+            if self._stream is not None:
+                with contextlib.suppress(Exception):
+                    self._cudart.cudaStreamDestroy(self._stream)
+                self._stream = None
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def __enter__(self) -> TensorRTGraph:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _free_staging(staging: _Staging) -> None:
+    for host, dev in staging.values():
+        host.free()
+        dev.free()
+
+
+def open_graph(path: str, name: str = "tensorrt", **options: Any) -> TensorRTGraph:
+    """Open a ``.plan`` (with its ``.plan.json`` sidecar) for the ``tensorrt`` backend.
+
+    Options: ``device`` (GPU index), ``cuda_graphs`` (default True), ``verbose``.
+    """
+    if name != "tensorrt":
+        raise ValueError(f"backend {name!r} is not the tensorrt backend")
+    if not str(path).endswith(".plan"):
+        raise ArtifactError(
+            f"{path!r} is not a TensorRT plan (.plan); build one with "
+            f"`fewstep build MODEL.onnx --out MODEL.plan`, or open the ONNX with backend 'ort'"
+        )
+    if not Path(path).is_file():
+        raise ArtifactError(f"plan file {path!r} does not exist; build it with `fewstep build`")
+    return TensorRTGraph(path, **options)

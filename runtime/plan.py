@@ -1,0 +1,651 @@
+"""TensorRT plans: the ``.plan.json`` sidecar, batch profiles, timing-cache files.
+
+A TensorRT plan has no metadata field, and it only runs on the GPU model and the
+TensorRT version it was built with. So every ``model.plan`` gets a ``model.plan.json``
+sidecar that records what the plan is (the ModelMeta of the ONNX it came from) and what
+it is tied to (TensorRT version, GPU, compute capability, the batch profile, the build
+flags, and sha256 of the plan and of its source ONNX with the ONNX's external weights).
+``check_compatible`` compares a sidecar with the machine about to run the plan and says
+exactly why a plan must be rebuilt, and with which command.
+
+Nothing here imports TensorRT or CUDA: the sidecar, the profile maths (``BatchProfile``,
+``profile_shapes``) and the file locking are pure Python, tested without a GPU.
+
+Notation: B batch, C/H/W image channels/height/width, S the steps of a fused sampler.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+import shlex
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from . import fileio
+from .artifact import read_onnx_header
+from .errors import ArtifactError
+from .meta import ModelMeta
+
+try:  # POSIX only; fewstep targets Linux x86-64 and Jetson
+    import fcntl as _fcntl
+except ImportError:  # pragma: no cover - Windows
+    _fcntl = None  # type: ignore[assignment]
+
+SIDECAR_SCHEMA_VERSION: Final = 1
+SIDECAR_SUFFIX: Final = ".json"  # model.plan -> model.plan.json
+PLAN_EXT: Final = ".plan"
+
+# Default batch profile: 1:1:DEFAULT_MAX_BATCH (Jetson: JETSON_MAX_BATCH), scaled down
+# for images larger than 128x128 so that activations stay in memory.
+DEFAULT_MAX_BATCH: Final = 16
+JETSON_MAX_BATCH: Final = 4
+_PIXELS_AT_FULL_BATCH: Final = 128 * 128
+
+MIB: Final = 1 << 20
+GIB: Final = 1 << 30
+
+
+# ---------------------------------------------------------------------------------
+# Batch profiles and the input shapes of every graph kind
+# ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchProfile:
+    """One TensorRT optimisation profile over the batch dimension: min <= opt <= max."""
+
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self) -> None:
+        for name in ("min", "opt", "max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"batch {name}={value!r} must be a whole number")
+        if self.min < 1:
+            raise ValueError(f"batch min={self.min} must be at least 1; pass e.g. --batch 1:4:16")
+        if not self.min <= self.opt <= self.max:
+            raise ValueError(
+                f"batch profile {self.min}:{self.opt}:{self.max} must satisfy "
+                "1 <= min <= opt <= max; pass e.g. --batch 1:4:16"
+            )
+
+    @classmethod
+    def parse(cls, text: str) -> BatchProfile:
+        """``"min:opt:max"`` or a single ``"N"`` (a fixed batch N:N:N)."""
+        parts = text.strip().split(":")
+        if len(parts) not in (1, 3) or not all(re.fullmatch(r"[+-]?\d+", p.strip()) for p in parts):
+            raise ValueError(
+                f"--batch {text!r} is not MIN:OPT:MAX or N (whole numbers); "
+                "pass e.g. --batch 1:4:16 or --batch 8"
+            )
+        values = [int(p) for p in parts]
+        if len(values) == 1:
+            values *= 3
+        lo, opt, hi = values
+        return cls(lo, opt, hi)
+
+    @property
+    def fixed(self) -> bool:
+        return self.min == self.max
+
+    def __str__(self) -> str:
+        return str(self.min) if self.fixed else f"{self.min}:{self.opt}:{self.max}"
+
+    def contains(self, batch: int) -> bool:
+        return self.min <= batch <= self.max
+
+
+def default_profile(meta: ModelMeta, jetson: bool = False) -> BatchProfile:
+    """1:1:16 on a desktop GPU (1:1:4 on Jetson), less for images above 128x128."""
+    base = JETSON_MAX_BATCH if jetson else DEFAULT_MAX_BATCH
+    scale = max(1, (meta.height * meta.width) // _PIXELS_AT_FULL_BATCH)
+    return BatchProfile(1, 1, max(1, base // scale))
+
+
+def input_shapes(meta: ModelMeta, batch: int) -> dict[str, tuple[int, ...]]:
+    """The shape of every input of ``meta``'s graph at batch size ``batch``.
+
+    x and a step graph's noise are (B, C, H, W); t, label, guidance, a_t, a_prev and
+    eta are (B,); a stochastic sampler's noise is (B, S, C, H, W).
+    """
+    if batch < 1:
+        raise ValueError(f"batch={batch} must be at least 1")
+    image = (batch, *meta.image_shape)
+    per_sample = (batch,)
+    out: dict[str, tuple[int, ...]] = {}
+    for name in meta.graph.inputs:
+        if name == "x":
+            out[name] = image
+        elif name in ("t", "label", "guidance", "a_t", "a_prev", "eta"):
+            out[name] = per_sample
+        elif name == "noise" and meta.graph.kind == "step":
+            out[name] = image
+        elif name == "noise" and meta.graph.kind == "sampler":
+            out[name] = (batch, meta.graph.steps, *meta.image_shape)
+        else:  # ModelMeta validates the names, so this is a bug here, not bad input
+            raise AssertionError(f"no shape rule for input {name!r} of a {meta.graph.kind} graph")
+    return out
+
+
+def profile_shapes(
+    meta: ModelMeta, profile: BatchProfile
+) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """For every input: its (min, opt, max) shapes under ``profile``."""
+    lo, opt, hi = (input_shapes(meta, b) for b in (profile.min, profile.opt, profile.max))
+    return {name: (lo[name], opt[name], hi[name]) for name in meta.graph.inputs}
+
+
+def default_workspace_bytes(free: int, total: int, integrated: bool) -> int:
+    """The builder's workspace limit when none is given.
+
+    Half the free device memory, at most 8 GiB; on Jetson (integrated GPU, memory shared
+    with the CPU) a quarter of the free memory, at most 2 GiB. At least 256 MiB unless
+    less than that is free.
+    """
+    if free <= 0 or total <= 0:
+        raise ValueError(f"free={free} / total={total} bytes of GPU memory make no sense")
+    share, cap = (free // 4, 2 * GIB) if integrated else (free // 2, 8 * GIB)
+    return max(min(share, cap), min(256 * MIB, free))
+
+
+# ---------------------------------------------------------------------------------
+# TensorRT versions
+# ---------------------------------------------------------------------------------
+
+
+def parse_version(text: str) -> tuple[int, int, int]:
+    """``"10.3.0.26"`` or ``"10.3.0.post1"`` -> (10, 3, 0)."""
+    nums = re.findall(r"\d+", text.split("+")[0])[:3]
+    if not nums or not re.match(r"\s*\d", text):
+        raise ValueError(f"TensorRT version {text!r} is not of the form MAJOR.MINOR.PATCH")
+    return tuple(int(n) for n in nums + ["0"] * (3 - len(nums)))  # type: ignore[return-value]
+
+
+def format_version(version: tuple[int, int, int]) -> str:
+    return ".".join(str(v) for v in version)
+
+
+# ---------------------------------------------------------------------------------
+# The sidecar
+# ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlanSidecar:
+    """Everything about one plan that the plan file itself does not say."""
+
+    meta: ModelMeta
+    tensorrt_version: str  # "10.3.0"
+    cuda_runtime_version: str  # "12.6"
+    gpu_name: str  # "NVIDIA H100 80GB HBM3"
+    compute_capability: str  # "9.0"
+    profile: BatchProfile
+    precision: str  # what the engine computes in: the ONNX's, or "fp16" with fp16_weak
+    strongly_typed: bool
+    fp16_weak: bool  # TensorRT 10 BuilderFlag.FP16 on an fp32 graph (weak typing)
+    builder_optimization_level: int
+    workspace_bytes: int  # 0 = TensorRT's default (all device memory)
+    version_compatible: bool
+    exclude_lean_runtime: bool
+    onnx_file: str  # the source ONNX, relative to the plan's folder when beside it
+    onnx_sha256: str
+    external_data_sha256: Mapping[str, str]  # external weights file name -> sha256
+    plan_sha256: str
+    plan_bytes: int
+    created: str  # ISO 8601, UTC
+    fewstep_version: str
+    schema_version: int = SIDECAR_SCHEMA_VERSION
+    extra: Mapping[str, Any] = field(default_factory=dict)  # free-form build notes
+
+    def __post_init__(self) -> None:
+        if self.schema_version != SIDECAR_SCHEMA_VERSION:
+            raise ValueError(f"schema_version {self.schema_version} != {SIDECAR_SCHEMA_VERSION}")
+        parse_version(self.tensorrt_version)
+        _compute_capability(self.compute_capability)
+        if not 0 <= self.builder_optimization_level <= 5:
+            raise ValueError(f"builder_optimization_level {self.builder_optimization_level}")
+        if self.exclude_lean_runtime and not self.version_compatible:
+            raise ValueError("exclude_lean_runtime is only meaningful with version_compatible")
+        for digest in (self.onnx_sha256, self.plan_sha256, *self.external_data_sha256.values()):
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError(f"{digest!r} is not a sha256 hex digest")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "meta": self.meta.to_dict(),
+            "tensorrt_version": self.tensorrt_version,
+            "cuda_runtime_version": self.cuda_runtime_version,
+            "gpu_name": self.gpu_name,
+            "compute_capability": self.compute_capability,
+            "profile": {"min": self.profile.min, "opt": self.profile.opt, "max": self.profile.max},
+            "precision": self.precision,
+            "strongly_typed": self.strongly_typed,
+            "fp16_weak": self.fp16_weak,
+            "builder_optimization_level": self.builder_optimization_level,
+            "workspace_bytes": self.workspace_bytes,
+            "version_compatible": self.version_compatible,
+            "exclude_lean_runtime": self.exclude_lean_runtime,
+            "onnx_file": self.onnx_file,
+            "onnx_sha256": self.onnx_sha256,
+            "external_data_sha256": dict(self.external_data_sha256),
+            "plan_sha256": self.plan_sha256,
+            "plan_bytes": self.plan_bytes,
+            "created": self.created,
+            "fewstep_version": self.fewstep_version,
+            "extra": dict(self.extra),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes, source: str = "sidecar") -> PlanSidecar:
+        try:
+            data = json.loads(text)
+        except (ValueError, TypeError, RecursionError) as e:
+            raise ArtifactError(
+                f"{source} is not valid JSON ({e}); {_rebuild_from_sidecar_path(source)}"
+            ) from None
+        return cls.from_dict(data, source)
+
+    @classmethod
+    def from_dict(cls, data: object, source: str = "sidecar") -> PlanSidecar:
+        return _parse_sidecar(data, source)
+
+    @property
+    def compute_capability_tuple(self) -> tuple[int, int]:
+        return _compute_capability(self.compute_capability)
+
+
+def sidecar_path(plan_path: str | os.PathLike[str]) -> Path:
+    """``model.plan`` -> ``model.plan.json``."""
+    p = Path(plan_path)
+    return p.with_name(p.name + SIDECAR_SUFFIX)
+
+
+def onnx_path_for(plan_path: str | os.PathLike[str]) -> Path:
+    """The ONNX file a plan is conventionally built from: model.step.plan -> model.step.onnx."""
+    p = Path(plan_path)
+    stem = p.name[: -len(PLAN_EXT)] if p.name.endswith(PLAN_EXT) else p.name
+    return p.with_name(stem + ".onnx")
+
+
+def rebuild_command(
+    plan_path: str | os.PathLike[str],
+    onnx: str | os.PathLike[str] | None = None,
+    sidecar: PlanSidecar | None = None,
+) -> str:
+    """The ``fewstep build`` command that makes ``plan_path`` again (same flags)."""
+    plan = Path(plan_path)
+    if onnx is None:
+        onnx = plan.parent / sidecar.onnx_file if sidecar is not None else onnx_path_for(plan)
+    words = ["fewstep", "build", str(onnx), "--out", str(plan)]
+    if sidecar is not None:
+        words += ["--batch", str(sidecar.profile)]
+        if sidecar.builder_optimization_level != 3:
+            words += ["--opt-level", str(sidecar.builder_optimization_level)]
+        if sidecar.version_compatible:
+            words.append("--version-compatible")
+        if sidecar.exclude_lean_runtime:
+            words.append("--exclude-lean-runtime")
+        if sidecar.fp16_weak:
+            words.append("--fp16-weak")
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def _rebuild_from_sidecar_path(source: str) -> str:
+    plan = source[: -len(SIDECAR_SUFFIX)] if source.endswith(SIDECAR_SUFFIX) else source
+    return f"rebuild with `{rebuild_command(plan)}`"
+
+
+def write_sidecar(plan_path: str | os.PathLike[str], sidecar: PlanSidecar) -> Path:
+    """Write ``model.plan.json`` atomically; returns its path."""
+    return fileio.write_text(sidecar_path(plan_path), sidecar.to_json())
+
+
+def load_sidecar(plan_path: str | os.PathLike[str]) -> PlanSidecar:
+    """The sidecar of ``plan_path``, or one ArtifactError saying why not and how to fix it."""
+    side = sidecar_path(plan_path)
+    plan = Path(plan_path)
+    if not side.is_file():
+        raise ArtifactError(
+            f"no sidecar {side.name} beside {str(plan)!r}: fewstep needs it to know what the "
+            f"plan is (model, profile, GPU, TensorRT version); rebuild with "
+            f"`{rebuild_command(plan)}`"
+        )
+    try:
+        text = side.read_bytes()
+    except OSError as e:
+        raise ArtifactError(f"{str(side)!r} cannot be read ({e.strerror})") from None
+    return PlanSidecar.from_json(text, source=str(side))
+
+
+# -- strict parsing ------------------------------------------------------------------
+
+_SIDECAR_TYPES: Final[dict[str, type | tuple[type, ...]]] = {
+    "schema_version": int,
+    "meta": dict,
+    "tensorrt_version": str,
+    "cuda_runtime_version": str,
+    "gpu_name": str,
+    "compute_capability": str,
+    "profile": dict,
+    "precision": str,
+    "strongly_typed": bool,
+    "fp16_weak": bool,
+    "builder_optimization_level": int,
+    "workspace_bytes": int,
+    "version_compatible": bool,
+    "exclude_lean_runtime": bool,
+    "onnx_file": str,
+    "onnx_sha256": str,
+    "external_data_sha256": dict,
+    "plan_sha256": str,
+    "plan_bytes": int,
+    "created": str,
+    "fewstep_version": str,
+    "extra": dict,
+}
+_OPTIONAL: Final = {"extra"}
+
+
+def _parse_sidecar(data: object, source: str) -> PlanSidecar:
+    fix = _rebuild_from_sidecar_path(source)
+
+    def fail(where: str, msg: str) -> ArtifactError:
+        return ArtifactError(f"{source}: plan sidecar field {where}: {msg}; {fix}")
+
+    if not isinstance(data, dict):
+        raise ArtifactError(
+            f"{source}: a plan sidecar is a JSON object, got {type(data).__name__}; {fix}"
+        )
+    version = data.get("schema_version")
+    if isinstance(version, int) and not isinstance(version, bool) and (
+        version > SIDECAR_SCHEMA_VERSION
+    ):
+        raise ArtifactError(
+            f"{source}: plan sidecar schema version {version} is newer than this fewstep "
+            f"supports ({SIDECAR_SCHEMA_VERSION}); upgrade fewstep (pip install -U fewstep) "
+            f"or {fix}"
+        )
+    extra_keys = sorted(set(data) - set(_SIDECAR_TYPES))
+    if extra_keys:
+        raise fail("(top level)", f"unknown keys {extra_keys}")
+    for key, kind in _SIDECAR_TYPES.items():
+        if key not in data:
+            if key in _OPTIONAL:
+                continue
+            raise fail(key, "missing")
+        value = data[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+            raise fail(key, f"{value!r} is not {' or '.join(k.__name__ for k in kinds)}")
+    if version is None or version < 1:
+        raise fail("schema_version", f"{version} is not a valid version")
+    prof = data["profile"]
+    if sorted(prof) != ["max", "min", "opt"] or not all(
+        isinstance(prof[k], int) and not isinstance(prof[k], bool) for k in prof
+    ):
+        raise fail("profile", f"{prof!r} is not {{'min': int, 'opt': int, 'max': int}}")
+    ext = data["external_data_sha256"]
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in ext.items()):
+        raise fail("external_data_sha256", "must map file names to sha256 strings")
+    try:
+        meta = ModelMeta.from_dict(data["meta"], source=f"{source} (meta)")
+    except ArtifactError as e:
+        raise ArtifactError(f"{e}; {fix}") from None
+    try:
+        profile = BatchProfile(prof["min"], prof["opt"], prof["max"])
+        return PlanSidecar(
+            meta=meta,
+            profile=profile,
+            external_data_sha256=dict(ext),
+            extra=dict(data.get("extra", {})),
+            **{k: data[k] for k in _SIDECAR_TYPES
+               if k not in ("meta", "profile", "external_data_sha256", "extra")},
+        )
+    except ValueError as e:
+        raise fail("(values)", str(e)) from None
+
+
+# ---------------------------------------------------------------------------------
+# Compatibility: may this plan run here?
+# ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """The machine about to run a plan: the TensorRT it has and the GPU it runs on."""
+
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str  # "8.7"
+    cuda_runtime_version: str = ""
+    lean: bool = False  # only tensorrt_lean (the lean runtime) is installed
+
+
+def _compute_capability(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)\.(\d+)", text)
+    if not m:
+        raise ValueError(f"compute capability {text!r} is not MAJOR.MINOR (e.g. '8.7')")
+    return int(m.group(1)), int(m.group(2))
+
+
+def tensorrt_version_problem(
+    built: str, running: str, version_compatible: bool, exclude_lean_runtime: bool,
+    lean: bool,
+) -> str | None:
+    """Why a plan built with TensorRT ``built`` cannot run on ``running``, or None.
+
+    * A plain plan runs only on the exact TensorRT version it was built with.
+    * A version-compatible plan runs on the same or a newer TensorRT of the same major
+      version, and a TensorRT 10 one also on TensorRT 11 (NVIDIA's support matrix); one
+      built with EXCLUDE_LEAN_RUNTIME carries no lean runtime, so it needs the very
+      TensorRT version that built it.
+    * The lean runtime (``tensorrt_lean``) runs version-compatible plans only.
+    """
+    b, r = parse_version(built), parse_version(running)
+    where = f"TensorRT {format_version(b)}"
+    here = f"this is {'tensorrt-lean ' if lean else 'TensorRT '}{format_version(r)}"
+    if lean and not version_compatible:
+        return (f"was built with {where} without --version-compatible, and the lean runtime "
+                f"runs only version-compatible plans ({here})")
+    if not version_compatible:
+        if b != r:
+            return f"was built with {where} but {here}; plans are tied to the TensorRT version"
+        return None
+    if exclude_lean_runtime:
+        if b != r:
+            return (f"was built with {where} --version-compatible --exclude-lean-runtime, so it "
+                    f"needs exactly that version's runtime, but {here}")
+        return None
+    if r < b:
+        return (f"was built with {where} (version-compatible) and runs only on that version "
+                f"or newer, but {here}")
+    if r[0] == b[0] or (b[0], r[0]) == (10, 11):
+        return None
+    return (f"was built with {where} (version-compatible, good for later {b[0]}.x"
+            f"{' and 11.x' if b[0] == 10 else ''}) but {here}")
+
+
+def file_sha256(path: str | os.PathLike[str], chunk: int = 8 * MIB) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                return h.hexdigest()
+            h.update(block)
+
+
+def onnx_hashes(onnx_path: str | os.PathLike[str]) -> tuple[str, dict[str, str]]:
+    """sha256 of an ONNX file and of each external data file it references beside it."""
+    p = Path(onnx_path)
+    header = read_onnx_header(p)
+    ext = {}
+    for loc in header.external_data:
+        data = p.parent / loc
+        if not data.is_file():
+            raise ArtifactError(
+                f"{str(p)!r} keeps its weights in {loc!r}, which is missing beside it; "
+                "copy the whole exported folder"
+            )
+        ext[loc] = file_sha256(data)
+    return file_sha256(p), ext
+
+
+def check_compatible(
+    sidecar: PlanSidecar,
+    runtime: RuntimeInfo,
+    plan_path: str | os.PathLike[str],
+    onnx_path: str | os.PathLike[str] | None = None,
+    *,
+    verify_plan_hash: bool = True,
+    check_source: bool = True,
+) -> None:
+    """Raise an ArtifactError saying exactly why ``plan_path`` must be rebuilt, if it must.
+
+    Checked in this order: the plan file is the one the sidecar describes (sha256), the
+    source ONNX (``onnx_path``, else the sidecar's ``onnx_file`` beside the plan, when it
+    is there) has not changed since the build, the GPU, and the TensorRT version.
+    ``verify_plan_hash=False`` skips hashing the plan, ``check_source=False`` the ONNX.
+    """
+    plan = Path(plan_path)
+    name = plan.name
+    source = Path(onnx_path) if onnx_path is not None else plan.parent / sidecar.onnx_file
+    wanted = sidecar
+    if runtime.lean and not sidecar.version_compatible:  # the lean runtime needs a VC plan
+        wanted = dataclasses.replace(sidecar, version_compatible=True)
+    cmd = f"`{rebuild_command(plan, source, wanted)}`"
+    if verify_plan_hash:
+        if not plan.is_file():
+            raise ArtifactError(f"plan file {str(plan)!r} does not exist; build it with {cmd}")
+        if plan.stat().st_size != sidecar.plan_bytes or file_sha256(plan) != sidecar.plan_sha256:
+            raise ArtifactError(
+                f"{name} is not the plan its sidecar {sidecar_path(plan).name} describes "
+                "(sha256 differs: the plan was replaced or is corrupt); rebuild with " + cmd
+            )
+    if check_source and source.is_file():
+        onnx_sha, ext = onnx_hashes(source)
+        changed = [source.name] if onnx_sha != sidecar.onnx_sha256 else []
+        changed += sorted(
+            loc for loc, digest in ext.items()
+            if loc in sidecar.external_data_sha256 and digest != sidecar.external_data_sha256[loc]
+        )
+        if changed:
+            raise ArtifactError(
+                f"{name} is stale: {', '.join(changed)} changed since the plan was built "
+                f"({sidecar.created}); rebuild with {cmd}"
+            )
+    elif check_source and onnx_path is not None:
+        raise ArtifactError(f"model file {str(source)!r} does not exist")
+    built_cc, here_cc = sidecar.compute_capability_tuple, _compute_capability(
+        runtime.compute_capability
+    )
+    if built_cc != here_cc or sidecar.gpu_name != runtime.gpu_name:
+        raise ArtifactError(
+            f"{name} was built for GPU {sidecar.gpu_name!r} (compute "
+            f"{sidecar.compute_capability}) but this is {runtime.gpu_name!r} (compute "
+            f"{runtime.compute_capability}); plans are tied to the GPU: rebuild with {cmd}"
+        )
+    problem = tensorrt_version_problem(
+        sidecar.tensorrt_version, runtime.tensorrt_version, sidecar.version_compatible,
+        sidecar.exclude_lean_runtime, runtime.lean,
+    )
+    if problem is not None:
+        extra = "" if wanted.version_compatible else (
+            " (a plan built with --version-compatible also runs on later TensorRT versions)")
+        raise ArtifactError(f"{name} {problem}: rebuild with {cmd}{extra}")
+
+
+def new_sidecar(**fields: Any) -> PlanSidecar:
+    """A PlanSidecar stamped with the current UTC time and this fewstep's version."""
+    from . import __version__
+
+    fields.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    fields.setdefault("fewstep_version", __version__)
+    return PlanSidecar(**fields)
+
+
+# ---------------------------------------------------------------------------------
+# Timing cache files and locked, atomic writes
+# ---------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """``$FEWSTEP_CACHE_DIR``, else ``$XDG_CACHE_HOME/fewstep``, else ``~/.cache/fewstep``."""
+    env = os.environ.get("FEWSTEP_CACHE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "fewstep"
+
+
+def gpu_slug(gpu_name: str) -> str:
+    """``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia-h100-80gb-hbm3"``."""
+    return re.sub(r"[^a-z0-9]+", "-", gpu_name.lower()).strip("-") or "gpu"
+
+
+def timing_cache_key(gpu_name: str, compute_capability: str, tensorrt_version: str) -> str:
+    major, minor = _compute_capability(compute_capability)
+    trt = format_version(parse_version(tensorrt_version))
+    return f"timing-{gpu_slug(gpu_name)}-cc{major}{minor}-trt{trt}.cache"
+
+
+def timing_cache_path(
+    gpu_name: str, compute_capability: str, tensorrt_version: str,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> Path:
+    """``<cache dir>/timing-<gpu slug>-cc<major><minor>-trt<version>.cache``."""
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return folder / timing_cache_key(gpu_name, compute_capability, tensorrt_version)
+
+
+def lock_path(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    return p.with_name(f".{p.name}.lock")
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """An exclusive advisory lock (fcntl.flock) on ``.<name>.lock`` beside ``path``.
+
+    Held across a read-modify-write so that two processes (two ``fewstep build`` runs)
+    never interleave their writes of the same timing cache or plan + sidecar pair. The
+    lock file stays behind (deleting it would race with a waiting process).
+    """
+    lp = lock_path(path)
+    fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if _fcntl is not None:
+            _fcntl.flock(fd, _fcntl.LOCK_EX)
+        yield
+    finally:
+        if _fcntl is not None:
+            _fcntl.flock(fd, _fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def locked_update(path: str | os.PathLike[str], update: Callable[[bytes | None], bytes]) -> bytes:
+    """Read ``path`` (None when absent), write ``update(old)`` atomically, under a file lock.
+
+    The byte-level writer behind the timing cache: ``update`` merges what another
+    process may have written since this one read the file.
+    """
+    target = Path(path)
+    with file_lock(target):
+        old = target.read_bytes() if target.is_file() else None
+        new = update(old)
+        fileio.write_bytes(target, new)
+        return new
