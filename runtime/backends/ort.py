@@ -1,0 +1,597 @@
+"""ONNX Runtime backend: ``ort-cpu``, ``ort-cuda`` and ``ort-tensorrt``.
+
+Opening a graph reads its ModelMeta (``artifact.read_onnx_meta``), creates an
+``InferenceSession`` and then checks the session against the metadata: input and
+output names, dtypes (float32 everywhere, int64 ``label``, uint8 ``image``) and every
+non-batch dimension. A disagreement is an ``ArtifactError``, never a guess.
+
+CPU (``ort-cpu``): graph optimisation level ALL, ``intra_op_num_threads`` =
+``os.cpu_count()`` unless ``threads=`` says otherwise; ``run_loop`` is the host loop.
+
+CUDA (``ort-cuda``, the fast path of DESIGN rule 5): IO binding. For every batch size
+the graph sees, its inputs and its output live in device ``OrtValue`` buffers that
+are allocated once and reused; host arrays are copied in with
+``OrtValue.update_inplace``. A step graph's ``run_loop`` ping-pongs x between two
+device buffers (the output of step i is bound as the input x of step i+1), copies
+only the small per-step inputs (t, a_t, a_prev, and the noise when given per step),
+and brings only the final x back. CUDA graphs (provider option
+``enable_cuda_graph``) replay every (batch size, ping-pong direction) binding from
+its own captured graph, told apart by the run option ``gpu_graph_id`` (ONNX Runtime
+>= 1.18; older versions capture one graph per session, so they run without). If a
+session cannot use CUDA graphs (some node not on the CUDA EP, or capture fails) the
+graph warns once and runs without them; ``cuda_graph=False`` turns them off.
+
+TensorRT (``ort-tensorrt``): engine and timing caches in ``cache_dir`` (default
+``<model folder>/.fewstep-cache/ort-trt/``), an optimisation profile for batch sizes
+1..``max_batch``, fp16 only when the graph is fp32 and ``fp16=True`` is asked (an fp16
+export already carries its precision). IO binding as for CUDA, without CUDA graphs
+(the TensorRT EP keeps one graph per session, no ``gpu_graph_id``).
+
+Jetson (``jetson.is_jetson()``): the GPU shares the board's memory with the CPU, so
+the CUDA arena grows by exactly what is requested (``arena_extend_strategy`` =
+``kSameAsRequested``, not the default power-of-two growth that can claim twice the
+need) and is capped at half the physical memory unless ``gpu_mem_limit=`` is given
+(ONNX Runtime's arena never returns memory, and the CPU side needs the rest);
+cuDNN picks convolution algorithms heuristically instead of the exhaustive search,
+whose workspace trials are slow there and allocate large temporary buffers.
+
+Thread safety: ``InferenceSession.run`` is thread-safe; the device buffers, bindings
+and CUDA graphs are not, so each graph serialises its bound runs with a lock.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+
+from .. import jetson
+from ..artifact import read_onnx_meta
+from ..errors import ArtifactError, BackendUnavailable
+from ..meta import ModelMeta
+from . import Array, Feeds, host_loop
+
+PROVIDERS: Final = {
+    "ort-cpu": "CPUExecutionProvider",
+    "ort-cuda": "CUDAExecutionProvider",
+    "ort-tensorrt": "TensorrtExecutionProvider",
+}
+OPTIONS: Final = {
+    "ort-cpu": ("threads", "io_binding"),
+    "ort-cuda": ("device_id", "cuda_graph", "gpu_mem_limit", "threads", "io_binding"),
+    "ort-tensorrt": ("device_id", "fp16", "cache_dir", "workspace_size", "max_batch",
+                     "opt_batch", "gpu_mem_limit", "threads", "io_binding"),
+}
+CUDA_GRAPH_IDS_SINCE: Final = (1, 18)  # the run option "gpu_graph_id"
+DEFAULT_TRT_MAX_BATCH: Final = 16
+ORT_TYPES: Final = {"tensor(float)": np.float32, "tensor(int64)": np.int64,
+                    "tensor(uint8)": np.uint8}
+
+
+def _import_ort() -> Any:
+    import onnxruntime
+
+    return onnxruntime
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def _tensorrt_libs_present() -> bool:
+    import ctypes.util
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt_libs") or importlib.util.find_spec("tensorrt"):
+        return True
+    return ctypes.util.find_library("nvinfer") is not None
+
+
+def unavailable_reason(name: str) -> str | None:
+    """None when backend ``name`` can run here, else why not and what to install."""
+    if name not in PROVIDERS:
+        return f"{name!r} is not an ONNX Runtime backend; use one of {', '.join(PROVIDERS)}"
+    try:
+        ort = _import_ort()
+    except ImportError as e:
+        return (f"onnxruntime cannot be imported ({e}); pip install onnxruntime "
+                "(CPU) or onnxruntime-gpu (NVIDIA; on Jetson the JetPack wheel)")
+    available = list(ort.get_available_providers())
+    provider = PROVIDERS[name]
+    tensorrt_hint = ("; the TensorRT EP also needs the TensorRT libraries (libnvinfer, "
+                     "e.g. pip install tensorrt, or JetPack's) on the library path")
+    if provider not in available:
+        hint = ("install onnxruntime-gpu (on Jetson: the onnxruntime-gpu wheel built for "
+                "your JetPack) with matching CUDA and cuDNN libraries")
+        return (f"onnxruntime {ort.__version__} has no {provider} (it has "
+                f"{', '.join(available)}); {hint}"
+                + (tensorrt_hint if name == "ort-tensorrt" else ""))
+    if name == "ort-tensorrt" and not _tensorrt_libs_present():
+        return f"{provider} is built in, but no TensorRT library was found" + tensorrt_hint
+    return None
+
+
+# ---------------------------------------------------------------------------------
+# What the metadata says each input and output must look like
+# ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: type[np.generic]
+    dims: tuple[int, ...]  # without the batch axis
+
+    def describe(self) -> str:
+        dims = ", ".join(["B", *map(str, self.dims)])
+        return f"{np.dtype(self.dtype).name} ({dims})"
+
+
+def io_specs(meta: ModelMeta) -> tuple[dict[str, TensorSpec], TensorSpec]:
+    """(inputs by name, the output) that a graph with this metadata must have."""
+    g = meta.graph
+    chw = meta.image_shape
+    dims: dict[str, tuple[int, ...]] = {"x": chw}
+    if g.kind == "step":
+        dims["noise"] = chw
+    elif g.kind == "sampler":
+        dims["noise"] = (g.steps, *chw)
+    inputs = {
+        name: TensorSpec(name, np.int64 if name == "label" else np.float32, dims.get(name, ()))
+        for name in g.inputs
+    }
+    out_name = g.outputs[0]
+    if out_name == "image":
+        output = TensorSpec(out_name, np.uint8, (meta.height, meta.width, meta.channels))
+    else:
+        output = TensorSpec(out_name, np.float32, chw)
+    return inputs, output
+
+
+def _ort_shape(shape: Sequence[Any]) -> str:
+    return "(" + ", ".join("?" if not isinstance(d, int) else str(d) for d in shape) + ")"
+
+
+def verify_session(session: Any, meta: ModelMeta, path: str) -> None:
+    """ArtifactError unless the session's inputs/outputs are what the metadata says."""
+    ins, out = io_specs(meta)
+    fix = "re-export it with `fewstep export` (the file was edited or made by another tool)"
+    got_in = [i.name for i in session.get_inputs()]
+    got_out = [o.name for o in session.get_outputs()]
+    if sorted(got_in) != sorted(ins):
+        raise ArtifactError(
+            f"{path}: metadata says inputs {list(meta.graph.inputs)} but the graph has "
+            f"{got_in}; {fix}"
+        )
+    if got_out != [out.name]:
+        raise ArtifactError(
+            f"{path}: metadata says outputs {list(meta.graph.outputs)} but the graph has "
+            f"{got_out}; {fix}"
+        )
+    for arg in [*session.get_inputs(), *session.get_outputs()]:
+        spec = ins.get(arg.name, out)
+        dtype = ORT_TYPES.get(arg.type)
+        shape = list(arg.shape)
+        bad = (
+            dtype is not spec.dtype
+            or len(shape) != 1 + len(spec.dims)
+            or isinstance(shape[0], int)
+            or any(isinstance(d, int) and d != e
+                   for d, e in zip(shape[1:], spec.dims, strict=False))
+        )
+        if bad:
+            raise ArtifactError(
+                f"{path}: metadata says {arg.name!r} is {spec.describe()} (batch dynamic) but "
+                f"the graph has {arg.type} {_ort_shape(shape)}; {fix}"
+            )
+
+
+# ---------------------------------------------------------------------------------
+# Options
+# ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OrtConfig:
+    """Resolved options of one graph (see the module docstring)."""
+
+    backend: str
+    threads: int | None = None
+    io_binding: bool = False
+    device_id: int = 0
+    cuda_graph: bool = False
+    gpu_mem_limit: int | None = None
+    fp16: bool = False
+    cache_dir: str = ""
+    workspace_size: int | None = None
+    max_batch: int | None = None
+    opt_batch: int | None = None
+    jetson: bool = False
+
+
+def _int_option(name: str, value: Any, low: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{name}={value!r} must be a whole number >= {low}")
+    return int(value)
+
+
+def _bool_option(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be True or False")
+    return value
+
+
+def make_config(name: str, path: str, options: Mapping[str, Any],
+                on_jetson: bool | None = None) -> OrtConfig:
+    """Validate ``options`` for backend ``name`` and fill in the defaults."""
+    unknown = sorted(set(options) - set(OPTIONS[name]))
+    if unknown:
+        raise ValueError(
+            f"option(s) {', '.join(unknown)} not supported by backend {name!r}; "
+            f"use {', '.join(OPTIONS[name])}"
+        )
+    o = dict(options)
+    on_jetson = jetson.is_jetson() if on_jetson is None else on_jetson
+    gpu = name != "ort-cpu"
+    threads = o.get("threads")
+    if threads is None and not gpu:
+        threads = os.cpu_count() or 1
+    limit = o.get("gpu_mem_limit")
+    if limit is None and gpu and on_jetson:
+        total = jetson.physical_memory_bytes()
+        limit = total // 2 if total else None
+    max_batch = opt_batch = None
+    cache_dir = ""
+    if name == "ort-tensorrt":
+        max_batch = _int_option("max_batch", o.get("max_batch", DEFAULT_TRT_MAX_BATCH), 1)
+        opt_batch = _int_option("opt_batch", o.get("opt_batch", max_batch), 1)
+        if opt_batch > max_batch:
+            raise ValueError(f"opt_batch={opt_batch} exceeds max_batch={max_batch}; "
+                             "pass opt_batch <= max_batch")
+        cache_dir = str(o.get("cache_dir") or Path(path).parent / ".fewstep-cache" / "ort-trt")
+    return OrtConfig(
+        backend=name,
+        threads=None if threads is None else _int_option("threads", threads, 1),
+        io_binding=_bool_option("io_binding", o.get("io_binding", gpu)),
+        device_id=_int_option("device_id", o.get("device_id", 0)),
+        cuda_graph=name == "ort-cuda" and _bool_option("cuda_graph", o.get("cuda_graph", True)),
+        gpu_mem_limit=None if limit is None else _int_option("gpu_mem_limit", limit, 1),
+        fp16=_bool_option("fp16", o.get("fp16", False)),
+        cache_dir=cache_dir,
+        workspace_size=(None if o.get("workspace_size") is None
+                        else _int_option("workspace_size", o["workspace_size"], 1)),
+        max_batch=max_batch,
+        opt_batch=opt_batch,
+        jetson=on_jetson,
+    )
+
+
+def cuda_provider_options(config: OrtConfig, cuda_graph: bool) -> dict[str, str]:
+    """CUDAExecutionProvider options (documented names; all values as strings)."""
+    opts = {"device_id": str(config.device_id)}
+    if cuda_graph:
+        opts["enable_cuda_graph"] = "1"
+    if config.jetson:
+        opts["arena_extend_strategy"] = "kSameAsRequested"
+        opts["cudnn_conv_algo_search"] = "HEURISTIC"
+    if config.gpu_mem_limit is not None:
+        opts["gpu_mem_limit"] = str(config.gpu_mem_limit)
+    return opts
+
+
+def _profile(meta: ModelMeta, batch: int) -> str:
+    ins, _ = io_specs(meta)
+    return ",".join(f"{n}:" + "x".join(map(str, (batch, *s.dims))) for n, s in ins.items())
+
+
+def tensorrt_provider_options(meta: ModelMeta, config: OrtConfig) -> dict[str, str]:
+    """TensorrtExecutionProvider options: caches, workspace, fp16, batch profile."""
+    assert config.max_batch is not None and config.opt_batch is not None
+    opts = {
+        "device_id": str(config.device_id),
+        "trt_engine_cache_enable": "1",
+        "trt_engine_cache_path": config.cache_dir,
+        "trt_timing_cache_enable": "1",
+        "trt_timing_cache_path": config.cache_dir,
+        # Explicit profile for every (dynamic-batch) input: min 1, opt, max.
+        "trt_profile_min_shapes": _profile(meta, 1),
+        "trt_profile_opt_shapes": _profile(meta, config.opt_batch),
+        "trt_profile_max_shapes": _profile(meta, config.max_batch),
+    }
+    if config.fp16 and meta.graph.precision == "fp32":
+        opts["trt_fp16_enable"] = "1"
+    if config.workspace_size is not None:
+        opts["trt_max_workspace_size"] = str(config.workspace_size)
+    return opts
+
+
+def providers_for(meta: ModelMeta, config: OrtConfig,
+                  cuda_graph: bool) -> list[tuple[str, dict[str, str]]]:
+    """The ``providers=`` list of the InferenceSession, in priority order."""
+    cpu: tuple[str, dict[str, str]] = ("CPUExecutionProvider", {})
+    if config.backend == "ort-cpu":
+        return [cpu]
+    cuda = ("CUDAExecutionProvider", cuda_provider_options(config, cuda_graph))
+    if config.backend == "ort-cuda":
+        return [cuda, cpu]
+    return [("TensorrtExecutionProvider", tensorrt_provider_options(meta, config)), cuda, cpu]
+
+
+# ---------------------------------------------------------------------------------
+# The graph
+# ---------------------------------------------------------------------------------
+
+
+class _CaptureFailed(Exception):
+    """A bound run failed with CUDA graphs on; retry without them."""
+
+
+@dataclass
+class _Buffers:
+    """Device buffers of one batch size, and their bindings (two for a step graph)."""
+
+    values: dict[str, Any]          # input name -> OrtValue
+    out: Any                        # OrtValue of the output
+    bound: list[tuple[Any, Any]]    # [(IOBinding, RunOptions)]: x→out, and out→x
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+class OrtGraph:
+    """One ONNX file in an ONNX Runtime session; see the module docstring."""
+
+    def __init__(self, path: str, meta: ModelMeta, config: OrtConfig) -> None:
+        self.path = path
+        self.meta = meta
+        self.backend = config.backend
+        self.config = config
+        self.max_batch: int | None = config.max_batch
+        self.inputs, self.output = io_specs(meta)
+        self._lock = threading.Lock()
+        self._buffers: dict[int, _Buffers] = {}
+        self._next_graph_id = 1
+        self._device = "cpu" if config.backend == "ort-cpu" else "cuda"
+        self.cuda_graph = config.cuda_graph and self._cuda_graphs_supported()
+        self._session = self._open_session()
+
+    def __repr__(self) -> str:
+        return f"OrtGraph({self.meta.graph.kind}, {self.path!r}, {self.backend})"
+
+    # -- session --------------------------------------------------------------------
+
+    def _cuda_graphs_supported(self) -> bool:
+        version = _import_ort().__version__
+        if _version(version) < CUDA_GRAPH_IDS_SINCE:
+            warnings.warn(
+                f"onnxruntime {version} captures one CUDA graph per session (gpu_graph_id "
+                f"needs >= 1.18); running {Path(self.path).name} without CUDA graphs",
+                stacklevel=3,
+            )
+            return False
+        return True
+
+    def _new_session(self, cuda_graph: bool) -> Any:
+        ort = _import_ort()
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3  # errors only; fewstep reports what matters itself
+        if self.config.threads is not None:
+            so.intra_op_num_threads = self.config.threads
+        providers = providers_for(self.meta, self.config, cuda_graph)
+        if self.config.backend == "ort-tensorrt":
+            try:
+                Path(self.config.cache_dir).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ValueError(
+                    f"cannot create the TensorRT cache folder {self.config.cache_dir!r} "
+                    f"({e.strerror}); pass cache_dir= a writable folder"
+                ) from None
+        return ort.InferenceSession(self.path, sess_options=so, providers=providers)
+
+    def _open_session(self) -> Any:
+        try:
+            session = self._new_session(self.cuda_graph)
+        except ValueError:
+            raise
+        except Exception as e:  # onnxruntime's exceptions derive from Exception only
+            if not self.cuda_graph:
+                gpu = "" if self.backend == "ort-cpu" else (
+                    f" (if --backend ort-cpu loads it, {PROVIDERS[self.backend]} itself failed: "
+                    "check the CUDA/cuDNN/TensorRT installation)")
+                raise ArtifactError(
+                    f"onnxruntime cannot load {self.path!r} ({_first_line(e)}); the file is "
+                    "damaged or uses operators this onnxruntime lacks: re-export it or "
+                    f"upgrade onnxruntime{gpu}"
+                ) from None
+            self._warn_no_cuda_graph(e)
+            return self._open_session()
+        wanted = PROVIDERS[self.backend]
+        active = list(session.get_providers())
+        if wanted not in active:
+            raise BackendUnavailable(
+                f"onnxruntime could not start {wanted} for {self.path!r} (it fell back to "
+                f"{', '.join(active)}); check the CUDA/cuDNN"
+                + ("/TensorRT" if self.backend == "ort-tensorrt" else "")
+                + " libraries, or pass --backend ort-cpu"
+            )
+        verify_session(session, self.meta, self.path)
+        return session
+
+    def _warn_no_cuda_graph(self, e: BaseException) -> None:
+        warnings.warn(
+            f"CUDA graphs unavailable for {Path(self.path).name} ({_first_line(e)}); "
+            "running without them", stacklevel=4,
+        )
+        self.cuda_graph = False
+        self._buffers.clear()
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self._session.get_providers())
+
+    def describe(self) -> dict[str, Any]:
+        return {"providers": self.providers, "io_binding": self.config.io_binding,
+                "cuda_graph": self.cuda_graph, "threads": self.config.threads,
+                "max_batch": self.max_batch}
+
+    # -- feeds ----------------------------------------------------------------------
+
+    def _cast(self, name: str, value: Any, batch: int | None) -> Array:
+        spec = self.inputs[name]
+        arr = np.ascontiguousarray(value, dtype=spec.dtype)
+        if arr.ndim != 1 + len(spec.dims) or arr.shape[1:] != spec.dims or (
+            batch is not None and arr.shape[0] != batch
+        ):
+            want = ", ".join([str(batch) if batch is not None else "B", *map(str, spec.dims)])
+            raise ValueError(
+                f"input {name!r} has shape {tuple(arr.shape)}; {Path(self.path).name} takes "
+                f"({want})"
+            )
+        return arr
+
+    def _feeds(self, feeds: Feeds, names: Sequence[str], batch: int | None) -> dict[str, Array]:
+        if set(feeds) != set(names):
+            raise ValueError(
+                f"feeds {sorted(feeds)} do not match {Path(self.path).name}; pass exactly "
+                f"{sorted(names)}"
+            )
+        return {name: self._cast(name, value, batch) for name, value in feeds.items()}
+
+    # -- running --------------------------------------------------------------------
+
+    def run(self, feeds: Feeds) -> Array:
+        if "x" not in feeds:
+            raise ValueError(f"feeds {sorted(feeds)} lack 'x'; pass {list(self.meta.graph.inputs)}")
+        batch = int(np.shape(feeds["x"])[0]) if np.ndim(feeds["x"]) else None
+        arrays = self._feeds(feeds, list(self.inputs), batch)
+        if not self.config.io_binding:
+            out: Array = self._session.run([self.output.name], arrays)[0]
+            return out
+        assert batch is not None
+        with self._lock:
+            try:
+                return self._bound_run(batch, arrays)
+            except _CaptureFailed:
+                return self._bound_run(batch, arrays)
+
+    def run_loop(self, x: Array, fixed: Feeds, per_step: Sequence[Feeds]) -> Array:
+        if self.meta.graph.kind != "step":
+            raise ValueError(
+                f"run_loop needs a step graph; {Path(self.path).name} is a "
+                f"{self.meta.graph.kind} graph"
+            )
+        if not per_step:  # nothing to run: x is the result
+            return np.array(self._cast("x", x, None), copy=True)
+        step_names = set(per_step[0])
+        if any(set(f) != step_names for f in per_step) or step_names & set(fixed) or (
+            "x" in step_names | set(fixed)
+        ) or step_names | set(fixed) | {"x"} != set(self.inputs):
+            raise ValueError(
+                f"run_loop feeds: fixed {sorted(fixed)} and per-step {sorted(step_names)} must "
+                f"split {sorted(set(self.inputs) - {'x'})} between them, the same keys each step"
+            )
+        x0 = self._cast("x", x, None)
+        batch = x0.shape[0]
+        if not self.config.io_binding:
+            return host_loop(self, x0, fixed, per_step)
+        fixed_arrays = {n: self._cast(n, v, batch) for n, v in fixed.items()}
+        steps = [{n: self._cast(n, v, batch) for n, v in f.items()} for f in per_step]
+        with self._lock:
+            try:
+                return self._bound_loop(x0, fixed_arrays, steps)
+            except _CaptureFailed:
+                return self._bound_loop(x0, fixed_arrays, steps)
+
+    # -- IO binding (device-resident buffers) -----------------------------------------
+
+    def _allocate(self, batch: int) -> _Buffers:
+        buffers = self._buffers.get(batch)
+        if buffers is not None:
+            return buffers
+        ort = _import_ort()
+
+        def value(spec: TensorSpec) -> Any:
+            return ort.OrtValue.ortvalue_from_shape_and_type(
+                [batch, *spec.dims], spec.dtype, self._device, self.config.device_id
+            )
+
+        values = {name: value(spec) for name, spec in self.inputs.items()}
+        out = value(self.output)
+        directions = 2 if self.meta.graph.kind == "step" else 1
+        bound = []
+        for parity in range(directions):
+            binding = self._session.io_binding()
+            for name, v in values.items():
+                binding.bind_ortvalue_input(name, out if (parity and name == "x") else v)
+            binding.bind_ortvalue_output(self.output.name, values["x"] if parity else out)
+            options = ort.RunOptions()
+            if self.cuda_graph:
+                # One captured CUDA graph per (batch size, direction): the addresses a
+                # graph replays must be the ones it was captured with.
+                options.add_run_config_entry("gpu_graph_id", str(self._next_graph_id))
+                self._next_graph_id += 1
+            bound.append((binding, options))
+        buffers = _Buffers(values, out, bound)
+        self._buffers[batch] = buffers
+        return buffers
+
+    def _launch(self, buffers: _Buffers, parity: int) -> None:
+        binding, options = buffers.bound[parity]
+        try:
+            self._session.run_with_iobinding(binding, options)
+        except Exception as e:
+            if not self.cuda_graph:
+                raise
+            self._warn_no_cuda_graph(e)
+            self._session = self._open_session()
+            raise _CaptureFailed from e
+
+    def _host(self, value: Any) -> Array:
+        out = value.numpy()
+        # A CPU OrtValue's numpy() shares its memory, which the next run overwrites.
+        return np.array(out, copy=True) if self._device == "cpu" else np.asarray(out)
+
+    def _bound_run(self, batch: int, arrays: Mapping[str, Array]) -> Array:
+        buffers = self._allocate(batch)
+        for name, arr in arrays.items():
+            buffers.values[name].update_inplace(arr)
+        self._launch(buffers, 0)
+        return self._host(buffers.out)
+
+    def _bound_loop(self, x: Array, fixed: Mapping[str, Array],
+                    steps: Sequence[Mapping[str, Array]]) -> Array:
+        buffers = self._allocate(x.shape[0])
+        buffers.values["x"].update_inplace(x)
+        for name, arr in fixed.items():
+            buffers.values[name].update_inplace(arr)
+        parity = 0
+        for feeds in steps:
+            for name, arr in feeds.items():
+                buffers.values[name].update_inplace(arr)
+            self._launch(buffers, parity)
+            parity ^= 1
+        # After an odd number of steps x is in the output buffer, else back in "x".
+        return self._host(buffers.out if parity else buffers.values["x"])
+
+
+def open_graph(path: str, name: str, **options: Any) -> OrtGraph:
+    """Open ``path`` with ONNX Runtime backend ``name`` (ort-cpu, ort-cuda, ort-tensorrt)."""
+    if name not in PROVIDERS:
+        raise ValueError(f"backend={name!r} is not an ONNX Runtime backend; use one of "
+                         f"{', '.join(PROVIDERS)}")
+    config = make_config(name, str(path), options)
+    meta = read_onnx_meta(path)
+    return OrtGraph(str(path), meta, config)

@@ -1,0 +1,200 @@
+"""Describe a model, the backends that can run it here, and the device.
+
+Prints the model's metadata (prediction type, schedule, image shape, classes,
+precision, source hash, training highlights, distilled steps), every graph of the
+artifact (kind, precision, baked steps, size on disk), which backends are usable
+and why not, and the device: ONNX Runtime providers, the GPU (nvidia-smi, when
+present) and on a Jetson the board, L4T release, power mode and clocks. Reads the
+files' metadata only: no session is created. --json for machine-readable output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from . import artifact, clitools
+from .errors import ArtifactError
+from .meta import ModelMeta
+
+TRAIN_HIGHLIGHTS = ("data", "preset", "image_size", "steps", "batch_size", "lr",
+                    "ema_decay", "cfg_dropout", "seed")
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    p = clitools.parser(prog, __doc__)
+    p.add_argument("path", nargs="?", type=Path, default=None,
+                   help="model.onnx, a .plan or an .oracle.json (default: the shipped model)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def _plan_meta(path: Path) -> ModelMeta:
+    from .plan import load_sidecar  # pure Python: reads the .plan.json sidecar
+
+    return load_sidecar(path).meta
+
+
+def read_meta(path: Path) -> ModelMeta:
+    """The ModelMeta of any fewstep graph file, read without creating a session."""
+    name = path.name
+    if not path.is_file():
+        raise ArtifactError(f"model file {str(path)!r} does not exist; pass a model.onnx path")
+    if name.endswith(".oracle.json"):
+        from .backends.oracle import read_oracle_file
+
+        return read_oracle_file(path)[0]
+    if name.endswith(".plan"):
+        return _plan_meta(path)
+    return artifact.read_onnx_meta(path)
+
+
+def _ext(path: Path) -> str:
+    name = path.name
+    return ".oracle.json" if name.endswith(".oracle.json") else (
+        ".plan" if name.endswith(".plan") else ".onnx")
+
+
+def graphs_of(path: Path) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Every graph file of the artifact with its summary, and the shared data files."""
+    from .pipeline import graph_summary
+
+    rows: list[dict[str, Any]] = []
+    shared: dict[str, int] = {}
+    for file in artifact.siblings(path, _ext(path)):
+        row: dict[str, Any] = {"file": file.name, "size_bytes": file.stat().st_size}
+        try:
+            row.update(graph_summary(read_meta(file)))
+        except ArtifactError as e:
+            row["error"] = str(e)
+        if file.suffix == ".onnx":
+            try:
+                for loc in artifact.read_onnx_header(file).external_data:
+                    data = file.parent / loc
+                    shared[loc] = data.stat().st_size if data.is_file() else -1
+            except ArtifactError:
+                pass
+        rows.append(row)
+    return rows, shared
+
+
+def device_info() -> dict[str, Any]:
+    """ONNX Runtime version and providers, the GPU (nvidia-smi), the Jetson board."""
+    from . import jetson
+
+    d: dict[str, Any] = {}
+    try:
+        import onnxruntime as ort
+
+        d["onnxruntime"] = ort.__version__
+        d["providers"] = list(ort.get_available_providers())
+    except ImportError as e:
+        d["onnxruntime"] = None
+        d["providers"] = []
+        d["onnxruntime_error"] = str(e)
+    smi = jetson.run_command(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                              "--format=csv,noheader"])
+    d["gpus"] = [line.strip() for line in smi.splitlines() if line.strip()] if smi else []
+    board = jetson.detect()
+    d["jetson"] = board.to_dict() if board else None
+    return d
+
+
+def collect(path: Path | None) -> dict[str, Any]:
+    from . import backends
+    from .pipeline import default_model_path, meta_summary
+
+    p = path if path is not None else default_model_path()
+    meta = read_meta(p)
+    rows, shared = graphs_of(p)
+    config = meta.train_config
+    return {
+        "path": str(p),
+        "model": {**meta_summary(meta), "precision": meta.graph.precision,
+                  "train_config": {k: config[k] for k in TRAIN_HIGHLIGHTS if k in config}},
+        "graphs": rows,
+        "shared_files": shared,
+        "backends": backends.availability(),
+        "device": device_info(),
+    }
+
+
+def _size(n: int) -> str:
+    if n < 0:
+        return "MISSING"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def render(info: dict[str, Any]) -> str:
+    m = info["model"]
+    s = m["schedule"]
+    c, h, w = m["image_shape"]
+    names = ", ".join(f"{i}={n}" for i, n in enumerate(m["class_names"]))
+    classes = (f"{m['num_classes']} ({names})" if names else str(m["num_classes"])) \
+        if m["num_classes"] else "unconditional"
+    lines = [
+        f"model        {info['path']}",
+        f"prediction   {m['prediction_type']}",
+        f"schedule     {s['beta_schedule']}, T={s['num_train_timesteps']}, "
+        f"beta {s['beta_start']:g}..{s['beta_end']:g}"
+        + (", zero terminal SNR" if s["rescale_zero_terminal_snr"] else "")
+        + f", clip {s['clip_sample_range']}",
+        f"image        {c}x{h}x{w} (C x H x W)",
+        f"classes      {classes}",
+        f"precision    {m['precision']}",
+        "distilled    " + (f"{', '.join(map(str, m['distilled_steps']))} steps "
+                            f"({m['distilled_spacing']})" if m["distilled_steps"] else "no"),
+        f"source       {m['source_hash'] or '-'} (fewstep {m['fewstep_version'] or '?'})",
+    ]
+    if m["train_config"]:
+        lines.append("training     " + ", ".join(f"{k}={v}" for k, v in m["train_config"].items()))
+    lines += ["", "graphs"]
+    for row in info["graphs"]:
+        if "error" in row:
+            lines.append(f"  {row['file']:<32} unreadable: {row['error']}")
+            continue
+        detail = ""
+        if row["kind"] == "sampler":
+            detail = (f" steps={row['steps']} spacing={row['spacing']} eta={row['eta']:g} "
+                      f"-> {row['output_format']}")
+        guidance = " +guidance" if row["guidance"] else ""
+        lines.append(f"  {row['file']:<32} {row['kind']:<9} {row['precision']}{guidance}{detail}"
+                     f"  {_size(row['size_bytes'])}")
+    for loc, size in info["shared_files"].items():
+        lines.append(f"  {loc:<32} weights   {_size(size)}")
+    lines += ["", "backends"]
+    for name, reason in info["backends"].items():
+        lines.append(f"  {name:<13} " + ("available" if reason is None else f"no: {reason}"))
+    d = info["device"]
+    lines += ["", "device"]
+    lines.append(f"  onnxruntime  {d['onnxruntime'] or 'not installed'}"
+                 + (f" ({', '.join(d['providers'])})" if d["providers"] else ""))
+    gpus = "; ".join(d["gpus"]) if d["gpus"] else "none found (nvidia-smi)"
+    lines.append(f"  GPU          {gpus}")
+    if d["jetson"]:
+        j = d["jetson"]
+        lines.append(f"  Jetson       {j['model']}, L4T {j['l4t_release'] or '?'}")
+        lines.append(f"  power mode   {j['power_mode'] or 'unknown (nvpmodel -q failed)'}")
+        lines.append(f"  clocks       {j['clocks'] or 'unknown (jetson_clocks --show needs root)'}")
+    return "\n".join(lines)
+
+
+def body(args: argparse.Namespace) -> int:
+    info = collect(args.path)
+    if args.json:
+        json.dump(info, sys.stdout, indent=2, sort_keys=True)
+        print()
+    else:
+        print(render(info))
+    return 0
+
+
+main = clitools.main_of(build_parser, body)
