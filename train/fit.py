@@ -190,8 +190,9 @@ def _collate(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-            e.lerp_(p.detach(), 1 - decay)
+        torch._foreach_lerp_(
+            list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay
+        )
         for e, p in zip(ema.buffers(), model.buffers(), strict=True):
             e.copy_(p)
 
@@ -317,7 +318,8 @@ class Trainer:
         )
         batches = iter(loader)
         bar = self._progress(start)
-        t_last, imgs_since = time.perf_counter(), 0
+        t_start = t_last = time.perf_counter()
+        imgs_since = 0
         with _StopOnInterrupt(self._log) as stop:
             try:
                 for step in range(start, c.steps):
@@ -354,6 +356,12 @@ class Trainer:
             finally:
                 if bar is not None:
                     bar.close()
+        if self.main:
+            seconds = time.perf_counter() - t_start
+            n = (o.stop_after or c.steps) - start
+            rate = n / max(seconds, 1e-9)
+            self._log(f"trained {n} steps in {seconds:.1f} s ({rate:.2f} steps/s, batch "
+                      f"{c.batch_size * c.grad_accum * o.world_size}); checkpoint: {path}")
         return path
 
     def _train_step(self, model: torch.nn.Module, optim: torch.optim.Optimizer,
