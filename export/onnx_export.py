@@ -145,6 +145,13 @@ def trace(module: torch.nn.Module, meta: ModelMeta, opset: int) -> onnx.ModelPro
     if actual != list(meta.graph.inputs):
         raise RuntimeError(f"exported inputs {actual} differ from {list(meta.graph.inputs)}")
     model.producer_name = "fewstep"
+    # The exporter annotates every node with its torch stack and module path: useful for
+    # debugging the exporter, 85 % of the file size for us.
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    for value in model.graph.value_info:
+        del value.metadata_props[:]
     onnx.helper.set_model_props(model, {META_KEY: meta.to_json()})
     return model
 

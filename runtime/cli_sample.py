@@ -54,7 +54,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=clitools.positive_int, default=None,
                    help="images per graph call (default: 16, or the graph's limit)")
     p.add_argument("--nrow", type=clitools.positive_int, default=None,
-                   help="images per grid row (default: a square grid)")
+                   help="images per grid row (default: one column per class when the labels "
+                        "cycle through the classes, else a square grid)")
     p.add_argument("--scale", type=clitools.positive_int, default=4,
                    help="enlarge the grid this many times (nearest neighbour)")
     p.add_argument("--out", type=Path, required=True, help="the PNG grid to write")
@@ -115,7 +116,11 @@ def body(args: argparse.Namespace) -> int:
     assert info is not None
     print(f"{info.n} images, {info.steps} steps ({info.spacing}, eta={info.eta:g}) via the "
           f"{info.path} path: {info.graph} [{info.backend}], {info.seconds:.2f} s", file=err)
-    Pipeline.save_grid(images, target, nrow=args.nrow, scale=args.scale)
+    nrow = args.nrow
+    k = pipe.meta.num_classes
+    if nrow is None and args.labels is None and 1 < k <= args.n:
+        nrow = k  # labels cycle, so every column is one class
+    Pipeline.save_grid(images, target, nrow=nrow, scale=args.scale)
     print(target)
     return 0
 

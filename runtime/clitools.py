@@ -7,7 +7,9 @@ mistake prints one ``error:`` line and no traceback unless ``--debug`` is given.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
@@ -39,9 +41,18 @@ _EXTRAS = {"torch": "train", "onnx": "export", "onnxscript": "export", "tqdm": "
            "tritonclient": "triton", "google": "triton", "psutil": "bench"}
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # SIGTERM unwinds like Ctrl-C: temporaries are removed
+
+
 def run(main: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
-    """Call ``main(args)`` and turn exceptions into one line and an exit code."""
+    """Call ``main(args)`` and turn exceptions into one line and an exit code.
+
+    SIGTERM is handled like Ctrl-C, so ``finally`` blocks remove temporary files.
+    """
     debug = getattr(args, "debug", False)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         return main(args) or EXIT_OK
     except KeyboardInterrupt:
@@ -101,7 +112,10 @@ def main_of(build: Callable[[str], argparse.ArgumentParser],
     """A subcommand's ``main(argv, prog)`` from its parser builder and body."""
 
     def main(argv: Sequence[str] | None = None, prog: str = "fewstep") -> int:
-        args = build(prog).parse_args(argv)
+        try:
+            args = build(prog).parse_args(argv)
+        except SystemExit as e:  # --help (0) or a usage error (2), already printed
+            return e.code if isinstance(e.code, int) else EXIT_USAGE
         return run(body, args)
 
     return main

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,15 +67,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(target: Path) -> list[Path]:
-    """Delete temporaries of ``target`` left by writers that died (SIGKILL, power loss).
-
-    A temporary is named ``.fewstep-tmp-<name>.<pid>.<random>``; it is stale when no
-    process with that pid is alive. Live writers' temporaries are left alone.
-    """
+def _remove_stale(folder: Path, prefix: str) -> list[Path]:
+    """Delete ``prefix<pid>.*`` files or folders in ``folder`` whose pid is not alive."""
     removed = []
-    folder = target.parent if str(target.parent) else Path(".")
-    prefix = f"{TMP_MARK}{target.name}."
     with contextlib.suppress(OSError):
         for entry in folder.iterdir():
             if not entry.name.startswith(prefix):
@@ -82,9 +77,38 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
             pid_text = entry.name[len(prefix) :].split(".", 1)[0]
             if pid_text.isdigit() and not _alive(int(pid_text)):
                 with contextlib.suppress(OSError):
-                    entry.unlink()
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
                     removed.append(entry)
     return removed
+
+
+def remove_stale_temporaries(target: Path) -> list[Path]:
+    """Delete temporaries of ``target`` left by writers that died (SIGKILL, power loss).
+
+    A temporary is named ``.fewstep-tmp-<name>.<pid>.<random>``; it is stale when no
+    process with that pid is alive. Live writers' temporaries are left alone.
+    """
+    folder = target.parent if str(target.parent) else Path(".")
+    return _remove_stale(folder, f"{TMP_MARK}{target.name}.")
+
+
+@contextlib.contextmanager
+def staging_dir(folder: str | os.PathLike[str], label: str) -> Iterator[Path]:
+    """A temporary folder inside ``folder`` (same file system: renames are atomic).
+
+    Removed on exit, whatever happens; one left by a killed process is removed the next
+    time a staging folder with the same label is made there.
+    """
+    parent = Path(folder)
+    _remove_stale(parent, f"{TMP_MARK}{label}.")
+    path = Path(tempfile.mkdtemp(prefix=f"{TMP_MARK}{label}.{os.getpid()}.", dir=parent))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:

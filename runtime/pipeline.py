@@ -512,6 +512,12 @@ class Pipeline:
         m = None if mask is None else self._mask(mask, n)
         path, graph = self._choose(plan, spacing, g, init is None, want_float, m is not None)
 
+        if limit is not None and graph.max_batch is not None and limit > graph.max_batch:
+            raise ValueError(
+                f"batch_size={limit} exceeds the largest batch {_name(graph.path)} accepts "
+                f"({graph.max_batch}, its optimisation profile); pass batch_size <= "
+                f"{graph.max_batch}, or rebuild the plan with a larger --batch MIN:OPT:MAX"
+            )
         chunk = min(limit or DEFAULT_BATCH, graph.max_batch or DEFAULT_BATCH * 1024)
         c, h, w = meta.image_shape
         out: Any = (np.empty((n, c, h, w), np.float32) if want_float

@@ -87,12 +87,20 @@ def preset(name: str, **overrides: Any) -> UNetConfig:
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 whatever the input dtype (an fp16 island)."""
+    """GroupNorm computed in float32 whatever the input dtype (an fp16 island).
+
+    Written as instance norm over (B, groups, C/groups·H·W) with static sizes, so the
+    exported graph has no Shape ops (only the batch is left to -1).
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight.float() if self.weight is not None else None
-        b = self.bias.float() if self.bias is not None else None
-        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+        c, h, w = x.shape[1], x.shape[2], x.shape[3]
+        g = self.num_groups
+        y = F.instance_norm(x.float().reshape(-1, g, (c // g) * h * w), eps=self.eps)
+        y = y.reshape(-1, c, h, w)
+        if self.affine:
+            y = y * self.weight.float()[:, None, None] + self.bias.float()[:, None, None]
+        return y.to(x.dtype)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:

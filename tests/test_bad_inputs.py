@@ -1,0 +1,275 @@
+"""The bad-input corpus: every case is one user mistake or one bad file, run through the
+`fewstep` command as a user would, asserting the exit code and the one-line message.
+
+Exit codes: 2 for bad input or usage, 1 for a failed check (NaN/Inf in a generation,
+the parity gate). No case may print a traceback (they only appear with --debug).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import onnx_oracle  # noqa: E402
+
+from fewstep.runtime.cli import main as fewstep_main  # noqa: E402
+from fewstep.runtime.meta import META_KEY  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    argv: tuple[str, ...]
+    code: int
+    message: str
+
+
+CASES = [
+    # -- model files -------------------------------------------------------------------
+    Case("onnx-truncated", ("sample", "--model", "{truncated}", "--out", "{tmp}/g.png"), 2,
+         "is not an ONNX model"),
+    Case("onnx-random-bytes", ("sample", "--model", "{random}", "--out", "{tmp}/g.png"), 2,
+         "is not an ONNX model"),
+    Case("onnx-empty-file", ("info", "{empty}"), 2, "is not an ONNX model"),
+    Case("onnx-no-metadata", ("sample", "--model", "{nometa}", "--out", "{tmp}/g.png"), 2,
+         "has no fewstep metadata"),
+    Case("onnx-future-schema", ("info", "{future}"), 2,
+         "newer than this fewstep supports"),
+    Case("onnx-metadata-not-json", ("info", "{notjson}"), 2, "metadata is not valid JSON"),
+    Case("onnx-metadata-disagrees-with-graph",
+         ("sample", "--model", "{renamed}", "--out", "{tmp}/g.png"), 2,
+         "re-export"),
+    Case("onnx-metadata-wrong-image-size",
+         ("sample", "--model", "{wrongsize}", "--out", "{tmp}/g.png"), 2,
+         "but the graph has"),
+    Case("onnx-missing-weights-file",
+         ("sample", "--model", "{noweights}", "--out", "{tmp}/g.png"), 2,
+         "which is missing beside it"),
+    Case("model-missing", ("sample", "--model", "{tmp}/nope.onnx", "--out", "{tmp}/g.png"), 2,
+         "does not exist"),
+    Case("plan-without-sidecar", ("info", "{plan_nosidecar}"), 2, "no sidecar"),
+    Case("plan-sidecar-malformed", ("info", "{plan_badsidecar}"), 2, "model.plan.json"),
+    # -- checkpoints ---------------------------------------------------------------------
+    Case("checkpoint-not-a-checkpoint", ("export", "{junk_pt}", "--out", "{tmp}/m.onnx"), 2,
+         "is not a readable PyTorch checkpoint"),
+    Case("checkpoint-needs-pickle", ("export", "{pickled_pt}", "--out", "{tmp}/m.onnx"), 2,
+         "needs pickle to load"),
+    Case("checkpoint-other-torch-file", ("export", "{other_pt}", "--out", "{tmp}/m.onnx"), 2,
+         "not a fewstep checkpoint"),
+    # -- sampler arguments ---------------------------------------------------------------
+    Case("steps-zero", ("sample", "--model", "{guided}", "--steps", "0", "--out", "{tmp}/g.png"),
+         2, "steps=0 must be at least 1"),
+    Case("steps-negative",
+         ("sample", "--model", "{guided}", "--steps", "-3", "--out", "{tmp}/g.png"), 2,
+         "steps=-3 must be at least 1"),
+    Case("steps-above-T",
+         ("sample", "--model", "{guided}", "--steps", "1200", "--out", "{tmp}/g.png"), 2,
+         "steps=1200 exceeds num_train_timesteps=1000 recorded in model.onnx; "
+         "pass steps <= 1000"),
+    Case("eta-negative",
+         ("sample", "--model", "{guided}", "--eta", "-0.1", "--out", "{tmp}/g.png"), 2,
+         "eta=-0.1 must be in [0, 1]"),
+    Case("eta-above-one",
+         ("sample", "--model", "{guided}", "--eta", "1.5", "--out", "{tmp}/g.png"), 2,
+         "eta=1.5 must be in [0, 1]"),
+    Case("label-out-of-range",
+         ("sample", "--model", "{guided}", "--labels", "7", "--out", "{tmp}/g.png"), 2,
+         "outside the model's classes 0..2"),
+    Case("label-unknown-name",
+         ("sample", "--model", "{guided}", "--labels", "volcano", "--out", "{tmp}/g.png"), 2,
+         "label 'volcano' is not a class of this model"),
+    Case("labels-for-unconditional",
+         ("sample", "--model", "{uncond}", "--labels", "1", "--out", "{tmp}/g.png"), 2,
+         "this model is unconditional"),
+    Case("labels-count-mismatch",
+         ("sample", "--model", "{guided}", "--n", "4", "--labels", "0", "1",
+          "--out", "{tmp}/g.png"), 2, "2 labels given for n=4 images"),
+    Case("guidance-without-guidance-graph",
+         ("sample", "--model", "{plain}", "--guidance", "2", "--out", "{tmp}/g.png"), 2,
+         "needs a graph exported with --guidance"),
+    Case("guidance-on-unconditional",
+         ("sample", "--model", "{uncond}", "--guidance", "2", "--out", "{tmp}/g.png"), 2,
+         "needs a class-conditional model"),
+    Case("guidance-negative",
+         ("sample", "--model", "{guided}", "--guidance", "-1", "--out", "{tmp}/g.png"), 2,
+         "guidance=-1.0 must be a number in [0, 50]"),
+    Case("n-zero", ("sample", "--model", "{guided}", "--n", "0", "--out", "{tmp}/g.png"), 2,
+         "0 must be at least 1"),
+    Case("seed-negative",
+         ("sample", "--model", "{guided}", "--seed", "-1", "--out", "{tmp}/g.png"), 2,
+         "-1 must be 0 or more"),
+    Case("spacing-unknown",
+         ("sample", "--model", "{guided}", "--spacing", "middle", "--out", "{tmp}/g.png"), 2,
+         "invalid choice: 'middle'"),
+    Case("backend-unknown",
+         ("sample", "--model", "{guided}", "--backend", "cudnn", "--out", "{tmp}/g.png"), 2,
+         "backend='cudnn' is unknown; use one of auto, ort, ort-cpu"),
+    Case("mask-without-init-image",
+         ("sample", "--model", "{guided}", "--mask", "{mask_png}", "--out", "{tmp}/g.png"), 2,
+         "--mask needs --init-image"),
+    Case("strength-zero",
+         ("sample", "--model", "{guided}", "--init-image", "{init_png}", "--strength", "0",
+          "--out", "{tmp}/g.png"), 2, "strength=0.0 must be in (0, 1]"),
+    Case("init-image-unreadable",
+         ("sample", "--model", "{guided}", "--init-image", "{junk_png}",
+          "--out", "{tmp}/g.png"), 2, "cannot read image"),
+    Case("output-folder-missing",
+         ("sample", "--model", "{guided}", "--out", "{tmp}/no/such/dir/g.png"), 2,
+         "output folder"),
+    Case("output-is-a-directory", ("sample", "--model", "{guided}", "--out", "{tmp}"), 2,
+         "is a directory"),
+    Case("unknown-command", ("smaple",), 2, "unknown command 'smaple'"),
+    # -- training data -------------------------------------------------------------------
+    Case("images-unreadable",
+         ("train", "--data", "{bad_folder}", "--preset", "tiny", "--steps", "1",
+          "--out", "{tmp}/run"), 2, "unreadable images under"),
+    Case("images-none", ("train", "--data", "{empty_folder}", "--preset", "tiny", "--steps", "1",
+                         "--out", "{tmp}/run"), 2, "no images"),
+    Case("images-folder-missing",
+         ("train", "--data", "{tmp}/nowhere", "--preset", "tiny", "--steps", "1",
+          "--out", "{tmp}/run"), 2, "nowhere"),
+    # -- numerical failure: a failed check, exit 1 ---------------------------------------
+    Case("nan-in-generation",
+         ("sample", "--model", "{overflow}", "--steps", "4", "--out", "{tmp}/nan.png"), 1,
+         "produced NaN/Inf"),
+]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory, tiny_artifact: Path) -> dict[str, str]:
+    from PIL import Image
+
+    tmp = tmp_path_factory.mktemp("corpus")
+    f: dict[str, str] = {"tmp": str(tmp)}
+
+    def artifact(name: str, meta: object, samplers: tuple = (), **kw: object) -> str:
+        folder = tmp / name
+        folder.mkdir()
+        x0 = onnx_oracle.pixel_x0(meta)  # type: ignore[arg-type]
+        return str(onnx_oracle.write_artifact(folder, meta, x0, samplers=samplers,  # type: ignore[arg-type]
+                                              **kw))
+
+    cond = onnx_oracle.make_meta("epsilon", num_classes=3)
+    f["guided"] = artifact("guided", cond.for_graph(guidance=True),
+                           samplers=((4, "trailing", 0.0, "uint8"),))
+    f["plain"] = artifact("plain", cond)
+    f["uncond"] = artifact("uncond", onnx_oracle.make_meta("epsilon"))
+    f["overflow"] = artifact("overflow", onnx_oracle.make_meta("epsilon"), step=False,
+                             bias_x=3e38)
+
+    real = Path(f["plain"]).read_bytes()
+    (tmp / "truncated.onnx").write_bytes(real[: len(real) // 3])
+    f["truncated"] = str(tmp / "truncated.onnx")
+    (tmp / "random.onnx").write_bytes(np.random.default_rng(0).bytes(4096))
+    f["random"] = str(tmp / "random.onnx")
+    (tmp / "empty.onnx").write_bytes(b"")
+    f["empty"] = str(tmp / "empty.onnx")
+    meta = onnx_oracle.make_meta("epsilon")
+    x0 = onnx_oracle.pixel_x0(meta)
+    f["nometa"] = str(onnx_oracle.write(tmp / "nometa.onnx", meta, x0, metadata=""))
+    future = json.loads(meta.to_json())
+    future["schema_version"] = 99
+    f["future"] = str(onnx_oracle.write(tmp / "future.onnx", meta, x0,
+                                        metadata=json.dumps(future)))
+    f["notjson"] = str(onnx_oracle.write(tmp / "notjson.onnx", meta, x0, metadata="{oops"))
+    f["renamed"] = str(onnx_oracle.write(tmp / "renamed.onnx", meta, x0,
+                                         rename={"t": "timestep"}))
+    bigger = onnx_oracle.make_meta("epsilon", size=16)
+    model = onnx_oracle.build(meta, x0)
+    import onnx
+    onnx.helper.set_model_props(model, {META_KEY: bigger.to_json()})
+    onnx.save_model(model, str(tmp / "wrongsize.onnx"))
+    f["wrongsize"] = str(tmp / "wrongsize.onnx")
+    # An exported artifact whose shared weights file went missing.
+    shutil.copytree(tiny_artifact.parent, tmp / "noweights")
+    for w in (tmp / "noweights").glob("*.bin"):
+        w.unlink()
+    f["noweights"] = str(tmp / "noweights" / "model.onnx")
+    (tmp / "plans").mkdir()
+    (tmp / "plans" / "model.plan").write_bytes(b"\x00" * 64)
+    f["plan_nosidecar"] = str(tmp / "plans" / "model.plan")
+    (tmp / "plans2").mkdir()
+    (tmp / "plans2" / "model.plan").write_bytes(b"\x00" * 64)
+    (tmp / "plans2" / "model.plan.json").write_text("{not json")
+    f["plan_badsidecar"] = str(tmp / "plans2" / "model.plan")
+
+    (tmp / "junk.pt").write_bytes(b"PK\x03\x04 this is no checkpoint")
+    f["junk_pt"] = str(tmp / "junk.pt")
+    torch.save({"format": "fewstep-checkpoint", "version": 1, "payload": Evil()},
+               tmp / "pickled.pt")
+    f["pickled_pt"] = str(tmp / "pickled.pt")
+    torch.save({"state_dict": {"w": torch.zeros(3)}}, tmp / "other.pt")
+    f["other_pt"] = str(tmp / "other.pt")
+
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp / "mask.png")
+    f["mask_png"] = str(tmp / "mask.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp / "init.png")
+    f["init_png"] = str(tmp / "init.png")
+    (tmp / "junk.png").write_bytes(b"\x89PNG but not really")
+    f["junk_png"] = str(tmp / "junk.png")
+
+    bad = tmp / "bad_images" / "cls"
+    bad.mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(bad / "ok.png")
+    (bad / "broken.png").write_bytes(b"not an image")
+    (bad / "empty.jpg").write_bytes(b"")
+    f["bad_folder"] = str(tmp / "bad_images")
+    (tmp / "no_images" / "cls").mkdir(parents=True)
+    (tmp / "no_images" / "cls" / "notes.txt").write_text("no pictures here")
+    f["empty_folder"] = str(tmp / "no_images")
+    return f
+
+
+class Evil:
+    """Any class: a checkpoint that needs it needs pickle, and is refused."""
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, files: dict[str, str], capsys: pytest.CaptureFixture[str]
+                   ) -> None:
+    argv = [a.format(**files) for a in case.argv]
+    code = fewstep_main(argv)
+    out, err = capsys.readouterr()
+    assert code == case.code, err
+    assert case.message in err, err
+    assert "Traceback" not in err and "Traceback" not in out
+    error_lines = [ln for ln in err.splitlines() if "error" in ln or "failed" in ln]
+    assert len(error_lines) == 1, err
+    assert not out.strip(), out  # nothing on stdout: no result path for a failure
+    assert not list(Path(files["tmp"]).glob("**/.fewstep-tmp*"))
+
+
+def test_corpus_is_large_enough() -> None:
+    assert len(CASES) >= 30
+    assert len({c.id for c in CASES}) == len(CASES)
+
+
+def test_debug_shows_the_traceback(files: dict[str, str],
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ValueError, match="steps=0"):
+        fewstep_main(["sample", "--model", files["guided"], "--steps", "0", "--debug",
+                      "--out", os.path.join(files["tmp"], "g.png")])
+
+
+def test_read_only_output_folder(files: dict[str, str], capsys: pytest.CaptureFixture[str]
+                                 ) -> None:
+    folder = Path(files["tmp"]) / "readonly"
+    folder.mkdir(exist_ok=True)
+    folder.chmod(0o555)
+    try:
+        if os.access(folder, os.W_OK):
+            pytest.skip("running as a user who can write to a 0555 folder (root)")
+        code = fewstep_main(["sample", "--model", files["guided"],
+                             "--out", str(folder / "g.png")])
+        assert code == 2
+        assert "is not writable" in capsys.readouterr().err
+    finally:
+        folder.chmod(0o755)
