@@ -11,14 +11,11 @@ passed onnx.checker and the parity gate; an existing model is replaced only on s
 from __future__ import annotations
 
 import argparse
-import contextlib
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from fewstep.runtime import clitools
-from fewstep.runtime.fileio import check_writable_target
+from fewstep.runtime.fileio import check_writable_target, staging_dir
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -49,6 +46,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="images per parity check")
     p.add_argument("--min-psnr-fp32", type=float, default=40.0)
     p.add_argument("--min-psnr-fp16", type=float, default=35.0)
+    from . import triton
+
+    p.add_argument("--triton", type=Path, default=None, metavar="DIR",
+                   help="also write a Triton Inference Server model repository into DIR")
+    triton.add_options(p)
     return p
 
 
@@ -56,6 +58,10 @@ def body(args: argparse.Namespace) -> int:
     out = check_writable_target(args.out)
     if out.suffix != ".onnx":
         raise ValueError(f"--out {str(out)!r} must end in .onnx")
+    from . import triton
+
+    if args.triton is not None:
+        triton.check_repository_target(args.triton)
     from fewstep.train import checkpoint as ckpt_io
 
     from . import check, onnx_export
@@ -74,8 +80,7 @@ def body(args: argparse.Namespace) -> int:
     onnx_export.check_options_against(meta, options)
     model = ck.build_model()
     stem = out.name[: -len(".onnx")]
-    staging = Path(tempfile.mkdtemp(prefix=".fewstep-tmp-export-", dir=out.parent))
-    try:
+    with staging_dir(out.parent, f"export-{stem}") as staging:
         files, reports = onnx_export.export_to_folder(model, meta, staging, stem, options)
         for r in reports:
             islands = ""
@@ -97,12 +102,12 @@ def body(args: argparse.Namespace) -> int:
                     f"to {out.parent}/ (try --precision fp32, or lower the gate knowingly)"
                 )
         final = onnx_export.place(files, out.parent, stem, meta.source_hash)
-    finally:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(staging)
     for path in final:
         if path.suffix == ".onnx":
             print(path)
+    if args.triton is not None:
+        for folder in triton.write_repository(out, args.triton, triton.options_from(args)):
+            print(folder)
     return 0
 
 

@@ -5,11 +5,19 @@ sample grids under OUT/samples/ and the loss curve in OUT/metrics.jsonl. Ctrl-C 
 saves after the current step; --resume continues exactly where the run stopped.
 Image folders: one sub-folder per class (or images directly in the folder for an
 unconditional model), PNG/JPEG/BMP/WebP, any size (resized and centre-cropped).
+
+Several GPUs: --gpus N starts N processes through torchrun (DistributedDataParallel,
+one GPU each); `torchrun --nproc-per-node N -m fewstep.train ...` does the same.
+--batch-size is per process: the global batch is batch-size x grad-accum x N. A run
+can be resumed on another number of GPUs if the global batch stays the same.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from fewstep.runtime import clitools
@@ -52,6 +60,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="number of training timesteps T")
     p.add_argument("--seed", type=clitools.nonneg_int, default=d.seed)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--gpus", type=clitools.positive_int, default=None,
+                   help="train on N GPUs of this host (N processes via torchrun, DDP); with "
+                        "--device cpu: N CPU processes (gloo)")
     p.add_argument("--workers", type=clitools.nonneg_int, default=None,
                    help="data loader processes (default: 8 on CUDA, 0 on CPU)")
     p.add_argument("--checkpoint-every", type=clitools.positive_int, default=1000)
@@ -69,7 +80,16 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def body(args: argparse.Namespace) -> int:
-    from . import fit
+    from . import distributed, fit
+
+    launch = distributed.from_env()
+    if args.gpus is not None and launch is not None:
+        raise ValueError("--gpus starts the processes itself; under torchrun leave it out "
+                         "(torchrun's --nproc-per-node says how many)")
+    if args.gpus is not None and args.gpus > 1:
+        return distributed.launch(args.gpus, distributed.strip_gpus(args.argv), args.device)
+    if args.gpus == 1 and args.device == "auto":
+        args.device = "cuda"
 
     config = fit.TrainConfig(
         data=args.data, image_size=args.image_size, preset=args.preset,
@@ -86,9 +106,26 @@ def body(args: argparse.Namespace) -> int:
         sample_steps=args.sample_steps, log_every=args.log_every, resume=args.resume,
         force=args.force, compile=args.compile, progress=not args.no_progress,
     )
-    path = fit.train(config, options)
-    print(path)
+    if launch is None or launch.world_size == 1:
+        print(fit.train(config, options))
+        return 0
+    device = distributed.device_for(args.device, launch.local_rank)
+    options = dataclasses.replace(
+        options, device=str(device), rank=launch.rank, world_size=launch.world_size,
+        progress=options.progress and launch.rank == 0,
+    )
+    with distributed.process_group(launch, device):
+        path = fit.train(config, options)
+    if launch.rank == 0:
+        print(path)
     return 0
 
 
-main = clitools.main_of(build_parser, body)
+def main(argv: Sequence[str] | None = None, prog: str = "fewstep") -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser(prog).parse_args(args_list)
+    except SystemExit as e:  # --help (0) or a usage error (2), already printed
+        return e.code if isinstance(e.code, int) else clitools.EXIT_USAGE
+    args.argv = args_list  # --gpus N passes them on to the worker processes
+    return clitools.run(body, args)

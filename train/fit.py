@@ -1,14 +1,47 @@
-"""Training: the loop behind ``fewstep train``.
+"""Training: the loop behind ``fewstep train`` (one process, or several under torchrun).
 
 AdamW with linear warm-up and cosine decay, EMA of the weights, bf16 autocast on
 CUDA, gradient clipping, classifier-free-guidance label dropout, ε/v/x0 targets.
-Every random draw of step k depends only on (seed, k, rank) and every image on its
-global sample index, so ``--resume`` continues exactly where an uninterrupted run
-would be, and ranks of a multi-process run never see the same sample.
+
+Sample indices. Step k of a run uses the global batch of G = batch_size × grad_accum
+× world_size consecutive global sample indices starting at the checkpointed sample
+counter (k × G when G never changed); micro-batch m of rank r takes the b = batch_size
+indices at offset (m × world_size + r) × b of it (``_StepBatches``). So the ranks never
+share a sample, and together they cover exactly the samples one process would.
+
+Per-sample draws. The image and label of sample i come from the data source
+(``source.image(i)``); its timestep t, its noise eps and its label-dropout coin come
+from a generator keyed by (seed, i) alone (``sample_draws``). They depend neither on
+the rank nor on the batch layout, so a run sees the same inputs whatever the number of
+processes, and ``--resume`` continues exactly where an uninterrupted run would be.
+Only the UNet's own dropout (the ``base`` preset) draws from torch's generator, seeded
+per (seed, step, rank, micro-batch).
+
+Several processes (``distributed.py``): DistributedDataParallel averages the
+gradients over the ranks; every rank's loss is the mean over its b samples divided by
+grad_accum, so the averaged gradient is the gradient of the mean loss over the global
+batch: the same, up to float rounding, as one process with batch G. Gradients are
+all-reduced once per optimizer step (``no_sync`` on all but the last micro-batch);
+the weights, and so the EMA, are identical on every rank after every step. Rank 0
+alone writes the checkpoint, the sample grids and metrics.jsonl (atomically where it
+replaces a file); the others wait at a barrier while it writes. The logged loss is the
+mean over all ranks. A Ctrl-C on any rank stops every rank after the same step.
+
+Resuming on another number of processes (``--resume`` with another torchrun
+``--nproc-per-node``): allowed when the global batch G stays the same (change
+--batch-size or --grad-accum to keep it); the checkpoint records world_size and the
+sample counter. The global step, the learning-rate schedule, the optimizer state and
+the set of sample indices of every later step (and so every image, label, t, eps and
+label-dropout coin) are then identical to the uninterrupted run; what differs is only
+how the global batch is split over processes and micro-batches, so gradients agree to
+float rounding (summation order; bf16 autocast on CUDA), not bit for bit, and the
+``base`` preset's UNet dropout masks differ. Resuming on the same number of processes
+with the same settings is exact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -34,12 +67,14 @@ from fewstep.runtime.fileio import atomic_path
 from fewstep.runtime.meta import ModelMeta, Schedule
 
 from . import checkpoint as ckpt_io
-from . import reference
-from .data import DataError, ImageSource, open_source, to_model_range
+from . import distributed, reference
+from .data import DataError, ImageSource, open_source
 from .unet import UNet, UNetConfig, count_parameters, preset
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+# Keys the per-sample draws (t, eps, label dropout) apart from the data's own generators.
+DRAW_STREAM = 0x6E6F697365  # "noise"
 
 
 @dataclass(frozen=True)
@@ -134,10 +169,29 @@ def lr_at(config: TrainConfig, step: int) -> float:
 
 
 def step_seed(seed: int, step: int, rank: int, micro: int = 0) -> int:
+    """Seed of torch's generator for the UNet's dropout in one micro-batch of one rank."""
     return (seed * 1_000_003 + step * 7_919 + rank * 104_729 + micro * 15_485_863) % (2**63)
 
 
-def build_meta(config: TrainConfig, source: ImageSource, ema: dict[str, torch.Tensor]) -> ModelMeta:
+def sample_draws(seed: int, index: int, num_train_timesteps: int,
+                 shape: tuple[int, ...]) -> tuple[int, float, np.ndarray]:
+    """(t, label-dropout uniform in [0, 1), eps) of global sample ``index``.
+
+    A function of (seed, index) alone: the same on any rank, in any batch, after resume.
+    """
+    rng = np.random.default_rng([DRAW_STREAM, seed, index])
+    t = int(rng.integers(0, num_train_timesteps))
+    u = float(rng.random())
+    eps = rng.standard_normal(shape, dtype=np.float32)
+    return t, u, eps
+
+
+def global_batch(config: TrainConfig, world_size: int) -> int:
+    return config.batch_size * config.grad_accum * world_size
+
+
+def build_meta(config: TrainConfig, source: ImageSource, ema: dict[str, torch.Tensor],
+               world_size: int = 1) -> ModelMeta:
     return ModelMeta.build(
         prediction_type=config.prediction_type,
         schedule=Schedule(
@@ -148,13 +202,15 @@ def build_meta(config: TrainConfig, source: ImageSource, ema: dict[str, torch.Te
         width=source.size,
         num_classes=source.num_classes if config.conditional else 0,
         class_names=tuple(source.class_names) if config.conditional else (),
-        train_config=dataclasses.asdict(config),
+        train_config={**dataclasses.asdict(config), "world_size": world_size},
         source_hash=ckpt_io.weights_hash(ema),
         fewstep_version=__version__,
     )
 
 
 class _Indexed(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
+    """Global sample index → (image, label) (the distillation loop's data)."""
+
     def __init__(self, source: ImageSource) -> None:
         self.source = source
 
@@ -166,11 +222,50 @@ class _Indexed(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
         return torch.from_numpy(np.ascontiguousarray(image)), int(label)
 
 
-class _StepBatches(torch.utils.data.Sampler[list[int]]):
-    """Global sample indices of (step, micro-batch) for this rank, from ``start`` on."""
+def _collate(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
 
-    def __init__(self, config: TrainConfig, start: int, rank: int, world: int) -> None:
+
+Sample = tuple[torch.Tensor, int, int, bool, torch.Tensor]
+# (images uint8 (B, H, W, 3), labels (B,), t (B,), label dropped (B,), eps (B, 3, H, W))
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class _Samples(torch.utils.data.Dataset[Sample]):
+    """Global sample index → image, label and the sample's own draws (``sample_draws``)."""
+
+    def __init__(self, source: ImageSource, config: TrainConfig) -> None:
+        self.source, self.config = source, config
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, i: int) -> Sample:
+        c = self.config
+        image, label = self.source.image(int(i))
+        t, u, eps = sample_draws(c.seed, int(i), c.num_train_timesteps,
+                                 (3, self.source.size, self.source.size))
+        return (torch.from_numpy(np.ascontiguousarray(image)), int(label), t,
+                u < c.cfg_dropout, torch.from_numpy(eps))
+
+
+def _collate_samples(batch: list[Sample]) -> Batch:
+    return (torch.stack([s[0] for s in batch]), torch.tensor([s[1] for s in batch]),
+            torch.tensor([s[2] for s in batch]), torch.tensor([s[3] for s in batch]),
+            torch.stack([s[4] for s in batch]))
+
+
+class _StepBatches(torch.utils.data.Sampler[list[int]]):
+    """Global sample indices of (step, micro-batch) for this rank, from step ``start`` on.
+
+    Step ``start`` begins at global sample ``first`` (default ``start`` × G, G the
+    global batch); every later step begins G samples further.
+    """
+
+    def __init__(self, config: TrainConfig, start: int, rank: int, world: int,
+                 first: int | None = None) -> None:
         self.c, self.start, self.rank, self.world = config, start, rank, world
+        self.first = start * global_batch(config, world) if first is None else first
 
     def __len__(self) -> int:
         return (self.c.steps - self.start) * self.c.grad_accum
@@ -178,14 +273,10 @@ class _StepBatches(torch.utils.data.Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         b, acc = self.c.batch_size, self.c.grad_accum
         per_step = b * acc * self.world
-        for step in range(self.start, self.c.steps):
+        for k in range(self.c.steps - self.start):
             for micro in range(acc):
-                lo = step * per_step + (micro * self.world + self.rank) * b
+                lo = self.first + k * per_step + (micro * self.world + self.rank) * b
                 yield list(range(lo, lo + b))
-
-
-def _collate(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -206,6 +297,11 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").clone() for k, v in _unwrap(model).state_dict().items()}
 
 
+def _ddp_of(model: torch.nn.Module) -> torch.nn.parallel.DistributedDataParallel | None:
+    inner = getattr(model, "_orig_mod", model)  # torch.compile
+    return inner if isinstance(inner, torch.nn.parallel.DistributedDataParallel) else None
+
+
 class Trainer:
     """One training run; ``run()`` trains and returns the final checkpoint path."""
 
@@ -214,6 +310,11 @@ class Trainer:
         self.device = pick_device(options.device)
         self.out = Path(options.out)
         self.main = options.rank == 0
+        self.comm = self._comm(options)
+        self.samples = 0  # global sample index where the next step begins
+        self.data_wait = 0.0  # seconds spent waiting for the data loader
+        self.model: UNet | None = None  # the trained modules, once run() has returned
+        self.ema: UNet | None = None
         try:
             self.source = open_source(config.data, config.image_size, config.seed)
         except DataError as e:
@@ -227,6 +328,21 @@ class Trainer:
         )
         ac = ddim.alphas_cumprod(config.beta_schedule, config.num_train_timesteps)
         self.alphas_cumprod = torch.tensor(ac, dtype=torch.float32, device=self.device)
+
+    @staticmethod
+    def _comm(o: RunOptions) -> distributed.Comm:
+        if not 0 <= o.rank < o.world_size:
+            raise ValueError(f"rank={o.rank} does not fit world_size={o.world_size}")
+        if o.world_size == 1:
+            return distributed.SINGLE
+        comm = distributed.current()
+        if (comm.world_size, comm.rank) != (o.world_size, o.rank):
+            raise ValueError(
+                f"world_size={o.world_size}, rank={o.rank} but this process is in no such "
+                "process group; start several processes with torchrun -m fewstep.train or "
+                "fewstep train --gpus N"
+            )
+        return comm
 
     # -- state --------------------------------------------------------------------
 
@@ -244,12 +360,28 @@ class Trainer:
         ck = ckpt_io.load(path, map_location="cpu")
         saved = ck.meta.train_config
         mine = self.config.result_fields()
-        diff = {k: (saved.get(k), v) for k, v in mine.items() if saved.get(k) != v}
+        # The per-process batch may change with the number of processes; the global
+        # batch may not (it is checked below).
+        diff = {k: (saved.get(k), v) for k, v in mine.items()
+                if saved.get(k) != v and k not in ("batch_size", "grad_accum")}
         if diff:
             pairs = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
             raise ValueError(
                 f"cannot resume {str(path)!r}: it was trained with other settings ({pairs}); "
                 "pass the same settings, or --force to start over"
+            )
+        extra = ck.extra or {}
+        world0 = int(extra.get("world_size", saved.get("world_size", 1)))
+        b0, acc0 = int(saved.get("batch_size", 0)), int(saved.get("grad_accum", 1))
+        g0, c, w = b0 * acc0 * world0, self.config, self.opt.world_size
+        if g0 != global_batch(c, w):
+            keep = g0 // (c.grad_accum * w) if g0 % (c.grad_accum * w) == 0 else None
+            fix = f"pass --batch-size {keep}" if keep else "change --batch-size/--grad-accum"
+            raise ValueError(
+                f"cannot resume {str(path)!r}: it was trained with a global batch of {g0} "
+                f"({b0} per process x {acc0} accumulated x {world0} process(es)), now "
+                f"{global_batch(c, w)} ({c.batch_size} x {c.grad_accum} x {w}); {fix} to "
+                "keep the global batch, or --force to start over"
             )
         if ck.model is None or ck.optimizer is None:
             raise ArtifactError(f"{str(path)!r} has no optimizer state to resume from")
@@ -257,20 +389,27 @@ class Trainer:
         model.load_state_dict(ck.model)
         ema.load_state_dict(ck.ema)
         optim.load_state_dict(ck.optimizer)
+        self.samples = int(extra.get("samples", ck.step * g0))
+        if world0 != w and self.main:
+            self._log(f"resuming a run of {world0} process(es) on {w}: same global batch "
+                      f"{g0}; step {ck.step} continues at global sample {self.samples}")
         return model, ema, optim, ck.step
 
     def _save(self, model: torch.nn.Module, ema: UNet, optim: torch.optim.Optimizer,
-              step: int) -> Path:
+              step: int, samples: int) -> Path:
         ema_state = _state(ema)
-        meta = build_meta(self.config, self.source, ema_state)
+        w = self.opt.world_size
+        meta = build_meta(self.config, self.source, ema_state, w)
         ck = ckpt_io.Checkpoint(
             meta=meta, unet_config=self.unet_config, ema=ema_state, model=_state(model),
             optimizer=optim.state_dict(), step=step,
+            extra={"world_size": w, "global_batch": global_batch(self.config, w),
+                   "samples": samples},
         )
         return ckpt_io.save(self.out / CHECKPOINT, ck)
 
     def _sample_grid(self, ema: UNet, step: int) -> Path:
-        meta = build_meta(self.config, self.source, {})
+        meta = build_meta(self.config, self.source, {}, self.opt.world_size)
         k = max(1, meta.num_classes)
         n = k * max(1, 16 // k) if k > 1 else 16
         images = reference.sample_images(
@@ -284,6 +423,32 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------
 
+    def _wrap(self, model: UNet) -> torch.nn.Module:
+        """The module the loop calls: DDP over several processes, compiled on request."""
+        train_model: torch.nn.Module = model
+        if self.opt.world_size > 1:
+            # The UNet has no buffers, so DDP has none to broadcast per step.
+            train_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            )
+        if self.opt.compile:
+            train_model = torch.compile(train_model)  # type: ignore[assignment]
+        return train_model
+
+    def _loader(self, start: int) -> Iterator[Batch]:
+        o = self.opt
+        workers = o.workers if o.workers is not None else (
+            min(8, os.cpu_count() or 1) if self.device.type == "cuda" else 0
+        )
+        sampler = _StepBatches(self.config, start, o.rank, o.world_size, self.samples)
+        loader = torch.utils.data.DataLoader(
+            _Samples(self.source, self.config), batch_sampler=sampler,
+            num_workers=workers, collate_fn=_collate_samples,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False, prefetch_factor=4 if workers else None,
+        )
+        return iter(loader)
+
     def run(self) -> Path:
         c, o = self.config, self.opt
         path = self.out / CHECKPOINT
@@ -296,106 +461,127 @@ class Trainer:
         model, ema, optim, start = self._resume() if (o.resume and path.exists()) else self._fresh()
         if start >= c.steps:
             raise ValueError(f"checkpoint is at step {start} >= steps={c.steps}; pass more --steps")
+        g = global_batch(c, o.world_size)
+        if start == 0:
+            self.samples = 0
         if self.main:
             self._trim_metrics(start)
+            procs = f" x {o.world_size} processes" if o.world_size > 1 else ""
             self._log(f"fewstep train: {c.preset} UNet, {count_parameters(model) / 1e6:.2f} M "
                       f"params, data={c.data} ({self.source.num_classes} classes), "
-                      f"device={self.device}, steps {start}->{c.steps}")
-        train_model: torch.nn.Module = model
-        if o.world_size > 1:
-            train_model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None
-            )
-        if o.compile:
-            train_model = torch.compile(train_model)  # type: ignore[assignment]
-        workers = o.workers if o.workers is not None else (
-            min(8, os.cpu_count() or 1) if self.device.type == "cuda" else 0
-        )
-        loader = torch.utils.data.DataLoader(
-            _Indexed(self.source), batch_sampler=_StepBatches(c, start, o.rank, o.world_size),
-            num_workers=workers, collate_fn=_collate, pin_memory=self.device.type == "cuda",
-            persistent_workers=False, prefetch_factor=4 if workers else None,
-        )
-        batches = iter(loader)
+                      f"device={self.device}, steps {start}->{c.steps}, global batch {g} "
+                      f"({c.batch_size} per process x {c.grad_accum} accumulated{procs})")
+        train_model = self._wrap(model)
+        batches = self._loader(start)
         bar = self._progress(start)
         t_start = t_last = time.perf_counter()
-        imgs_since = 0
-        with _StopOnInterrupt(self._log) as stop:
+        imgs_since, wait_last = 0, 0.0
+        quiet = self._log if self.main else (lambda msg: None)
+        with _StopOnInterrupt(quiet) as stop:
             try:
                 for step in range(start, c.steps):
-                    loss = self._train_step(train_model, optim, batches, step)
+                    total = self._train_step(train_model, optim, batches, step)
                     _ema_update(ema, model, min(c.ema_decay, (1 + step) / (10 + step)))
-                    imgs_since += c.batch_size * c.grad_accum * o.world_size
+                    self.samples += g
+                    imgs_since += g
                     done = step + 1
                     if done % o.log_every == 0 or done == c.steps:
+                        loss = self.comm.mean(float(total))  # the mean over all ranks
                         now = time.perf_counter()
                         rate = imgs_since / max(now - t_last, 1e-9)
-                        t_last, imgs_since = now, 0
+                        wait = (self.data_wait - wait_last) / max(now - t_last, 1e-9)
+                        t_last, imgs_since, wait_last = now, 0, self.data_wait
                         if not math.isfinite(loss):
                             raise FloatingPointError(
                                 f"loss became {loss} at step {done}; lower --lr or check the data"
                             )
                         if self.main:
                             self._metric({"step": done, "loss": loss, "lr": lr_at(c, step),
-                                          "images_per_s": rate})
+                                          "images_per_s": rate, "data_wait": round(wait, 4)})
                         if bar is not None:
                             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}")
                     if bar is not None:
                         bar.update(1)
+                    stopping = self.comm.any(stop.requested)  # every rank stops at one step
                     last = done == c.steps or done == o.stop_after
-                    if self.main and (done % o.checkpoint_every == 0 or last or stop.requested):
-                        self._save(model, ema, optim, done)
-                    if self.main and (done % o.sample_every == 0 or last):
+                    save = done % o.checkpoint_every == 0 or last or stopping
+                    sample = done % o.sample_every == 0 or last
+                    if self.main and save:
+                        self._save(model, ema, optim, done, self.samples)
+                    if self.main and sample:
                         self._sample_grid(ema, done)
-                    if stop.requested:
-                        self._log(f"stopped: checkpoint of step {done} saved to {path}; "
-                                  "continue with --resume")
+                    if save or sample:
+                        self.comm.barrier()  # the other ranks wait while rank 0 writes
+                    if stopping:
+                        if self.main:
+                            self._log(f"stopped: checkpoint of step {done} saved to {path}; "
+                                      "continue with --resume")
                         raise KeyboardInterrupt
                     if done == o.stop_after:
                         break
             finally:
                 if bar is not None:
                     bar.close()
+        self.model, self.ema = model, ema
         if self.main:
             seconds = time.perf_counter() - t_start
             n = (o.stop_after or c.steps) - start
             rate = n / max(seconds, 1e-9)
-            self._log(f"trained {n} steps in {seconds:.1f} s ({rate:.2f} steps/s, batch "
-                      f"{c.batch_size * c.grad_accum * o.world_size}); checkpoint: {path}")
+            self._log(f"trained {n} steps in {seconds:.1f} s ({rate:.2f} steps/s, "
+                      f"{rate * g:.0f} images/s, global batch {g}); checkpoint: {path}")
         return path
 
     def _train_step(self, model: torch.nn.Module, optim: torch.optim.Optimizer,
-                    batches: Iterator[tuple[torch.Tensor, torch.Tensor]], step: int) -> float:
-        c, dev = self.config, self.device
+                    batches: Iterator[Batch], step: int) -> torch.Tensor:
+        """One optimizer step; returns the step's loss (a device scalar, not synced)."""
         for group in optim.param_groups:
-            group["lr"] = lr_at(c, step)
-        optim.zero_grad(set_to_none=True)
-        total = 0.0
+            group["lr"] = lr_at(self.config, step)
+        total = self._accumulate(model, batches, step)
+        if self.config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.config.grad_clip)
+        optim.step()
+        return total
+
+    def _accumulate(self, model: torch.nn.Module, batches: Iterator[Batch],
+                    step: int) -> torch.Tensor:
+        """Zero the gradients, then forward + backward every micro-batch of ``step``.
+
+        Under DDP the gradients are all-reduced (averaged over the ranks) only in the
+        backward of the last micro-batch. Afterwards every rank holds the gradient of
+        the mean loss over the global batch.
+        """
+        c, dev = self.config, self.device
+        ddp = _ddp_of(model)
+        for p in model.parameters():
+            p.grad = None
+        total = torch.zeros((), device=dev)
         for micro in range(c.grad_accum):
-            images, labels = next(batches)
-            seed = step_seed(c.seed, step, self.opt.rank, micro)
-            torch.manual_seed(seed)  # dropout
-            gen = torch.Generator(device=dev).manual_seed(seed)
-            x0 = torch.from_numpy(to_model_range(images.numpy())).to(dev, non_blocking=True)
-            b = x0.shape[0]
-            t = torch.randint(0, c.num_train_timesteps, (b,), device=dev, generator=gen)
-            eps = torch.randn(x0.shape, device=dev, generator=gen)
+            t0 = time.perf_counter()
+            images, labels, t, drop, eps = next(batches)
+            self.data_wait += time.perf_counter() - t0
+            torch.manual_seed(step_seed(c.seed, step, self.opt.rank, micro))  # UNet dropout
+            # uint8 (B, H, W, 3) -> (B, 3, H, W) in [-1, 1]: data.to_model_range's arithmetic
+            x0 = (images.to(dev, non_blocking=True).permute(0, 3, 1, 2).float() / 127.5
+                  - 1.0).contiguous()
+            eps = eps.to(dev, non_blocking=True)
+            t = t.to(dev, non_blocking=True)
             a_t = self.alphas_cumprod[t].view(-1, 1, 1, 1)
             x_t = ddim.q_sample(x0, eps, a_t)
             target = ddim.target_for(c.prediction_type, x0, eps, a_t)
             lab = None
             if self.unet_config.num_classes:
-                lab = labels.to(dev)
-                drop = torch.rand((b,), device=dev, generator=gen) < c.cfg_dropout
-                lab = torch.where(drop, torch.full_like(lab, self.unet_config.num_classes), lab)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                out = model(x_t, t.float(), lab)
-            loss = F.mse_loss(out.float(), target) / c.grad_accum
-            loss.backward()
-            total += float(loss.detach())
-        if c.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
-        optim.step()
+                lab = labels.to(dev, non_blocking=True)
+                null = torch.full_like(lab, self.unet_config.num_classes)
+                lab = torch.where(drop.to(dev, non_blocking=True), null, lab)
+            sync = ddp is None or micro == c.grad_accum - 1
+            with contextlib.nullcontext() if sync else ddp.no_sync():  # type: ignore[union-attr]
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                    out = model(x_t, t.float(), lab)
+                # Mean over this rank's b samples / grad_accum; DDP's average over the
+                # ranks makes it the mean over the global batch.
+                loss = F.mse_loss(out.float(), target) / c.grad_accum
+                loss.backward()
+            total += loss.detach()
         return total
 
     # -- output -------------------------------------------------------------------
@@ -416,12 +602,21 @@ class Trainer:
             f.write(json.dumps(row) + "\n")
 
     def _trim_metrics(self, start: int) -> None:
-        """Drop metric rows past the resumed step (they belong to the lost tail)."""
+        """Drop metric rows past the resumed step (they belong to the lost tail).
+
+        A line cut short by a kill mid-append is dropped too.
+        """
         path = self.out / METRICS
         if not path.exists():
             return
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and
-                json.loads(ln).get("step", 0) <= start]
+        keep = []
+        for ln in path.read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(ln)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and row.get("step", 0) <= start:
+                keep.append(ln)
         with atomic_path(path) as tmp:
             tmp.write_text("".join(ln + "\n" for ln in keep))
 

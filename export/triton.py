@@ -1,0 +1,444 @@
+"""A Triton Inference Server model repository from an exported fewstep artifact.
+
+``fewstep export CKPT --out model.onnx --triton DIR`` (or, for an artifact that already
+exists, e.g. after ``fewstep build`` made TensorRT plans,
+``python -m fewstep.export.triton model.onnx --out DIR``) writes into DIR, for an
+artifact named ``model``::
+
+    DIR/model_sampler4/              every fused sampler graph: ONNX Runtime backend
+        config.pbtxt                 platform onnxruntime_onnx, dynamic batching
+        fewstep-triton.json          what fewstep wrote (Triton ignores it)
+        1/model.onnx                 model.sampler-4.onnx, renamed
+        1/model.weights.<hash>.bin   its external weights, beside it (see below)
+    DIR/model_sampler4_trt/          where model.sampler-4.plan + .plan.json exist
+        config.pbtxt                 platform tensorrt_plan; max batch = plan profile max
+        1/model.plan
+    DIR/model_ddim/                  the DDIM loop at any step count: Python backend
+        config.pbtxt                 backend python; parameters graph, default_steps, ...
+        1/model.py                   export/triton_model.py, verbatim
+        1/model.step.onnx            the step graph (else the denoiser model.onnx)
+        1/model.weights.<hash>.bin
+
+Why a Python-backend model for the loop, not an ensemble: a Triton ensemble is a
+fixed DAG without loops, so it cannot run a step count chosen per request, and the
+per-step schedule inputs (t, a_t, a_prev) would need a model of their own to produce
+them. The Python model runs ``fewstep.runtime``'s loop over the step graph with ONNX
+Runtime (IO binding and CUDA graphs on the GPU: x stays on the device between steps),
+takes steps/eta/guidance/labels/seeds per row, and batches rows of concurrent
+requests. A fixed step count is faster still through the fused sampler model, which
+runs the whole loop as one graph.
+
+External weights: Triton's onnxruntime backend opens ``<model>/<version>/model.onnx``
+by its path (``CreateSession`` on the file, not on bytes in memory), so ONNX Runtime
+resolves the external-data location stored in the graph relative to that file: the
+weights file must lie in the version folder beside model.onnx, under the name the
+graph records (``model.weights.<hash>.bin``). Renaming the graph file is safe; renaming
+the weights file is not.
+
+Shapes: every model has ``max_batch_size`` > 0, so ``dims`` leave the batch axis out.
+Per-sample scalars (label, guidance; the graph sees shape (B,)) are declared
+``dims: [1]`` with ``reshape: { shape: [] }``, Triton's way to feed a rank-1 batched
+tensor: clients send (B, 1).
+
+The config.pbtxt files are written here as text (no protobuf needed to export); the
+tests parse every one with Triton's own ModelConfig protobuf from ``tritonclient``.
+Each model folder is staged beside DIR (``fileio.staging_dir``) and renamed into
+place; folders of other models in DIR are left alone, a folder of the same name that
+fewstep did not write is refused, and fewstep folders of this artifact that the new
+export no longer has are removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+
+from fewstep.runtime import __version__, artifact, clitools
+from fewstep.runtime import plan as trt_plan
+from fewstep.runtime.backends.ort import io_specs
+from fewstep.runtime.errors import ArtifactError
+from fewstep.runtime.fileio import staging_dir
+from fewstep.runtime.meta import ModelMeta
+from fewstep.runtime.pipeline import mismatch
+from fewstep.runtime.sampling import DEFAULT_SPACING
+
+VERSION: Final = "1"
+MARKER: Final = "fewstep-triton.json"
+MODEL_PY: Final = Path(__file__).with_name("triton_model.py")
+DEFAULT_QUEUE_DELAY_US: Final = 500
+KINDS: Final = ("gpu", "cpu")
+TYPES: Final = {np.dtype(np.float32): "TYPE_FP32", np.dtype(np.int64): "TYPE_INT64",
+                np.dtype(np.uint8): "TYPE_UINT8"}
+_NAME: Final = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+@dataclass(frozen=True)
+class TritonOptions:
+    """How the repository's models are configured."""
+
+    instance_kind: str = "gpu"  # KIND_GPU, or "cpu": KIND_CPU (TensorRT models stay GPU)
+    instance_count: int = 1
+    max_batch: int | None = None  # default: the plan's profile max, else default_profile
+    max_queue_delay_us: int = DEFAULT_QUEUE_DELAY_US
+    default_steps: int | None = None  # the Python model's; default distilled steps, else 4
+    prefix: str | None = None  # model names start with this; default the artifact's stem
+
+    def __post_init__(self) -> None:
+        if self.instance_kind not in KINDS:
+            raise ValueError(f"instance_kind={self.instance_kind!r} must be gpu or cpu")
+        for name in ("instance_count", "max_batch", "default_steps"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name}={value!r} must be a whole number >= 1")
+        if self.max_queue_delay_us < 0:
+            raise ValueError(f"max_queue_delay_us={self.max_queue_delay_us} must be >= 0")
+        if self.prefix is not None and not _NAME.match(self.prefix):
+            raise ValueError(f"prefix={self.prefix!r} may hold only letters, digits, _ . -")
+
+
+@dataclass(frozen=True)
+class TensorConfig:
+    """One input or output of a config.pbtxt."""
+
+    name: str
+    data_type: str
+    dims: tuple[int, ...]
+    reshape: tuple[int, ...] | None = None
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model folder of the repository, before it is written."""
+
+    name: str
+    kind: str  # "onnxruntime", "tensorrt" or "python"
+    config: str  # config.pbtxt text
+    files: tuple[tuple[Path, str], ...]  # (source file, name in the version folder)
+    marker: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------
+# config.pbtxt
+# ---------------------------------------------------------------------------------
+
+
+def _q(text: str) -> str:
+    if not _NAME.match(text):
+        raise ValueError(f"{text!r} may hold only letters, digits, _ . - in a Triton config")
+    return f'"{text}"'
+
+
+def _dims(dims: Sequence[int]) -> str:
+    return "[ " + ", ".join(map(str, dims)) + " ]" if dims else "[ ]"
+
+
+def tensor_configs(meta: ModelMeta) -> tuple[list[TensorConfig], list[TensorConfig]]:
+    """The inputs and the output of ``meta``'s graph as Triton sees them (batch left out)."""
+    ins, out = io_specs(meta)
+
+    def one(name: str, dtype: type[np.generic], dims: tuple[int, ...]) -> TensorConfig:
+        data_type = TYPES[np.dtype(dtype)]
+        if dims:
+            return TensorConfig(name, data_type, dims)
+        return TensorConfig(name, data_type, (1,), reshape=())  # (B,) in the graph
+
+    return ([one(n, ins[n].dtype, ins[n].dims) for n in meta.graph.inputs],
+            [one(out.name, out.dtype, out.dims)])
+
+
+def _tensor_block(key: str, tensors: Sequence[TensorConfig]) -> list[str]:
+    lines = [f"{key} ["]
+    for i, t in enumerate(tensors):
+        lines += ["  {", f"    name: {_q(t.name)}", f"    data_type: {t.data_type}",
+                  f"    dims: {_dims(t.dims)}"]
+        if t.reshape is not None:
+            lines.append(f"    reshape: {{ shape: {_dims(t.reshape)} }}")
+        if t.optional:
+            lines.append("    optional: true")
+        lines.append("  }," if i < len(tensors) - 1 else "  }")
+    return [*lines, "]"]
+
+
+def preferred_batch_sizes(max_batch: int, opt: int | None = None) -> list[int]:
+    """A few batch sizes worth waiting for: the profile's opt and max, or max/4, max/2, max."""
+    sizes = {max_batch} | ({opt} if opt else {max_batch // 4, max_batch // 2})
+    return sorted(s for s in sizes if 1 <= s <= max_batch)
+
+
+def config_text(name: str, kind: str, inputs: Sequence[TensorConfig],
+                outputs: Sequence[TensorConfig], max_batch: int, preferred: Sequence[int],
+                queue_delay_us: int, instance_kind: str, instance_count: int,
+                parameters: dict[str, str] | None = None, comment: str = "") -> str:
+    """config.pbtxt for one model (protobuf text format of inference.ModelConfig)."""
+    head = {
+        "onnxruntime": ['platform: "onnxruntime_onnx"', 'backend: "onnxruntime"'],
+        "tensorrt": ['platform: "tensorrt_plan"', 'backend: "tensorrt"'],
+        "python": ['backend: "python"'],
+    }[kind]
+    lines = [f"# {line}" for line in comment.splitlines()]
+    lines += [f"name: {_q(name)}", *head, f"max_batch_size: {max_batch}",
+              "version_policy: { latest: { num_versions: 1 } }"]
+    lines += _tensor_block("input", inputs)
+    lines += _tensor_block("output", outputs)
+    lines += ["dynamic_batching {", f"  preferred_batch_size: {_dims(preferred)}",
+              f"  max_queue_delay_microseconds: {queue_delay_us}", "}"]
+    kind_name = "KIND_CPU" if instance_kind == "cpu" else "KIND_GPU"
+    lines += ["instance_group [", "  {", f"    count: {instance_count}",
+              f"    kind: {kind_name}", "  }", "]"]
+    for key, value in (parameters or {}).items():
+        lines += ["parameters {", f"  key: {_q(key)}", f"  value: {{ string_value: {_q(value)} }}",
+                  "}"]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------
+# Which models an artifact becomes
+# ---------------------------------------------------------------------------------
+
+
+def _model_name(prefix: str, meta: ModelMeta) -> str:
+    g = meta.graph
+    if g.kind != "sampler":
+        return f"{prefix}_ddim"
+    eta = f"_eta{g.eta:g}".replace(".", "p") if g.eta else ""
+    return f"{prefix}_sampler{g.steps}{eta}"
+
+
+def _weights(onnx_file: Path) -> list[Path]:
+    header = artifact.read_onnx_header(onnx_file)
+    return [onnx_file.parent / loc for loc in header.external_data]
+
+
+def _marker(meta: ModelMeta, stem: str, source: Path, kind: str) -> dict[str, Any]:
+    return {"generated_by": f"fewstep {__version__}", "artifact": stem, "source": source.name,
+            "backend": kind, "graph": meta.graph.kind, "source_hash": meta.source_hash}
+
+
+def plan_repository(onnx_path: str | os.PathLike[str],
+                    options: TritonOptions | None = None) -> list[ModelEntry]:
+    """The model folders that ``write_repository`` would write for this artifact."""
+    o = options or TritonOptions()
+    main_path = Path(onnx_path)
+    main = artifact.read_onnx_meta(main_path)
+    stem = artifact.base_stem(main_path)
+    prefix = o.prefix or re.sub(r"[^A-Za-z0-9_-]", "_", stem)
+    graphs: dict[str, tuple[Path, ModelMeta]] = {}
+    for path in artifact.siblings(main_path):
+        meta = main if path == main_path else artifact.read_onnx_meta(path)
+        different = mismatch(main, meta)
+        if different:
+            raise ArtifactError(f"{path.name} belongs to another model than {main_path.name} "
+                                f"(its {different} differs); re-export the whole artifact")
+        key = meta.graph.kind if meta.graph.kind != "sampler" else path.name
+        graphs[key] = (path, meta)
+    plans = {}
+    for plan_file in artifact.siblings(main_path.with_suffix(".plan"), ".plan"):
+        if plan_file.is_file():
+            sidecar = trt_plan.load_sidecar(plan_file)
+            if sidecar.meta.graph.kind == "sampler":
+                plans[Path(sidecar.onnx_file).name] = (plan_file, sidecar)
+
+    entries: list[ModelEntry] = []
+    c, h, w = main.image_shape
+    for _key, (path, meta) in sorted(graphs.items()):
+        if meta.graph.kind != "sampler":
+            continue
+        name = _model_name(prefix, meta)
+        ins, outs = tensor_configs(meta)
+        found = plans.get(path.name)
+        max_batch = o.max_batch or (found[1].profile.max if found
+                                    else trt_plan.default_profile(meta).max)
+        g = meta.graph
+        about = (f"fewstep {g.steps}-step sampler ({g.spacing} spacing, eta {g.eta:g}, "
+                 f"{g.precision}) from {path.name}; inputs: x = initial noise N(0, 1)")
+        entries.append(ModelEntry(
+            name, "onnxruntime",
+            config_text(name, "onnxruntime", ins, outs, max_batch,
+                        preferred_batch_sizes(max_batch), o.max_queue_delay_us,
+                        o.instance_kind, o.instance_count, comment=about),
+            ((path, "model.onnx"), *((wf, wf.name) for wf in _weights(path))),
+            _marker(meta, stem, path, "onnxruntime"),
+        ))
+        if found:
+            plan_file, sidecar = found
+            profile = sidecar.profile
+            if profile.min != 1:
+                raise ValueError(
+                    f"{plan_file.name} has the batch profile {profile}; Triton's dynamic "
+                    "batcher sends any batch from 1 up, so rebuild it with a profile from 1: "
+                    f"fewstep build {path.name} --batch 1:{profile.opt}:{profile.max}"
+                )
+            trt_ins, trt_outs = tensor_configs(sidecar.meta)
+            trt_name = f"{name}_trt"
+            note = (f"TensorRT {sidecar.tensorrt_version} plan for {sidecar.gpu_name} (compute "
+                    f"capability {sidecar.compute_capability}) from {plan_file.name}: serve it "
+                    f"with a tritonserver image of the same TensorRT version")
+            entries.append(ModelEntry(
+                trt_name, "tensorrt",
+                config_text(trt_name, "tensorrt", trt_ins, trt_outs, profile.max,
+                            preferred_batch_sizes(profile.max, profile.opt),
+                            o.max_queue_delay_us, "gpu", o.instance_count, comment=note),
+                ((plan_file, "model.plan"),),
+                _marker(sidecar.meta, stem, plan_file, "tensorrt"),
+            ))
+
+    loop = graphs.get("step") or graphs.get("denoiser")
+    if loop is not None:
+        path, meta = loop
+        name = _model_name(prefix, meta)
+        max_batch = o.max_batch or trt_plan.default_profile(meta).max
+        inputs = [TensorConfig("seed", "TYPE_INT64", (1,))]
+        if meta.conditional:
+            inputs.append(TensorConfig("label", "TYPE_INT64", (1,), optional=True))
+        if meta.graph.guidance:
+            inputs.append(TensorConfig("guidance", "TYPE_FP32", (1,), optional=True))
+        inputs += [TensorConfig("steps", "TYPE_INT64", (1,), optional=True),
+                   TensorConfig("eta", "TYPE_FP32", (1,), optional=True)]
+        steps = o.default_steps or (main.distilled_steps[-1] if main.distilled_steps else 4)
+        params = {"graph": path.name, "default_steps": str(steps),
+                  "spacing": main.distilled_spacing or DEFAULT_SPACING, "backend": "auto"}
+        about = (f"fewstep DDIM loop over {path.name} ({meta.graph.kind} graph): one row per "
+                 f"image; needs fewstep + onnxruntime in Triton's Python environment")
+        entries.append(ModelEntry(
+            name, "python",
+            config_text(name, "python", inputs, [TensorConfig("image", "TYPE_UINT8", (h, w, c))],
+                        max_batch, preferred_batch_sizes(max_batch), o.max_queue_delay_us,
+                        o.instance_kind, o.instance_count, params, comment=about),
+            ((MODEL_PY, "model.py"), (path, path.name), *((wf, wf.name) for wf in _weights(path))),
+            _marker(meta, stem, path, "python"),
+        ))
+    return entries
+
+
+# ---------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------
+
+
+def check_repository_target(repo: str | os.PathLike[str]) -> Path:
+    """The repository folder as a Path, or a ValueError before any export work."""
+    target = Path(repo)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"--triton {str(target)!r} is a file; pass a folder (it is created)")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--triton {str(target)!r}: its parent folder {str(parent)!r} is "
+                         "missing or not writable; create it or pass another folder")
+    return target
+
+
+def _ours(folder: Path) -> dict[str, Any] | None:
+    with contextlib.suppress(OSError, ValueError):
+        data = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+        if isinstance(data, dict):
+            return data
+    return None
+
+
+def _write_model(entry: ModelEntry, folder: Path) -> None:
+    version = folder / VERSION
+    version.mkdir(parents=True)
+    (folder / "config.pbtxt").write_text(entry.config, encoding="utf-8")
+    (folder / MARKER).write_text(json.dumps(entry.marker, indent=2) + "\n", encoding="utf-8")
+    for src, name in entry.files:
+        shutil.copyfile(src, version / name)
+    for _src, name in entry.files:  # the copy must still find its weights beside it
+        if name.endswith(".onnx"):
+            artifact.read_onnx_meta(version / name)
+
+
+def write_repository(onnx_path: str | os.PathLike[str], repo: str | os.PathLike[str],
+                     options: TritonOptions | None = None) -> list[Path]:
+    """Write the artifact's models into the Triton model repository ``repo``.
+
+    Returns the model folders written. See the module docstring for the layout.
+    """
+    target = check_repository_target(repo)
+    entries = plan_repository(onnx_path, options)
+    stem = artifact.base_stem(Path(onnx_path))
+    target.mkdir(exist_ok=True)
+    for e in entries:
+        existing = target / e.name
+        if existing.exists() and _ours(existing) is None:
+            raise ValueError(f"{str(existing)!r} exists and was not written by fewstep; "
+                             "remove it or pass another --triton folder")
+    written = []
+    # Staged beside the repository, not in it: Triton would take a folder in it for a model.
+    with staging_dir(target.parent, f"triton-{stem}") as staging:
+        for e in entries:
+            _write_model(e, staging / e.name)
+        for e in entries:
+            final = target / e.name
+            if final.exists():
+                final.replace(staging / f"{e.name}.old")
+            (staging / e.name).replace(final)
+            written.append(final)
+    names = {e.name for e in entries}
+    for folder in sorted(target.iterdir()):
+        mark = _ours(folder) if folder.is_dir() else None
+        if mark is not None and mark.get("artifact") == stem and folder.name not in names:
+            shutil.rmtree(folder)
+            print(f"removed {folder}: the artifact no longer has its graph", file=sys.stderr)
+    return written
+
+
+def describe(entries: Iterable[ModelEntry]) -> str:
+    return "\n".join(f"  {e.name}: {e.kind}, " + ", ".join(n for _, n in e.files)
+                     for e in entries)
+
+
+# ---------------------------------------------------------------------------------
+# python -m fewstep.export.triton MODEL.onnx --out DIR  (an artifact that exists)
+# ---------------------------------------------------------------------------------
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    p = clitools.parser(prog, __doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("model", type=Path, help="model.onnx of an artifact made by fewstep export")
+    p.add_argument("--out", type=Path, required=True, help="the Triton model repository folder")
+    add_options(p, prefix="")
+    return p
+
+
+def add_options(p: argparse.ArgumentParser, prefix: str = "triton-") -> None:
+    """The repository options, for this command and (prefixed) for fewstep export."""
+    p.add_argument(f"--{prefix}cpu", action="store_true",
+                   help="instance_group KIND_CPU for the ONNX Runtime and Python models")
+    p.add_argument(f"--{prefix}max-batch", type=clitools.positive_int, default=None,
+                   help="max_batch_size (default: the TensorRT profile's max, else 16 at "
+                        "<= 128x128 px)")
+    p.add_argument(f"--{prefix}queue-delay-us", type=clitools.nonneg_int,
+                   default=DEFAULT_QUEUE_DELAY_US,
+                   help="dynamic batching: max_queue_delay_microseconds")
+
+
+def options_from(args: argparse.Namespace, prefix: str = "triton_") -> TritonOptions:
+    return TritonOptions(
+        instance_kind="cpu" if getattr(args, f"{prefix}cpu") else "gpu",
+        max_batch=getattr(args, f"{prefix}max_batch"),
+        max_queue_delay_us=getattr(args, f"{prefix}queue_delay_us"),
+    )
+
+
+def body(args: argparse.Namespace) -> int:
+    for folder in write_repository(args.model, args.out, options_from(args, prefix="")):
+        print(folder)
+    return 0
+
+
+main = clitools.main_of(build_parser, body)
+
+if __name__ == "__main__":
+    sys.exit(main(prog="python -m fewstep.export.triton"))
