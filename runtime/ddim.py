@@ -34,6 +34,7 @@ final alpha: 1.0 with ``set_alpha_to_one`` (the clean image), else alphas_cumpro
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Final, Literal
 
@@ -127,11 +128,21 @@ def alphas_cumprod(
     beta_end: float = 0.02,
     rescale_zero_snr: bool = False,
 ) -> F64:
-    """ᾱ_t for t = 0..T-1, float64, strictly decreasing."""
+    """ᾱ_t for t = 0..T-1, float64, strictly decreasing (computed once, copied out)."""
+    return _alphas_cumprod(str(beta_schedule), int(num_train_timesteps), float(beta_start),
+                           float(beta_end), bool(rescale_zero_snr)).copy()
+
+
+@functools.lru_cache(maxsize=32)
+def _alphas_cumprod(beta_schedule: str, num_train_timesteps: int, beta_start: float,
+                    beta_end: float, rescale_zero_snr: bool) -> F64:
+    # Cached: the cosine table is a 1000-step Python loop, and every generate() asks.
     betas = betas_for(beta_schedule, num_train_timesteps, beta_start, beta_end)
     if rescale_zero_snr:
         betas = rescale_zero_terminal_snr(betas)
-    return np.cumprod(1.0 - betas).astype(np.float64)
+    table = np.cumprod(1.0 - betas).astype(np.float64)
+    table.flags.writeable = False
+    return table
 
 
 # ---------------------------------------------------------------------------------
