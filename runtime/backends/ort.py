@@ -64,7 +64,8 @@ PROVIDERS: Final = {
 }
 OPTIONS: Final = {
     "ort-cpu": ("threads", "io_binding"),
-    "ort-cuda": ("device_id", "cuda_graph", "gpu_mem_limit", "threads", "io_binding"),
+    "ort-cuda": ("device_id", "cuda_graph", "gpu_mem_limit", "threads", "io_binding",
+                 "cuda_options"),
     "ort-tensorrt": ("device_id", "fp16", "cache_dir", "workspace_size", "max_batch",
                      "opt_batch", "gpu_mem_limit", "threads", "io_binding"),
 }
@@ -217,6 +218,7 @@ class OrtConfig:
     max_batch: int | None = None
     opt_batch: int | None = None
     jetson: bool = False
+    cuda_options: tuple[tuple[str, str], ...] = ()  # more CUDA EP options, as given
 
 
 def _int_option(name: str, value: Any, low: int = 0) -> int:
@@ -259,7 +261,14 @@ def make_config(name: str, path: str, options: Mapping[str, Any],
             raise ValueError(f"opt_batch={opt_batch} exceeds max_batch={max_batch}; "
                              "pass opt_batch <= max_batch")
         cache_dir = str(o.get("cache_dir") or Path(path).parent / ".fewstep-cache" / "ort-trt")
+    extra = o.get("cuda_options") or {}
+    if not isinstance(extra, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, (str, int)) for k, v in extra.items()
+    ):
+        raise ValueError(f"cuda_options={extra!r} must map CUDA EP option names to values, "
+                         "e.g. {'prefer_nhwc': '1'}")
     return OrtConfig(
+        cuda_options=tuple(sorted((k, str(v)) for k, v in extra.items())),
         backend=name,
         threads=None if threads is None else _int_option("threads", threads, 1),
         io_binding=_bool_option("io_binding", o.get("io_binding", gpu)),
@@ -286,6 +295,7 @@ def cuda_provider_options(config: OrtConfig, cuda_graph: bool) -> dict[str, str]
         opts["cudnn_conv_algo_search"] = "HEURISTIC"
     if config.gpu_mem_limit is not None:
         opts["gpu_mem_limit"] = str(config.gpu_mem_limit)
+    opts.update(dict(config.cuda_options))  # e.g. prefer_nhwc, cudnn_conv_algo_search
     return opts
 
 
