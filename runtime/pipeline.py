@@ -179,6 +179,7 @@ class Pipeline:
         self.last_info: GenerationInfo | None = None
         self._lock = threading.Lock()
         self._warned: set[int] = set()
+        self._plans: dict[tuple[Any, ...], SamplingPlan] = {}
 
     def __repr__(self) -> str:
         kinds = ", ".join(_name(e.path) for e in self._entries)
@@ -488,7 +489,7 @@ class Pipeline:
         spacing = spacing if spacing is not None else (
             meta.distilled_spacing or sampling.DEFAULT_SPACING)
         self._check_steps(steps)
-        plan = SamplingPlan.create(meta, steps, spacing, eta, strength)
+        plan = self._plan(steps, spacing, eta, strength)
         if init_image is None and mask is not None:
             raise ValueError(
                 "mask given without init_image: inpainting keeps the init image's pixels "
@@ -551,6 +552,20 @@ class Pipeline:
             seconds=time.perf_counter() - started,
         )
         return out
+
+    def _plan(self, steps: Any, spacing: Any, eta: Any, strength: Any) -> SamplingPlan:
+        """SamplingPlan.create, remembered per arguments (it is pure; creating one costs
+        more than the rest of a small generation's host work)."""
+        key = (type(steps), steps, spacing, type(eta), eta, type(strength), strength)
+        try:
+            plan = self._plans.get(key)
+        except TypeError:  # unhashable argument: let create() explain what is wrong
+            plan, key = None, None
+        if plan is None:
+            plan = SamplingPlan.create(self.meta, steps, spacing, eta, strength)
+            if key is not None and len(self._plans) < 256:
+                self._plans[key] = plan
+        return plan
 
     @property
     def last_path(self) -> str | None:

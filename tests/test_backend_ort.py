@@ -511,3 +511,39 @@ def test_tensorrt_ep_matches_cpu(tmp_path: Path) -> None:
     np.testing.assert_allclose(trt.generate_float(6, 4, eta=1.0, seed=1),
                                cpu.generate_float(6, 4, eta=1.0, seed=1), atol=1e-3)
     assert (tmp_path / ".fewstep-cache" / "ort-trt").is_dir()
+
+
+def test_unchanged_small_inputs_are_not_uploaded_again_but_changed_ones_are(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    meta = oo.make_meta("epsilon", num_classes=3).for_graph(
+        kind="sampler", steps=2, spacing="trailing", guidance=True)
+    x0 = oo.pixel_x0(meta)
+    path = oo.write(tmp_path / "m.sampler-2.onnx", meta, x0)
+    bound = ortb.open_graph(str(path), "ort-cpu", io_binding=True)
+    plain = ortb.open_graph(str(path), "ort-cpu")
+    uploads: list[str] = []
+    real = ortb._Buffers.upload
+
+    def spy(self: Any, name: str, arr: np.ndarray) -> None:
+        before = self.last.get(name)
+        real(self, name, arr)
+        if before is None or not np.array_equal(before, arr) or name == "x":
+            uploads.append(name)
+
+    monkeypatch.setattr(ortb._Buffers, "upload", spy)
+    calls = [feeds_for(meta, 2, seed=0), feeds_for(meta, 2, seed=0), feeds_for(meta, 2, seed=1),
+             feeds_for(meta, 2, seed=0)]
+    calls[1]["x"] = calls[2]["x"]  # same labels/guidance, other noise
+    for feeds in calls:
+        np.testing.assert_array_equal(bound.run(feeds), plain.run(feeds))
+    # x every time; label and guidance only when they changed (calls 1, 3 and 4).
+    assert uploads.count("x") == 4
+    assert uploads.count("label") == 3 and uploads.count("guidance") == 3
+
+
+def test_extra_cuda_options_pass_through() -> None:
+    config = ortb.make_config("ort-cuda", "/m/model.onnx",
+                              {"cuda_options": {"prefer_nhwc": 1}}, on_jetson=False)
+    assert ortb.cuda_provider_options(config, True)["prefer_nhwc"] == "1"
+    with pytest.raises(ValueError, match="cuda_options=3 must map CUDA EP option names"):
+        ortb.make_config("ort-cuda", "/m/model.onnx", {"cuda_options": 3}, on_jetson=False)

@@ -90,7 +90,7 @@ def test_fp16_export_keeps_fp32_islands_and_passes_its_gate(tiny_checkpoint: Pat
                                         sampler_output="float")
     _, reports = onnx_export.export_to_folder(ck.build_model(), ck.meta, tmp_path, "m", options)
     islands = reports[0].fp32_islands
-    assert islands.get("InstanceNormalization", 0) >= 10 and islands.get("Softmax", 0) >= 1
+    assert islands.get("LayerNormalization", 0) >= 10 and islands.get("Softmax", 0) >= 1
     model = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
     conv_w = [i for i in model.graph.initializer if i.dims and len(i.dims) == 4]
     assert conv_w and all(i.data_type == onnx.TensorProto.FLOAT16 for i in conv_w)

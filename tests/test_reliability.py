@@ -227,3 +227,25 @@ def test_soak_fails_when_memory_grows(tiny_artifact: Path, monkeypatch: pytest.M
     result = soak.soak(str(tiny_artifact), 60, 1, 1, "ort-cpu", 10, 10, 8.0, progress=False)
     assert not result["passed"] and result["rss_growth_mib"] > 8
 
+
+
+def test_training_sigterm_saves_after_the_current_step(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from fewstep.train import checkpoint as ckpt_io
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [*CLI, "train", "--preset", "tiny", "--image-size", "16", "--batch-size", "2",
+         "--steps", "100000", "--checkpoint-every", "100000", "--log-every", "1",
+         "--no-progress", "--out", str(run)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    wait_for(lambda: (metrics.exists() and len(metrics.read_text().splitlines()) >= 3)
+             or proc.poll() is not None)
+    proc.send_signal(signal.SIGTERM)  # what a cluster sends before preempting a job
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "SIGTERM: saving after this step" in err and "Traceback" not in err
+    saved = ckpt_io.load(run / "checkpoint.pt")  # saved although no checkpoint was due
+    assert 3 <= saved.step < 100000
+    assert temporaries(run) == []

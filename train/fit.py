@@ -622,27 +622,32 @@ class Trainer:
 
 
 class _StopOnInterrupt:
-    """First Ctrl-C: finish the current step, save, stop. Second Ctrl-C: stop at once."""
+    """First Ctrl-C (or SIGTERM, e.g. a cluster's preemption notice): finish the current
+    step, save, stop. A second one: stop at once (the last saved checkpoint stays)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, log: Any) -> None:
         self.requested = False
         self._log = log
-        self._old: Any = None
+        self._old: dict[int, Any] = {}
 
     def _handler(self, signum: int, frame: Any) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        self._log("\nCtrl-C: saving after this step (press again to stop without saving)")
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        self._log(f"\n{name}: saving after this step (again to stop without saving)")
 
     def __enter__(self) -> _StopOnInterrupt:
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handler)
+            for sig in self.SIGNALS:
+                self._old[sig] = signal.signal(sig, self._handler)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
 def train(config: TrainConfig, options: RunOptions) -> Path:

@@ -45,7 +45,7 @@ import os
 import threading
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -70,6 +70,7 @@ OPTIONS: Final = {
                      "opt_batch", "gpu_mem_limit", "threads", "io_binding"),
 }
 CUDA_GRAPH_IDS_SINCE: Final = (1, 18)  # the run option "gpu_graph_id"
+SMALL_INPUT: Final = 4096  # elements: inputs this small are compared before uploading
 DEFAULT_TRT_MAX_BATCH: Final = 16
 ORT_TYPES: Final = {"tensor(float)": np.float32, "tensor(int64)": np.int64,
                     "tensor(uint8)": np.uint8}
@@ -353,6 +354,21 @@ class _Buffers:
     values: dict[str, Any]          # input name -> OrtValue
     out: Any                        # OrtValue of the output
     bound: list[tuple[Any, Any]]    # [(IOBinding, RunOptions)]: x→out, and out→x
+    # What the small inputs (labels, guidance, ...) of the last bound run held, so an
+    # unchanged one is not copied to the device again.
+    last: dict[str, Array] = field(default_factory=dict)
+
+    def upload(self, name: str, arr: Array) -> None:
+        """Copy ``arr`` into the device buffer ``name`` unless it already holds it."""
+        small = name != "x" and arr.size <= SMALL_INPUT
+        prev = self.last.get(name) if small else None
+        if prev is not None and np.array_equal(prev, arr):
+            return
+        self.values[name].update_inplace(arr)
+        if small:
+            self.last[name] = arr.copy()
+        else:
+            self.last.pop(name, None)
 
 
 def _first_line(e: BaseException) -> str:
@@ -577,7 +593,7 @@ class OrtGraph:
     def _bound_run(self, batch: int, arrays: Mapping[str, Array]) -> Array:
         buffers = self._allocate(batch)
         for name, arr in arrays.items():
-            buffers.values[name].update_inplace(arr)
+            buffers.upload(name, arr)
         self._launch(buffers, 0)
         return self._host(buffers.out)
 
@@ -586,11 +602,11 @@ class OrtGraph:
         buffers = self._allocate(x.shape[0])
         buffers.values["x"].update_inplace(x)
         for name, arr in fixed.items():
-            buffers.values[name].update_inplace(arr)
+            buffers.upload(name, arr)
         parity = 0
         for feeds in steps:
             for name, arr in feeds.items():
-                buffers.values[name].update_inplace(arr)
+                buffers.upload(name, arr)
             self._launch(buffers, parity)
             parity ^= 1
         # After an odd number of steps x is in the output buffer, else back in "x".
