@@ -129,8 +129,9 @@ def alphas_cumprod(
     rescale_zero_snr: bool = False,
 ) -> F64:
     """ᾱ_t for t = 0..T-1, float64, strictly decreasing (computed once, copied out)."""
-    return _alphas_cumprod(str(beta_schedule), int(num_train_timesteps), float(beta_start),
-                           float(beta_end), bool(rescale_zero_snr)).copy()
+    table = _alphas_cumprod(str(beta_schedule), int(num_train_timesteps), float(beta_start),
+                            float(beta_end), bool(rescale_zero_snr))
+    return np.array(table, dtype=np.float64)  # a copy: callers may modify theirs
 
 
 @functools.lru_cache(maxsize=32)

@@ -556,14 +556,15 @@ class Pipeline:
     def _plan(self, steps: Any, spacing: Any, eta: Any, strength: Any) -> SamplingPlan:
         """SamplingPlan.create, remembered per arguments (it is pure; creating one costs
         more than the rest of a small generation's host work)."""
-        key = (type(steps), steps, spacing, type(eta), eta, type(strength), strength)
+        key: tuple[Any, ...] = (type(steps), steps, spacing, type(eta), eta, type(strength),
+                                 strength)
         try:
             plan = self._plans.get(key)
         except TypeError:  # unhashable argument: let create() explain what is wrong
-            plan, key = None, None
+            return SamplingPlan.create(self.meta, steps, spacing, eta, strength)
         if plan is None:
             plan = SamplingPlan.create(self.meta, steps, spacing, eta, strength)
-            if key is not None and len(self._plans) < 256:
+            if len(self._plans) < 256:
                 self._plans[key] = plan
         return plan
 
