@@ -151,6 +151,8 @@ def _external_locations(graph: bytes) -> set[str]:
 
 def read_onnx_header(path: str | Path) -> OnnxHeader:
     p = Path(path)
+    if p.is_dir():
+        raise ArtifactError(f"{str(p)!r} is a folder, not a model file; pass the .onnx in it")
     if not p.is_file():
         raise ArtifactError(f"model file {str(p)!r} does not exist")
     data = p.read_bytes()

@@ -1,21 +1,25 @@
 """What every ``fewstep`` subcommand shares: parser style, error → exit code mapping.
 
-Exit codes: 0 ok, 1 a failed check, 2 bad usage or input, 130 interrupted. A user's
-mistake prints one ``error:`` line and no traceback unless ``--debug`` is given.
+Exit codes: 0 ok, 1 a failed check, 2 bad usage or input, 130 interrupted, 141 stdout
+closed early (``fewstep info | head -3``: like a Unix tool killed by SIGPIPE, quietly).
+A user's mistake prints one ``error:`` line and no traceback unless ``--debug`` is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from .errors import ArtifactError, BackendUnavailable, NumericalError
 
 EXIT_OK, EXIT_FAILED_CHECK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_BROKEN_PIPE = 128 + 13  # 128 + SIGPIPE, what a shell reports for `yes | head -1`
 
 
 class CheckFailed(Exception):
@@ -24,14 +28,23 @@ class CheckFailed(Exception):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+        # One line, like every other error (the usage block is what --help is for).
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` unless the help already explains the default or X is None
+    (a default computed at run time, e.g. from the model, is described in the help)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.default is None or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def parser(prog: str, doc: str | None) -> argparse.ArgumentParser:
-    p = _Parser(
-        prog=prog, description=doc, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = _Parser(prog=prog, description=doc, formatter_class=_HelpFormatter)
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     return p
 
@@ -54,7 +67,11 @@ def run(main: Callable[[argparse.Namespace], int | None], args: argparse.Namespa
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate)
     try:
-        return main(args) or EXIT_OK
+        code = main(args) or EXIT_OK
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        return broken_pipe()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -77,14 +94,36 @@ def run(main: Callable[[argparse.Namespace], int | None], args: argparse.Namespa
         print(f"error: this command needs the {top!r} package, which is not installed; "
               f"{hint}", file=sys.stderr)
         return EXIT_USAGE
+    except MemoryError as e:
+        if debug:
+            raise
+        detail = f" ({e})" if str(e) else ""
+        print(f"error: out of memory{detail}; ask for less at once (fewer images, a smaller "
+              "batch or grid)", file=sys.stderr)
+        return EXIT_USAGE
     except (ArtifactError, BackendUnavailable, ValueError, FileNotFoundError,
-            PermissionError, IsADirectoryError) as e:
+            PermissionError, IsADirectoryError, NotADirectoryError) as e:
         if debug:
             raise
         msg = str(e) if not isinstance(e, OSError) or not e.filename else (
             f"{e.strerror}: {e.filename!r}")
         print(f"error: {msg}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def broken_pipe() -> int:
+    """The reader of stdout went away (``| head``): stop quietly, exit 141 like SIGPIPE.
+
+    stdout is pointed at /dev/null so the interpreter's final flush of what is still
+    buffered cannot raise a second BrokenPipeError ("Exception ignored ...").
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no real file descriptor (captured in tests)
+        pass
+    return EXIT_BROKEN_PIPE
 
 
 def positive_int(text: str) -> int:
@@ -107,6 +146,67 @@ def nonneg_int(text: str) -> int:
     return value
 
 
+def bounded_int(low: int, high: int, what: str) -> Callable[[str], int]:
+    """An argparse type: a whole number in ``low..high``; ``what`` names the limit
+    (``"the most images one grid holds"``)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {low}")
+        if value > high:
+            raise argparse.ArgumentTypeError(
+                f"{value} is more than {high}, {what}; pass at most {high}")
+        return value
+
+    return parse
+
+
+def _main_files(folder: Path) -> list[Path]:
+    """The model files a folder holds: model.onnx, model.plan, *.oracle.json (no
+    .step/.sampler-N siblings)."""
+    from .artifact import base_stem
+
+    found = []
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError:
+        return []
+    for f in entries:
+        name = f.name
+        ext = next((e for e in (".oracle.json", ".onnx", ".plan") if name.endswith(e)), None)
+        if ext and f.is_file() and base_stem(name, ext) + ext == name:
+            found.append(f)
+    return found
+
+
+def check_model_path(path: Path | None, flag: str) -> None:
+    """An ArtifactError when ``path`` is a folder (naming the model file to pass instead)
+    or lies under a file; a path that simply does not exist is left to the loader."""
+    if path is None:
+        return
+    if path.is_dir():
+        files = _main_files(path)
+        if len(files) == 1:
+            fix = f"pass the model file inside it: {flag}{str(files[0])!r}"
+        elif files:
+            shown = ", ".join(repr(f.name) for f in files[:4]) + (", ..." if len(files) > 4
+                                                                  else "")
+            fix = f"pass one of the model files inside it ({shown}): {flag}{path!s}/NAME"
+        else:
+            fix = (f"it holds no .onnx, .plan or .oracle.json; pass {flag}a model.onnx made "
+                   "by `fewstep export`")
+        raise ArtifactError(f"model {str(path)!r} is a folder, not a model file; {fix}")
+    if not path.exists():
+        parent = next((p for p in path.parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            raise ArtifactError(f"model {str(path)!r} cannot exist: {str(parent)!r} is a file, "
+                                f"not a folder; pass {flag}the path of a model.onnx")
+
+
 def main_of(build: Callable[[str], argparse.ArgumentParser],
             body: Callable[[argparse.Namespace], int | None]) -> Callable[..., int]:
     """A subcommand's ``main(argv, prog)`` from its parser builder and body."""
@@ -114,7 +214,14 @@ def main_of(build: Callable[[str], argparse.ArgumentParser],
     def main(argv: Sequence[str] | None = None, prog: str = "fewstep") -> int:
         try:
             args = build(prog).parse_args(argv)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `fewstep sample --help | head -3`
+            return broken_pipe()
         except SystemExit as e:  # --help (0) or a usage error (2), already printed
+            try:
+                sys.stdout.flush()
+            except BrokenPipeError:
+                return broken_pipe()
             return e.code if isinstance(e.code, int) else EXIT_USAGE
         return run(body, args)
 

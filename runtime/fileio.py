@@ -20,6 +20,13 @@ def check_writable_target(path: str | os.PathLike[str]) -> Path:
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
+        # The nearest part of the path that exists: a file there means no folder can be made.
+        blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise ValueError(
+                f"output path {str(target)!r} goes through {str(blocker)!r}, which is a file, "
+                "not a folder; pass --out a path inside a folder"
+            )
         raise ValueError(
             f"output folder {str(folder)!r} does not exist; create it or pass another --out"
         )

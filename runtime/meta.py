@@ -25,9 +25,10 @@ SCHEMA_VERSION: Final = 1
 META_KEY: Final = "fewstep.meta"
 
 GRAPH_KINDS: Final = ("denoiser", "step", "sampler")
-PRECISIONS: Final = ("fp32", "fp16")
+PRECISIONS: Final = ("fp32", "fp16", "bf16")
 OUTPUT_FORMATS: Final = ("float", "uint8")
 OUTPUT_NAME: Final = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+MAX_CLASSES: Final = 1_000_000
 
 
 def _fail(where: str, msg: str) -> ArtifactError:
@@ -56,7 +57,8 @@ class Schedule:
         _check_choice("schedule.beta_schedule", self.beta_schedule, ddim.BETA_SCHEDULES)
         if not 1 <= self.num_train_timesteps <= 100_000:
             raise _fail(
-                "schedule.num_train_timesteps", f"{self.num_train_timesteps} not in 1..100000"
+                "schedule.num_train_timesteps",
+                f"{_short(self.num_train_timesteps)} not in 1..100000",
             )
         if not (0 < self.beta_start <= self.beta_end < 1):
             raise _fail("schedule.beta_start/beta_end", f"{self.beta_start}/{self.beta_end}")
@@ -65,7 +67,7 @@ class Schedule:
         ):
             raise _fail("schedule.clip_sample_range", f"{self.clip_sample_range} must be > 0")
         if not 0 <= self.steps_offset < self.num_train_timesteps:
-            raise _fail("schedule.steps_offset", f"{self.steps_offset} out of range")
+            raise _fail("schedule.steps_offset", f"{_short(self.steps_offset)} out of range")
 
     def alphas_cumprod(self) -> NDArray[np.float64]:
         return ddim.alphas_cumprod(
@@ -110,7 +112,8 @@ class GraphInfo:
         _check_choice("graph.output_format", self.output_format, OUTPUT_FORMATS)
         if self.kind == "sampler":
             if self.steps < 1:
-                raise _fail("graph.steps", f"{self.steps}: a sampler graph needs steps >= 1")
+                raise _fail("graph.steps",
+                            f"{_short(self.steps)}: a sampler graph needs steps >= 1")
             _check_choice("graph.spacing", self.spacing, ddim.SPACINGS)
             if not 0.0 <= self.eta <= 1.0:
                 raise _fail("graph.eta", f"{self.eta} not in [0, 1]")
@@ -146,9 +149,12 @@ class ModelMeta:
         for name in ("channels", "height", "width"):
             value = getattr(self, name)
             if not 1 <= value <= 8192:
-                raise _fail(name, f"{value} not in 1..8192")
-        if self.num_classes < 0:
-            raise _fail("num_classes", f"{self.num_classes} < 0")
+                raise _fail(name, f"{_short(value)} not in 1..8192")
+        if not 0 <= self.num_classes <= MAX_CLASSES:
+            raise _fail("num_classes", f"{_short(self.num_classes)} not in 0..{MAX_CLASSES}")
+        if self.graph.steps > self.schedule.num_train_timesteps:
+            raise _fail("graph.steps", f"{_short(self.graph.steps)} exceeds num_train_timesteps="
+                        f"{self.schedule.num_train_timesteps}")
         if self.class_names and len(self.class_names) != self.num_classes:
             raise _fail(
                 "class_names", f"{len(self.class_names)} names for {self.num_classes} classes"
@@ -158,7 +164,7 @@ class ModelMeta:
         if self.distilled_steps:
             _check_choice("distilled_spacing", self.distilled_spacing, ddim.SPACINGS)
             if any(s < 1 or s > self.schedule.num_train_timesteps for s in self.distilled_steps):
-                raise _fail("distilled_steps", f"{self.distilled_steps} out of range")
+                raise _fail("distilled_steps", f"{_short(self.distilled_steps)} out of range")
         expected_in, expected_out = io_names(self.prediction_type, self.conditional, self.graph)
         if self.graph.inputs != expected_in or self.graph.outputs != expected_out:
             raise _fail(
@@ -168,7 +174,7 @@ class ModelMeta:
                 f"{list(expected_in)} -> {list(expected_out)}",
             )
         if self.schema_version != SCHEMA_VERSION:
-            raise _fail("schema_version", f"{self.schema_version} != {SCHEMA_VERSION}")
+            raise _fail("schema_version", f"{_short(self.schema_version)} != {SCHEMA_VERSION}")
 
     @classmethod
     def build(cls, graph: GraphInfo | None = None, **fields: Any) -> ModelMeta:
@@ -212,7 +218,7 @@ class ModelMeta:
     @classmethod
     def from_json(cls, text: str | bytes, source: str = "metadata") -> ModelMeta:
         try:
-            data = json.loads(text)
+            data = json.loads(text, parse_constant=_reject_constant)
         except (ValueError, TypeError, RecursionError) as e:
             raise ArtifactError(f"{source}: fewstep metadata is not valid JSON ({e})") from None
         return cls.from_dict(data, source)
@@ -223,6 +229,15 @@ class ModelMeta:
             return _parse(data)
         except ArtifactError as e:
             raise ArtifactError(f"{source}: {e}") from None
+        except (TypeError, ValueError, OverflowError, RecursionError) as e:
+            # A check above missed a kind of bad value: still one ArtifactError, never a
+            # traceback (the property tests in tests/test_properties.py hunt for these).
+            raise ArtifactError(f"{source}: fewstep metadata is malformed ({type(e).__name__}: "
+                                f"{str(e)[:200]}); re-export the model") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a finite number")
 
 
 def io_names(
@@ -255,14 +270,24 @@ def _get(d: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: s
     value = d[key]
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # a whole number beyond float range, e.g. 10**400
+            raise _fail(f"{where}{key}", f"{_short(value)} is too large for a number "
+                        "(float64)") from None
     if isinstance(value, bool) and bool not in kinds:
-        raise _fail(f"{where}{key}", f"{value!r} is not {_names(kinds)}")
+        raise _fail(f"{where}{key}", f"{_short(value)} is not {_names(kinds)}")
     if not isinstance(value, kinds):
-        raise _fail(f"{where}{key}", f"{value!r} is not {_names(kinds)}")
+        raise _fail(f"{where}{key}", f"{_short(value)} is not {_names(kinds)}")
     if isinstance(value, float) and not math.isfinite(value):
         raise _fail(f"{where}{key}", f"{value!r} is not finite")
     return value
+
+
+def _short(value: object) -> str:
+    """``repr(value)``, elided in the middle past 40 characters (one readable line)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:18]}...{text[-18:]} ({len(text)} chars)"
 
 
 def _names(kinds: tuple[type, ...]) -> str:
@@ -288,11 +313,11 @@ def _parse(data: object) -> ModelMeta:
     version = _get(data, "schema_version", int, "")
     if version > SCHEMA_VERSION:
         raise ArtifactError(
-            f"metadata schema version {version} is newer than this fewstep supports "
+            f"metadata schema version {_short(version)} is newer than this fewstep supports "
             f"({SCHEMA_VERSION}); upgrade fewstep (pip install -U fewstep)"
         )
     if version < 1:
-        raise _fail("schema_version", f"{version} is not a valid version")
+        raise _fail("schema_version", f"{_short(version)} is not a valid version")
     top = {f.name for f in dataclasses.fields(ModelMeta)}
     _no_extra(data, top, "")
 

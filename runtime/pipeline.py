@@ -42,7 +42,15 @@ from . import noise as host_noise
 from .backends import Array, Graph
 from .errors import ArtifactError, NumericalError
 from .fileio import check_writable_target
-from .images import from_uint8_nhwc, grid, load_image, load_mask, save_png, to_uint8_nhwc
+from .images import (
+    from_uint8_nhwc,
+    grid,
+    load_image,
+    load_mask,
+    nonfinite_images,
+    save_image,
+    to_uint8_nhwc,
+)
 from .meta import ModelMeta
 from .sampling import SamplingPlan
 
@@ -198,6 +206,11 @@ class Pipeline:
         """
         p = Path(path) if path is not None else default_model_path()
         name = str(p)
+        if p.is_dir():
+            raise ArtifactError(
+                f"{name!r} is a folder, not a model file; pass the model.onnx (or .plan) "
+                "inside it, made by `fewstep export`"
+            )
         if not p.is_file():
             raise ArtifactError(
                 f"model file {name!r} does not exist; pass --model PATH to a model.onnx "
@@ -601,6 +614,14 @@ class Pipeline:
                     f"{graph.path} returned {y.dtype} {y.shape}, not uint8 ({n}, {h}, {w}, {c}) "
                     "images as its metadata says; re-export it"
                 )
+            bad = nonfinite_images(y)
+            if bad.size:
+                which = ", ".join(str(lo + int(b)) for b in bad[:8]) + (
+                    ", ..." if bad.size > 8 else "")
+                raise NumericalError(
+                    f"the sampler graph {_name(graph.path)} produced NaN/Inf for image(s) "
+                    f"{which} of this call; {NUMERIC_FIX}"
+                )
             return y
         y = np.asarray(y, dtype=np.float32)
         if not np.all(np.isfinite(y)):
@@ -680,7 +701,8 @@ class Pipeline:
     @staticmethod
     def save_grid(images: U8, path: str | os.PathLike[str], nrow: int | None = None,
                   scale: int = 1) -> Path:
-        """Tile (N, H, W, C) uint8 images into one PNG at ``path`` (atomic write)."""
+        """Tile (N, H, W, C) uint8 images into one image file at ``path`` (atomic write;
+        the format from the extension: .png, .jpg, .webp, ...)."""
         target = check_writable_target(path)
-        save_png(grid(images, nrow), target, scale=scale)
+        save_image(grid(images, nrow), target, scale=scale)
         return target

@@ -301,6 +301,8 @@ def rebuild_command(
             words.append("--exclude-lean-runtime")
         if sidecar.fp16_weak:
             words.append("--fp16-weak")
+        if sidecar.extra.get("bf16_weak"):
+            words.append("--bf16-weak")
     return " ".join(shlex.quote(w) for w in words)
 
 

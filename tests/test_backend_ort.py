@@ -547,3 +547,14 @@ def test_extra_cuda_options_pass_through() -> None:
     assert ortb.cuda_provider_options(config, True)["prefer_nhwc"] == "1"
     with pytest.raises(ValueError, match="cuda_options=3 must map CUDA EP option names"):
         ortb.make_config("ort-cuda", "/m/model.onnx", {"cuda_options": 3}, on_jetson=False)
+
+
+def test_bf16_graph_on_the_cpu_provider_is_refused_with_the_fix(tmp_path: Path) -> None:
+    from fewstep.runtime import backends
+    from fewstep.runtime.errors import ArtifactError
+
+    meta = oo.make_meta("epsilon").for_graph(precision="bf16")
+    path = oo.write(tmp_path / "m.onnx", meta, oo.pixel_x0(meta))
+    with pytest.raises(ArtifactError, match=r"bf16 graph .* --backend ort-cuda"):
+        backends.load(str(path), "ort-cpu")
+

@@ -2,7 +2,9 @@
 `fewstep` command as a user would, asserting the exit code and the one-line message.
 
 Exit codes: 2 for bad input or usage, 1 for a failed check (NaN/Inf in a generation,
-the parity gate). No case may print a traceback (they only appear with --debug).
+the parity gate). No case may print a traceback (they only appear with --debug), and
+stderr — Python's and the C libraries' alike (ONNX Runtime logs to file descriptor 2) —
+must be exactly one non-empty line: the error.
 """
 
 from __future__ import annotations
@@ -53,8 +55,20 @@ CASES = [
     Case("onnx-missing-weights-file",
          ("sample", "--model", "{noweights}", "--out", "{tmp}/g.png"), 2,
          "which is missing beside it"),
+    Case("onnx-truncated-weights-file",
+         ("sample", "--model", "{shortweights}", "--out", "{tmp}/g.png"), 2,
+         "onnxruntime cannot load"),
+    Case("onnx-metadata-huge-number", ("info", "{hugenum}"), 2,
+         "schedule.beta_start: 100000000000000000...000000000000000000 (401 chars) is too "
+         "large for a number"),
+    Case("onnx-metadata-huge-number-sample",
+         ("sample", "--model", "{hugenum}", "--out", "{tmp}/g.png"), 2, "is too large"),
     Case("model-missing", ("sample", "--model", "{tmp}/nope.onnx", "--out", "{tmp}/g.png"), 2,
          "does not exist"),
+    Case("model-is-a-folder", ("sample", "--model", "{guided_dir}", "--out", "{tmp}/g.png"), 2,
+         "is a folder, not a model file; pass the model file inside it: --model "),
+    Case("info-on-a-folder", ("info", "{guided_dir}"), 2,
+         "is a folder, not a model file; pass the model file inside it: "),
     Case("plan-without-sidecar", ("info", "{plan_nosidecar}"), 2, "no sidecar"),
     Case("plan-sidecar-malformed", ("info", "{plan_badsidecar}"), 2, "model.plan.json"),
     # -- checkpoints ---------------------------------------------------------------------
@@ -103,6 +117,16 @@ CASES = [
          "guidance=-1.0 must be a number in [0, 50]"),
     Case("n-zero", ("sample", "--model", "{guided}", "--n", "0", "--out", "{tmp}/g.png"), 2,
          "0 must be at least 1"),
+    Case("n-huge",
+         ("sample", "--model", "{guided}", "--n", "1000000000", "--out", "{tmp}/g.png"), 2,
+         "argument --n: 1000000000 is more than 10000, the most images one grid holds; "
+         "pass at most 10000"),
+    Case("scale-huge",
+         ("sample", "--model", "{guided}", "--scale", "100000", "--out", "{tmp}/g.png"), 2,
+         "argument --scale: 100000 is more than 64"),
+    Case("grid-too-large",
+         ("sample", "--model", "{guided}", "--n", "9000", "--scale", "64",
+          "--out", "{tmp}/g.png"), 2, "over the limit of 100 megapixels; pass --scale"),
     Case("seed-negative",
          ("sample", "--model", "{guided}", "--seed", "-1", "--out", "{tmp}/g.png"), 2,
          "-1 must be 0 or more"),
@@ -126,6 +150,16 @@ CASES = [
          "output folder"),
     Case("output-is-a-directory", ("sample", "--model", "{guided}", "--out", "{tmp}"), 2,
          "is a directory"),
+    Case("output-parent-is-a-file",
+         ("sample", "--model", "{guided}", "--out", "{init_png}/g.png"), 2,
+         "which is a file, not a folder"),
+    Case("output-extension-unknown",
+         ("sample", "--model", "{guided}", "--out", "{tmp}/g.txt"), 2,
+         "ends in '.txt', an image format this Pillow cannot write; end the file name in one "
+         "of .png, .jpg"),
+    Case("output-without-extension",
+         ("sample", "--model", "{guided}", "--out", "{tmp}/grid"), 2,
+         "has no file extension"),
     Case("unknown-command", ("smaple",), 2, "unknown command 'smaple'"),
     # -- training data -------------------------------------------------------------------
     Case("images-unreadable",
@@ -160,6 +194,7 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_artifact: Path) -> dict
     cond = onnx_oracle.make_meta("epsilon", num_classes=3)
     f["guided"] = artifact("guided", cond.for_graph(guidance=True),
                            samplers=((4, "trailing", 0.0, "uint8"),))
+    f["guided_dir"] = str(Path(f["guided"]).parent)
     f["plain"] = artifact("plain", cond)
     f["uncond"] = artifact("uncond", onnx_oracle.make_meta("epsilon"))
     f["overflow"] = artifact("overflow", onnx_oracle.make_meta("epsilon"), step=False,
@@ -193,6 +228,15 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_artifact: Path) -> dict
     for w in (tmp / "noweights").glob("*.bin"):
         w.unlink()
     f["noweights"] = str(tmp / "noweights" / "model.onnx")
+    # ... and one whose weights file was cut short (an interrupted copy).
+    shutil.copytree(tiny_artifact.parent, tmp / "shortweights")
+    for w in (tmp / "shortweights").glob("*.bin"):
+        w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    f["shortweights"] = str(tmp / "shortweights" / "model.onnx")
+    huge = json.loads(meta.to_json())
+    huge["schedule"]["beta_start"] = 10**400  # beyond float64: was an OverflowError
+    f["hugenum"] = str(onnx_oracle.write(tmp / "hugenum.onnx", meta, x0,
+                                         metadata=json.dumps(huge)))
     (tmp / "plans").mkdir()
     (tmp / "plans" / "model.plan").write_bytes(b"\x00" * 64)
     f["plan_nosidecar"] = str(tmp / "plans" / "model.plan")
@@ -233,16 +277,17 @@ class Evil:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(case: Case, files: dict[str, str], capsys: pytest.CaptureFixture[str]
+def test_bad_input(case: Case, files: dict[str, str], capfd: pytest.CaptureFixture[str]
                    ) -> None:
     argv = [a.format(**files) for a in case.argv]
     code = fewstep_main(argv)
-    out, err = capsys.readouterr()
+    out, err = capfd.readouterr()  # file descriptors: C libraries' output is caught too
     assert code == case.code, err
     assert case.message in err, err
     assert "Traceback" not in err and "Traceback" not in out
-    error_lines = [ln for ln in err.splitlines() if "error" in ln or "failed" in ln]
-    assert len(error_lines) == 1, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err  # the error line and nothing else (no ORT log, no progress)
+    assert "error" in lines[0], err
     assert not out.strip(), out  # nothing on stdout: no result path for a failure
     assert not list(Path(files["tmp"]).glob("**/.fewstep-tmp*"))
 

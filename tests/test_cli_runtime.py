@@ -216,6 +216,8 @@ def test_help(capsys: pytest.CaptureFixture[str]) -> None:
     for flag in ("--init-image", "--batch-size", "--out", "--labels", "--guidance"):
         assert flag in out
     assert "(default: 4)" in out  # ArgumentDefaultsHelpFormatter
+    assert "(default: the step count the model was distilled for" in " ".join(out.split())
+    assert "(default: None)" not in out  # computed defaults are explained, not shown as None
     code, out, _ = run_main(cli_info.main, ["--help"], capsys)
     assert code == 0 and "--json" in out
     helped = subprocess.run([FEWSTEP, "sample", "--help"], capture_output=True, text=True,
@@ -261,6 +263,8 @@ def test_info_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert code == 2 and "is not an ONNX model" in err and "Traceback" not in err and out == ""
     code, _, err = run_main(cli_info.main, [str(tmp_path / "none.onnx")], capsys)
     assert code == 2 and "does not exist" in err
+    code, _, err = run_main(cli_info.main, [str(tmp_path)], capsys)
+    assert code == 2 and "is a folder, not a model file" in err and "does not exist" not in err
 
 
 def test_info_default_model(capsys: pytest.CaptureFixture[str]) -> None:

@@ -23,7 +23,12 @@ from fewstep.runtime import ddim, noise, sampling
 from fewstep.runtime.backends import Graph
 from fewstep.runtime.backends.oracle import make_oracle, write_oracle_file
 from fewstep.runtime.errors import ArtifactError, NumericalError
-from fewstep.runtime.images import to_uint8_nhwc
+from fewstep.runtime.images import (
+    nonfinite_images,
+    nonfinite_marker,
+    to_uint8_nhwc,
+    to_uint8_nhwc_marked,
+)
 from fewstep.runtime.meta import ModelMeta, Schedule
 from fewstep.runtime.pipeline import Pipeline
 
@@ -598,6 +603,32 @@ def test_nan_is_a_numerical_error_naming_the_step(kind: str, cond_meta: ModelMet
         assert "sampler graph" in msg and "images 0..2" in msg
 
 
+def test_uint8_sampler_nan_image_is_a_numerical_error_not_a_picture(
+        cond_meta: ModelMeta, cond_x0: np.ndarray) -> None:
+    # Class 1's "clean image" is NaN: the uint8 sampler (graph contract, mirrored by the
+    # oracle) outputs the nonfinite marker for those images, and generate refuses them.
+    x0 = cond_x0.copy()
+    x0[1, 0, 2, 3] = np.nan
+    graph = sampler_of(cond_meta, x0, 4, "trailing", 0.0, fmt="uint8")
+    pipe = Pipeline.from_graphs([graph])
+    good = pipe.generate(2, 4, labels=[0, 2])
+    assert good.dtype == np.uint8 and len(nonfinite_images(good)) == 0
+    with pytest.raises(NumericalError, match=r"produced NaN/Inf for image\(s\) 1, 3 of"):
+        pipe.generate(4, 4, labels=[0, 1, 2, 1])
+
+
+def test_nonfinite_marker_is_fixed_and_never_a_real_conversion() -> None:
+    m = nonfinite_marker((8, 8, 3))
+    assert m.dtype == np.uint8 and m.shape == (8, 8, 3)
+    np.testing.assert_array_equal(m, nonfinite_marker((8, 8, 3)))
+    assert len(np.unique(m)) > 64  # not a flat colour a model could plausibly produce
+    x = np.random.default_rng(0).uniform(-1, 1, (5, 3, 8, 8))
+    x[3, 1, 1, 1] = np.inf
+    out = to_uint8_nhwc_marked(x)
+    assert list(nonfinite_images(out)) == [3]
+    np.testing.assert_array_equal(out[[0, 1, 2, 4]], to_uint8_nhwc(x[[0, 1, 2, 4]]))
+
+
 def test_inpainting_step_path_checks_every_step(cond_meta: ModelMeta,
                                                 cond_x0: np.ndarray) -> None:
     graph = Poisoned(oo.toy(cond_meta.for_graph(kind="step"), cond_x0, 0.0, path="s.onnx"), 0)
@@ -714,3 +745,21 @@ def test_save_grid(tmp_path: Path, cond_meta: ModelMeta, cond_x0: np.ndarray) ->
     assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]
     with pytest.raises(ValueError, match="does not exist; create it or pass another --out"):
         pipe.save_grid(images, tmp_path / "missing" / "grid.png")
+
+
+def test_load_a_folder_says_it_is_a_folder(tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match="is a folder, not a model file"):
+        Pipeline.load(tmp_path)
+
+
+def test_save_grid_writes_the_format_of_the_extension(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from fewstep.runtime.images import grid_size
+
+    imgs = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
+    h, w = grid_size(4, 8, 8, nrow=2)
+    for ext, fmt in ((".png", "PNG"), (".jpg", "JPEG")):
+        out = Pipeline.save_grid(imgs, tmp_path / f"g{ext}", nrow=2)
+        with Image.open(out) as im:
+            assert im.format == fmt and im.size == (w, h)

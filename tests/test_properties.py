@@ -23,9 +23,20 @@ from fewstep.runtime.meta import GraphInfo, ModelMeta, Schedule
 # ---------------------------------------------------------------------------------
 
 names = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12)
+# Any whole number JSON can carry: unbounded, plus the edges of int64 and of float64 (a
+# number beyond ~1.8e308 cannot become a float: it must be an ArtifactError, not an
+# OverflowError).
+whole_numbers = st.integers() | st.sampled_from(
+    [2**53 + 1, 2**63 - 1, 2**63, 2**64, -(2**63) - 1, 10**308, 10**309, 10**400, -(10**400)])
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-10**6, 10**6)
+    st.none() | st.booleans() | whole_numbers
     | st.floats(allow_nan=False, allow_infinity=False) | names,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(names, inner, max_size=4),
+    max_leaves=20,
+)
+# What json.dumps also writes: NaN and Infinity (json.loads reads them back).
+wild_json_values = st.recursive(
+    st.none() | st.booleans() | whole_numbers | st.floats() | names,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(names, inner, max_size=4),
     max_leaves=20,
 )
@@ -76,7 +87,7 @@ def test_meta_round_trip(meta: ModelMeta) -> None:
     assert again.to_json() == meta.to_json()
 
 
-@given(json_values)
+@given(wild_json_values)
 def test_arbitrary_json_is_artifact_error_or_valid(value: Any) -> None:
     with contextlib.suppress(ArtifactError):  # anything else escapes and fails the test
         ModelMeta.from_json(json.dumps(value))
@@ -102,9 +113,65 @@ def test_mutated_metadata_is_artifact_error_or_valid(meta: ModelMeta, data: st.D
     if action == "delete":
         target.pop(key, None)
     else:
-        target[key] = data.draw(json_values)
+        target[key] = data.draw(wild_json_values)
     with contextlib.suppress(ArtifactError):
         ModelMeta.from_json(json.dumps(d))
+
+
+json_numbers = whole_numbers | st.floats()
+
+
+@given(metas(), st.data())
+def test_any_number_in_a_number_field_is_artifact_error_or_valid(meta: ModelMeta,
+                                                                 data: st.DataObject) -> None:
+    """Every number-valued field, given any number JSON can carry (huge, negative, NaN)."""
+    d = json.loads(meta.to_json())
+    slots = [(section, key) for section, obj in (("", d), ("schedule", d["schedule"]),
+                                                 ("graph", d["graph"]))
+             for key, v in obj.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    section, key = data.draw(st.sampled_from(slots))
+    (d[section] if section else d)[key] = data.draw(json_numbers)
+    with contextlib.suppress(ArtifactError):
+        ModelMeta.from_json(json.dumps(d))
+
+
+def _meta_dict() -> dict[str, Any]:
+    meta = ModelMeta.build(prediction_type="epsilon", schedule=Schedule(), channels=3,
+                           height=8, width=8, num_classes=2,
+                           graph=GraphInfo(kind="sampler", steps=4, spacing="trailing"))
+    d: dict[str, Any] = json.loads(meta.to_json())
+    return d
+
+
+FIELD_PATHS = [("schedule", "beta_start"), ("schedule", "beta_end"),
+               ("schedule", "clip_sample_range"), ("graph", "eta"),
+               ("schedule", "num_train_timesteps"), ("schedule", "steps_offset"),
+               ("graph", "steps"), ("", "channels"), ("", "height"), ("", "num_classes"),
+               ("", "schema_version")]
+
+
+@pytest.mark.parametrize("value", [10**400, -(10**400), 10**309], ids=["1e400", "-1e400", "1e309"])
+@pytest.mark.parametrize(("section", "key"), FIELD_PATHS)
+def test_huge_whole_number_in_any_number_field_is_artifact_error(section: str, key: str,
+                                                                 value: int) -> None:
+    """Regression: 10**400 in a float field raised OverflowError (a traceback in the CLI)."""
+    d = _meta_dict()
+    (d[section] if section else d)[key] = value
+    with pytest.raises(ArtifactError) as e:
+        ModelMeta.from_json(json.dumps(d), source="model.onnx")
+    message = str(e.value)
+    assert message.startswith("model.onnx: ") and "\n" not in message
+    assert len(message) < 300  # the number is elided, not printed in full
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_json_constants_are_artifact_error(constant: str) -> None:
+    text = json.dumps(_meta_dict()).replace('"train_config": {}',
+                                            f'"train_config": {{"lr": {constant}}}')
+    assert constant in text
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        ModelMeta.from_json(text)
 
 
 # ---------------------------------------------------------------------------------

@@ -15,8 +15,20 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any, Final
 
 from fewstep.runtime import clitools
+
+# The parser's defaults, written out so that building it (and --help) needs no torch:
+# train/distill.py imports torch. tests/test_cli_robustness.py checks that they equal
+# DistillConfig()'s fields, DEFAULT_FROM_STEPS and LOSS_WEIGHTINGS of train/distill.py.
+DEFAULTS: Final[dict[str, Any]] = {
+    "to_steps": 4, "steps_per_round": (1500,), "batch_size": 256, "lr": 2e-4,
+    "warmup_steps": 50, "ema_decay": 0.995, "grad_clip": 1.0, "teacher_guidance": 1.0,
+    "spacing": "trailing", "loss_weighting": "truncated-snr", "seed": 0,
+}
+DEFAULT_FROM_STEPS: Final = 64
+LOSS_WEIGHTINGS: Final = ("truncated-snr", "snr+1")
 
 
 def _guidance(text: str) -> float:
@@ -30,16 +42,14 @@ def _guidance(text: str) -> float:
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    from . import distill
-
-    d = distill.DistillConfig()
+    d = argparse.Namespace(**DEFAULTS)  # no torch here: see DEFAULTS
     p = clitools.parser(prog, __doc__)
     p.add_argument("checkpoint", type=Path, help="teacher checkpoint (fewstep train or distill)")
     p.add_argument("--out", type=Path, required=True,
                    help="folder for round_NNN.pt, distill.json and metrics.jsonl")
     p.add_argument("--from-steps", type=clitools.positive_int, default=None,
                    help="the teacher's step count (default: the checkpoint's distilled step "
-                        f"count, else {distill.DEFAULT_FROM_STEPS})")
+                        f"count, else {DEFAULT_FROM_STEPS})")
     p.add_argument("--to-steps", type=clitools.positive_int, default=d.to_steps,
                    help="the last student's step count (reached by halving --from-steps)")
     p.add_argument("--steps-per-round", type=clitools.positive_int, nargs="+",
@@ -58,7 +68,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="label dropout of the student (default: the teacher's training value)")
     p.add_argument("--spacing", choices=["leading", "trailing", "linspace"], default=d.spacing,
                    help="timestep spacing; the 2N- and N-step grids must nest (trailing does)")
-    p.add_argument("--loss-weighting", choices=["truncated-snr", "snr+1"],
+    p.add_argument("--loss-weighting", choices=list(LOSS_WEIGHTINGS),
                    default=d.loss_weighting,
                    help="weight of the x0 error: max(SNR, 1) or SNR + 1 (= v-space MSE)")
     p.add_argument("--data", default=None,

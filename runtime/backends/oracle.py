@@ -14,7 +14,8 @@ ONNX graphs (``meta.graph.inputs`` → ``meta.graph.outputs``):
   classifier-free guidance itself (cond = x0[label], uncond = x0[null label]).
 * ``step``: the network, then one ``ddim.step`` with the given coefficients.
 * ``sampler``: ``sampling.run_loop`` over the baked steps/spacing/eta, then
-  ``images.to_uint8_nhwc`` when the output format is uint8.
+  ``images.to_uint8_nhwc_marked`` when the output format is uint8 (an image with
+  NaN/Inf becomes ``images.nonfinite_marker``, as in an exported graph).
 
 ``make_oracle(meta, x0)`` builds one in memory. ``open_graph(path, "oracle")`` reads
 a small ``.oracle.json`` file: ``{"meta": <ModelMeta JSON object>, "x0_seed": int}``
@@ -34,7 +35,7 @@ from numpy.typing import NDArray
 
 from .. import ddim, sampling
 from ..errors import ArtifactError
-from ..images import to_uint8_nhwc
+from ..images import to_uint8_nhwc_marked
 from ..meta import ModelMeta
 from . import Array, Feeds, as_float32, host_loop
 
@@ -179,7 +180,7 @@ class OracleGraph:
         noise = as_float32(feeds["noise"]) if plan.stochastic else None
         x0: F32 = sampling.run_loop(plan, denoise, x, noise)
         if g.output_format == "uint8":
-            return to_uint8_nhwc(x0)
+            return to_uint8_nhwc_marked(x0)
         return x0.astype(np.float32)
 
 

@@ -413,7 +413,7 @@ class OrtGraph:
         ort = _import_ort()
         so = ort.SessionOptions()
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 3  # errors only; fewstep reports what matters itself
+        so.log_severity_level = 4  # fatal only: fewstep reports errors itself, in one line
         if self.config.threads is not None:
             so.intra_op_num_threads = self.config.threads
         providers = providers_for(self.meta, self.config, cuda_graph)
@@ -620,4 +620,10 @@ def open_graph(path: str, name: str, **options: Any) -> OrtGraph:
                          f"{', '.join(PROVIDERS)}")
     config = make_config(name, str(path), options)
     meta = read_onnx_meta(path)
+    if name == "ort-cpu" and meta.graph.precision == "bf16":
+        raise ArtifactError(
+            f"{Path(path).name} is a bf16 graph and ONNX Runtime's CPU provider has no "
+            "bfloat16 Conv/Gemm/MatMul kernels; run it with --backend ort-cuda (or TensorRT), "
+            "or export --precision fp32 or fp16 for the CPU"
+        )
     return OrtGraph(str(path), meta, config)
