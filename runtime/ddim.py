@@ -112,7 +112,14 @@ def rescale_zero_terminal_snr(betas: F64) -> F64:
 
     With zero terminal SNR the network never sees signal at t = T-1, so an
     ``epsilon`` model cannot recover x0 there: use ``v_prediction`` (or ``sample``).
+    Needs at least two timesteps (with one, the first is the last: 0/0).
     """
+    if len(betas) < 2:
+        raise ValueError(
+            f"zero-terminal-SNR rescaling needs num_train_timesteps >= 2, got "
+            f"num_train_timesteps={len(betas)} (the only timestep would be both the first "
+            "and the zero-SNR last one); pass num_train_timesteps >= 2 or rescale_zero_snr=False"
+        )
     sqrt_ab = np.sqrt(np.cumprod(1.0 - betas))
     first, last = sqrt_ab[0], sqrt_ab[-1]
     sqrt_ab = (sqrt_ab - last) * first / (first - last)
@@ -270,6 +277,57 @@ def sigma(a_t: Any, a_prev: Any, eta: Any) -> Any:
 # ---------------------------------------------------------------------------------
 
 
+def _is_scalar(value: object) -> bool:
+    """A Python or numpy number, or a 0-d numpy array (not a bool, not a torch tensor)."""
+    if isinstance(value, (bool, np.bool_)):
+        return False
+    return isinstance(value, (int, float, np.number)) or (
+        isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf"
+    )
+
+
+def _check_eta(eta: Any) -> Any:
+    """``eta`` as a float when it is a number (numpy scalars and 0-d arrays included),
+    else unchanged. Numbers and numpy arrays must lie in [0, 1]; other arrays (torch
+    tensors, maybe traced) are not looked into: no branching on their values."""
+    if isinstance(eta, (bool, np.bool_, str, bytes)) or eta is None:
+        raise ValueError(
+            f"eta={eta!r} must be a number in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like); "
+            "pass e.g. eta=0.0"
+        )
+    if _is_scalar(eta):
+        value = float(eta)
+        if not 0.0 <= value <= 1.0:  # NaN fails too
+            raise ValueError(
+                f"eta={value} is outside [0, 1] (0 = deterministic DDIM, 1 = DDPM-like; "
+                "eta > 1 makes 1 - a_prev - sigma_t**2 negative, which is not a DDIM update); "
+                "pass 0 <= eta <= 1"
+            )
+        return value
+    if isinstance(eta, np.ndarray) and eta.size:
+        inside = (eta >= 0) & (eta <= 1)  # NaN is outside
+        if not np.all(inside):
+            bad = eta[~inside].ravel()
+            raise ValueError(
+                f"eta has {bad.size} of {eta.size} value(s) outside [0, 1] (first: "
+                f"{float(bad[0])}); pass per-sample eta with 0 <= eta <= 1"
+            )
+    return eta
+
+
+def _check_clip(clip_sample_range: Any) -> float | None:
+    if clip_sample_range is None:
+        return None
+    if not _is_scalar(clip_sample_range) or not (
+        math.isfinite(float(clip_sample_range)) and float(clip_sample_range) > 0
+    ):
+        raise ValueError(
+            f"clip_sample_range={clip_sample_range!r} must be a finite number > 0 or None; "
+            "pass e.g. 1.0 (data in [-1, 1]) or None to not clip x0_pred"
+        )
+    return float(clip_sample_range)
+
+
 def step(
     model_output: A,
     x_t: A,
@@ -284,11 +342,33 @@ def step(
     """One DDIM update x_t → x_{t-1}, eq. (12) of Song et al.
 
     ``a_t``/``a_prev`` are scalars or arrays broadcastable against ``x_t`` (for a
-    per-sample (B,) vector pass it reshaped to (B, 1, 1, 1)). ``eta`` may be a number or
-    such an array; ``noise`` (same shape as x_t) is required when eta is a non-zero
-    number and is ignored when eta is 0. The stochastic term follows diffusers: ε is
-    the network's, also when ``clip_sample_range`` clips x0_pred.
+    per-sample (B,) vector pass it reshaped to (B, 1, 1, 1)). ``eta`` in [0, 1] may be a
+    number (numpy scalars and 0-d arrays count as numbers) or such an array; ``noise``
+    (same shape as x_t) is required unless eta is 0 (a number, or a numpy array of
+    zeros), where it is ignored; a torch tensor eta always needs it (its values are not
+    inspected, so that tracing sees no data-dependent branch). ``clip_sample_range`` is
+    None or a number > 0. The stochastic term follows diffusers: ε is the network's,
+    also when ``clip_sample_range`` clips x0_pred.
+
+    Raises ValueError for eta outside [0, 1], clip_sample_range <= 0, or noise whose
+    shape differs from x_t's.
     """
+    # (0) Arguments. Numbers and numpy arrays are checked eagerly; tensors only by shape,
+    # and only when the shape is plain ints (while tracing, torch.jit gives tensors and
+    # torch.export SymInts: comparing them would add branches or guards to the graph).
+    eta = _check_eta(eta)
+    clip_sample_range = _check_clip(clip_sample_range)
+    if noise is not None:
+        noise_shape = tuple(getattr(noise, "shape", ()))
+        x_shape = tuple(getattr(x_t, "shape", ()))
+        concrete = all(type(d) is int for d in noise_shape + x_shape)
+        if concrete and hasattr(noise, "shape") and hasattr(x_t, "shape") and (
+            noise_shape != x_shape
+        ):
+            raise ValueError(
+                f"noise has shape {noise_shape} but x_t has shape {x_shape}; "
+                f"pass noise of x_t's shape {x_shape} (B, C, H, W)"
+            )
     # (1) "predicted x_0" and ε_θ(x_t) from whatever the network predicts.
     x0_pred, eps = split_prediction(model_output, x_t, a_t, prediction_type)
     # (2) Optional clipping of the predicted x_0 to the data range.
@@ -304,8 +384,12 @@ def step(
     # (5) x_{t-1} = √α_{t-1} · predicted x_0 + direction.
     x_prev = a_prev**0.5 * x0_pred + dir_xt
     # (6) "random noise" σ_t ε_t.
-    if isinstance(eta, (int, float)) and eta == 0:
+    if (isinstance(eta, float) and eta == 0.0) or (
+        isinstance(eta, np.ndarray) and not np.any(eta)
+    ):
         return x_prev
     if noise is None:
-        raise ValueError(f"eta={eta} needs noise of the same shape as x_t; pass noise=...")
+        what = f"eta={eta}" if isinstance(eta, float) else (
+            f"a per-sample eta ({type(eta).__name__}, values not inspected)")
+        raise ValueError(f"{what} needs noise of the same shape as x_t; pass noise=...")
     return x_prev + sigma_t * noise

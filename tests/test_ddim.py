@@ -227,3 +227,90 @@ def test_other_errors() -> None:
         ddim.step(np.zeros(1), np.zeros(1), 0.5, 0.9, prediction_type="eps")
     with pytest.raises(ValueError, match=r"eta=0\.5 needs noise of the same shape as x_t"):
         ddim.step(np.zeros(1), np.zeros(1), 0.5, 0.9, eta=0.5)
+
+
+X = np.zeros((2, 3, 4, 4))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(eta=-1, noise=X), r"eta=-1\.0 is outside \[0, 1\].*pass 0 <= eta <= 1"),
+        (dict(eta=3, noise=X), r"eta=3\.0 is outside \[0, 1\].*pass 0 <= eta <= 1"),
+        (dict(eta=float("nan"), noise=X), r"eta=nan is outside \[0, 1\]"),
+        (dict(eta=np.float32(1.5), noise=X), r"eta=1\.5 is outside \[0, 1\]"),
+        (dict(eta=True, noise=X), r"eta=True must be a number in \[0, 1\]"),
+        (dict(eta=np.array([0.5, 2.0]).reshape(2, 1, 1, 1), noise=X),
+         r"eta has 1 of 2 value\(s\) outside \[0, 1\] \(first: 2\.0\); pass per-sample eta"),
+        (dict(clip_sample_range=-1), r"clip_sample_range=-1 must be a finite number > 0 or None"),
+        (dict(clip_sample_range=0.0), r"clip_sample_range=0\.0 must be a finite number > 0"),
+        (dict(clip_sample_range=float("inf")), r"clip_sample_range=inf must be a finite"),
+        (dict(eta=0.5, noise=np.zeros((2, 3))),
+         r"noise has shape \(2, 3\) but x_t has shape \(2, 3, 4, 4\); pass noise of x_t's shape"),
+        (dict(eta=0.0, noise=np.zeros((1, 3, 4, 4))),
+         r"noise has shape \(1, 3, 4, 4\) but x_t has shape \(2, 3, 4, 4\)"),
+    ],
+)
+def test_step_rejects_invalid_arguments_naming_value_and_fix(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ddim.step(X, X, 0.5, 0.9, **kwargs)
+
+
+@pytest.mark.parametrize("zero", [0, 0.0, np.float32(0), np.float64(0), np.array(0.0),
+                                  np.zeros((2, 1, 1, 1))])
+def test_step_zero_eta_in_any_numpy_form_needs_no_noise(zero: object,
+                                                       rng: np.random.Generator) -> None:
+    out, x_t = rng.standard_normal((2, 3, 4, 4)), rng.standard_normal((2, 3, 4, 4))
+    expected = ddim.step(out, x_t, 0.5, 0.9, eta=0.0)
+    np.testing.assert_array_equal(ddim.step(out, x_t, 0.5, 0.9, eta=zero), expected)
+
+
+def test_step_numpy_scalar_eta_equals_float_eta(rng: np.random.Generator) -> None:
+    out, x_t = rng.standard_normal((2, 3, 4, 4)), rng.standard_normal((2, 3, 4, 4))
+    noise = rng.standard_normal((2, 3, 4, 4))
+    expected = ddim.step(out, x_t, 0.5, 0.9, eta=0.5, noise=noise)
+    for eta in (np.float64(0.5), np.array(0.5), np.full((2, 1, 1, 1), 0.5)):
+        np.testing.assert_allclose(ddim.step(out, x_t, 0.5, 0.9, eta=eta, noise=noise),
+                                   expected, rtol=0, atol=1e-15)
+
+
+def test_step_tensor_eta_is_traceable_and_shape_checked() -> None:
+    """A per-sample eta tensor (the fused step graph's input) is not inspected: the step
+    traces and exports with a dynamic batch, no data-dependent branch; noise is still
+    checked by shape."""
+    torch = pytest.importorskip("torch")
+    import warnings
+
+    def f(out: object, x: object, eta: object, noise: object) -> object:
+        return ddim.step(out, x, 0.3, 0.6, prediction_type="v_prediction",
+                         eta=eta, noise=noise, clip_sample_range=1.0)
+
+    class Step(torch.nn.Module):
+        def forward(self, out: object, x: object, eta: object, noise: object) -> object:
+            return f(out, x, eta, noise)
+
+    args = (torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.zeros(2, 1, 1, 1),
+            torch.randn(2, 3, 4, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.trace itself
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        traced = torch.jit.trace(f, args)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    exported = torch.export.export(Step(), args, dynamic_shapes=({0: batch},) * 4)
+    new = (torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4),
+           torch.tensor([0.0, 0.5, 1.0]).view(3, 1, 1, 1), torch.randn(3, 3, 4, 4))
+    torch.testing.assert_close(traced(*new), f(*new))
+    torch.testing.assert_close(exported.module()(*new), f(*new))
+    with pytest.raises(ValueError, match=r"noise has shape \(2, 3\) but x_t has shape"):
+        f(args[0], args[1], args[2], torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"per-sample eta .* needs noise"):
+        f(args[0], args[1], args[2], None)
+
+
+def test_zero_terminal_snr_with_one_timestep_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"zero-terminal-SNR rescaling needs num_train_timesteps "
+                                         r">= 2, got num_train_timesteps=1.*pass "
+                                         r"num_train_timesteps >= 2 or rescale_zero_snr=False"):
+        ddim.alphas_cumprod("linear", 1, rescale_zero_snr=True)
+    ac = ddim.alphas_cumprod("linear", 2, rescale_zero_snr=True)
+    assert np.all(np.isfinite(ac)) and ac[-1] == pytest.approx(0.0, abs=1e-12)

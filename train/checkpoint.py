@@ -126,6 +126,7 @@ def load(path: str | os.PathLike[str], map_location: str | torch.device = "cpu")
         if isinstance(e, ArtifactError):
             raise
         raise ArtifactError(f"{str(p)!r}: damaged checkpoint ({type(e).__name__}: {e})") from None
+    check_consistent(p, meta, config, ema)
     return Checkpoint(
         meta=meta,
         unet_config=config,
@@ -135,3 +136,48 @@ def load(path: str | os.PathLike[str], map_location: str | torch.device = "cpu")
         step=int(raw.get("step", 0)),
         extra=raw.get("extra"),
     )
+
+
+def check_consistent(path: str | os.PathLike[str], meta: ModelMeta, config: UNetConfig,
+                     ema: object) -> None:
+    """Refuse a checkpoint whose ModelMeta disagrees with its own UNet config or weights.
+
+    Compared: channels, height/width vs image_size, num_classes vs the UNet's classes
+    and the label embedding's rows (num_classes + 1, the null label last), and the
+    prediction type and schedule the training settings recorded. Raises one
+    ``ArtifactError`` naming every disagreement.
+    """
+    found: list[str] = []
+
+    def differ(what: str, in_meta: object, in_model: object) -> None:
+        if in_meta != in_model:
+            found.append(f"{what} {in_meta!r} in the metadata vs {in_model!r} in the model")
+
+    differ("channels", meta.channels, config.image_channels)
+    differ("image size (height x width)", f"{meta.height}x{meta.width}",
+           f"{config.image_size}x{config.image_size}")
+    differ("num_classes", meta.num_classes, config.num_classes)
+    table = ema.get("label_emb.weight") if isinstance(ema, dict) else None
+    rows = table.shape[0] if isinstance(table, torch.Tensor) and table.dim() == 2 else 0
+    if meta.num_classes == config.num_classes and rows != (
+        meta.num_classes + 1 if meta.num_classes else 0
+    ):
+        found.append(f"num_classes {meta.num_classes} in the metadata needs "
+                     f"{meta.num_classes + 1 if meta.num_classes else 'no'} label embedding "
+                     f"rows (the null label included) vs {rows} in the weights")
+    # What training recorded (train_config), where it recorded it.
+    tc = meta.train_config
+    s = meta.schedule
+    for key, value in (("prediction_type", meta.prediction_type),
+                       ("beta_schedule", s.beta_schedule),
+                       ("num_train_timesteps", s.num_train_timesteps),
+                       ("zero_terminal_snr", s.rescale_zero_terminal_snr)):
+        if key in tc and tc[key] != value:
+            found.append(f"{key} {value!r} in the metadata vs {tc[key]!r} in its training "
+                         "settings")
+    if found:
+        raise ArtifactError(
+            f"{str(path)!r}: its metadata disagrees with its model: {'; '.join(found)}. The "
+            "file was edited or damaged: re-save the checkpoint from training (the run's "
+            "own checkpoint.pt, or fewstep train --resume)"
+        )

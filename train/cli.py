@@ -2,7 +2,8 @@
 
 Writes OUT/checkpoint.pt (weights, EMA, optimizer state and the model's metadata),
 sample grids under OUT/samples/ and the loss curve in OUT/metrics.jsonl. Ctrl-C once
-saves after the current step; --resume continues exactly where the run stopped.
+saves after the current step; --resume continues exactly where the run stopped. A loss
+or weights gone NaN/Inf stop the run (exit code 1) and keep the last good checkpoint.
 Image folders: one sub-folder per class (or images directly in the folder for an
 unconditional model), PNG/JPEG/BMP/WebP, any size (resized and centre-cropped).
 
@@ -58,6 +59,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    choices=["linear", "scaled_linear", "squaredcos_cap_v2"], help="beta schedule")
     p.add_argument("--timesteps", type=clitools.positive_int, default=d.num_train_timesteps,
                    help="number of training timesteps T")
+    p.add_argument("--zero-terminal-snr", action="store_true",
+                   help="rescale the beta schedule to zero SNR at the last timestep (Lin et al. "
+                        "2024; needs --prediction v_prediction or sample); recorded in the "
+                        "checkpoint's schedule, so export and sampling use the same one")
     p.add_argument("--seed", type=clitools.nonneg_int, default=d.seed)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--gpus", type=clitools.positive_int, default=None,
@@ -72,6 +77,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="DDIM steps for the sample grids")
     p.add_argument("--log-every", type=clitools.positive_int, default=50)
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    p.add_argument("--fp32", action="store_true",
+                   help="no bf16 autocast on CUDA (slower; try it if the loss diverges)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt")
@@ -94,7 +101,8 @@ def body(args: argparse.Namespace) -> int:
     config = fit.TrainConfig(
         data=args.data, image_size=args.image_size, preset=args.preset,
         conditional=not args.unconditional, prediction_type=args.prediction,
-        beta_schedule=args.schedule, num_train_timesteps=args.timesteps, steps=args.steps,
+        beta_schedule=args.schedule, num_train_timesteps=args.timesteps,
+        zero_terminal_snr=args.zero_terminal_snr, steps=args.steps,
         batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
         warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
         ema_decay=args.ema_decay, grad_clip=args.grad_clip, cfg_dropout=args.cfg_dropout,
@@ -104,7 +112,7 @@ def body(args: argparse.Namespace) -> int:
         out=args.out, device=args.device, workers=args.workers,
         checkpoint_every=args.checkpoint_every, sample_every=args.sample_every,
         sample_steps=args.sample_steps, log_every=args.log_every, resume=args.resume,
-        force=args.force, compile=args.compile, progress=not args.no_progress,
+        force=args.force, compile=args.compile, progress=not args.no_progress, fp32=args.fp32,
     )
     if launch is None or launch.world_size == 1:
         print(fit.train(config, options))

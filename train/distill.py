@@ -63,7 +63,16 @@ from fewstep.runtime.meta import ModelMeta, Schedule
 
 from . import checkpoint as ckpt_io
 from .data import DataError, open_source, to_model_range
-from .fit import _collate, _ema_update, _Indexed, _state, _StopOnInterrupt, pick_device, step_seed
+from .fit import (
+    TrainingDiverged,
+    _collate,
+    _ema_update,
+    _Indexed,
+    _state,
+    _StopOnInterrupt,
+    pick_device,
+    step_seed,
+)
 from .unet import UNet, count_parameters
 
 STATE = "distill.json"
@@ -709,8 +718,9 @@ class Distiller:
                     now = time.perf_counter()
                     rate, t_last, since = since / max(now - t_last, 1e-9), now, 0
                     if not math.isfinite(loss):
-                        raise FloatingPointError(f"loss became {loss} at step {k_done} of round "
-                                                 f"{2 * n}->{n}; lower --lr")
+                        raise TrainingDiverged(f"distillation diverged: loss became {loss} at "
+                                               f"step {k_done} of round {2 * n}->{n}; lower "
+                                               "--lr or check the teacher")
                     self._metric({"to": n, "step": k_done, "loss": loss,
                                   "lr": lr_at(c, k, steps_r), "steps_per_s": rate})
                     if bar is None:

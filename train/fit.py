@@ -62,7 +62,7 @@ import torch.nn.functional as F
 
 from fewstep.runtime import __version__, ddim
 from fewstep.runtime import images as imgs
-from fewstep.runtime.errors import ArtifactError
+from fewstep.runtime.errors import ArtifactError, NumericalError
 from fewstep.runtime.fileio import atomic_path
 from fewstep.runtime.meta import ModelMeta, Schedule
 
@@ -88,6 +88,9 @@ class TrainConfig:
     prediction_type: str = "v_prediction"
     beta_schedule: str = "squaredcos_cap_v2"
     num_train_timesteps: int = 1000
+    # Rescale the betas to zero SNR at t = T-1 (Lin et al. 2024): recorded in the
+    # checkpoint's ModelMeta.schedule, so export and the runtime sample the same schedule.
+    zero_terminal_snr: bool = False
     steps: int = 10_000
     batch_size: int = 128
     grad_accum: int = 1
@@ -113,12 +116,31 @@ class TrainConfig:
             raise ValueError(f"cfg_dropout={self.cfg_dropout} must be in [0, 1)")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
+        if self.zero_terminal_snr and self.prediction_type == "epsilon":
+            raise ValueError(
+                "zero_terminal_snr=True with prediction_type='epsilon': an epsilon model "
+                "cannot recover x0 at zero SNR; pass --prediction v_prediction (or sample), "
+                "or leave out --zero-terminal-snr"
+            )
+        if self.zero_terminal_snr and self.num_train_timesteps < 2:
+            raise ValueError(
+                f"zero_terminal_snr=True needs num_train_timesteps >= 2, got "
+                f"{self.num_train_timesteps}; pass --timesteps 2 or more"
+            )
 
     def result_fields(self) -> dict[str, Any]:
         """The fields a resumed run must share with the checkpoint (all but ``steps``)."""
         d = dataclasses.asdict(self)
         d.pop("steps")
         return d
+
+
+class TrainingDiverged(NumericalError, FloatingPointError):
+    """The loss or the weights became NaN/Inf; the last good checkpoint was kept.
+
+    A ``NumericalError`` (``fewstep train`` reports it in one line, exit code 1) and,
+    as before, a ``FloatingPointError``.
+    """
 
 
 @dataclass(frozen=True)
@@ -139,6 +161,7 @@ class RunOptions:
     rank: int = 0
     world_size: int = 1
     stop_after: int | None = None  # stop (with a checkpoint) once this step is done
+    fp32: bool = False  # no bf16 autocast on CUDA (slower; float rounding differs only)
 
 
 def pick_device(name: str) -> torch.device:
@@ -195,7 +218,8 @@ def build_meta(config: TrainConfig, source: ImageSource, ema: dict[str, torch.Te
     return ModelMeta.build(
         prediction_type=config.prediction_type,
         schedule=Schedule(
-            beta_schedule=config.beta_schedule, num_train_timesteps=config.num_train_timesteps
+            beta_schedule=config.beta_schedule, num_train_timesteps=config.num_train_timesteps,
+            rescale_zero_terminal_snr=config.zero_terminal_snr,
         ),
         channels=3,
         height=source.size,
@@ -313,6 +337,7 @@ class Trainer:
         self.comm = self._comm(options)
         self.samples = 0  # global sample index where the next step begins
         self.data_wait = 0.0  # seconds spent waiting for the data loader
+        self.saved_step: int | None = None  # the step of the checkpoint this run wrote last
         self.model: UNet | None = None  # the trained modules, once run() has returned
         self.ema: UNet | None = None
         try:
@@ -326,7 +351,8 @@ class Trainer:
             config.preset, image_size=config.image_size,
             num_classes=self.source.num_classes if config.conditional else 0,
         )
-        ac = ddim.alphas_cumprod(config.beta_schedule, config.num_train_timesteps)
+        ac = ddim.alphas_cumprod(config.beta_schedule, config.num_train_timesteps,
+                                 rescale_zero_snr=config.zero_terminal_snr)
         self.alphas_cumprod = torch.tensor(ac, dtype=torch.float32, device=self.device)
 
     @staticmethod
@@ -360,10 +386,12 @@ class Trainer:
         ck = ckpt_io.load(path, map_location="cpu")
         saved = ck.meta.train_config
         mine = self.config.result_fields()
+        # A setting missing from an older checkpoint had its default (zero_terminal_snr).
+        then = {k: saved.get(k, d) for k, d in TrainConfig().result_fields().items()}
         # The per-process batch may change with the number of processes; the global
         # batch may not (it is checked below).
-        diff = {k: (saved.get(k), v) for k, v in mine.items()
-                if saved.get(k) != v and k not in ("batch_size", "grad_accum")}
+        diff = {k: (then.get(k), v) for k, v in mine.items()
+                if then.get(k) != v and k not in ("batch_size", "grad_accum")}
         if diff:
             pairs = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
             raise ValueError(
@@ -476,6 +504,11 @@ class Trainer:
         bar = self._progress(start)
         t_start = t_last = time.perf_counter()
         imgs_since, wait_last = 0, 0.0
+        self.saved_step = start if start else None  # the step of the checkpoint on disk
+        # The first step whose loss was NaN/Inf (0: none yet) and that loss, kept on the
+        # device (no sync per step); looked at where a step logs or writes anything.
+        first_bad = torch.zeros((), dtype=torch.int64, device=self.device)
+        bad_loss = torch.zeros((), device=self.device)
         quiet = self._log if self.main else (lambda msg: None)
         with _StopOnInterrupt(quiet) as stop:
             try:
@@ -485,16 +518,26 @@ class Trainer:
                     self.samples += g
                     imgs_since += g
                     done = step + 1
-                    if done % o.log_every == 0 or done == c.steps:
+                    new_bad = (first_bad == 0) & ~torch.isfinite(total)
+                    first_bad = torch.where(new_bad, done, first_bad)
+                    bad_loss = torch.where(new_bad, total, bad_loss)
+                    log = done % o.log_every == 0 or done == c.steps
+                    if log:
                         loss = self.comm.mean(float(total))  # the mean over all ranks
                         now = time.perf_counter()
                         rate = imgs_since / max(now - t_last, 1e-9)
                         wait = (self.data_wait - wait_last) / max(now - t_last, 1e-9)
                         t_last, imgs_since, wait_last = now, 0, self.data_wait
-                        if not math.isfinite(loss):
-                            raise FloatingPointError(
-                                f"loss became {loss} at step {done}; lower --lr or check the data"
-                            )
+                    stopping = self.comm.any(stop.requested)  # every rank stops at one step
+                    last = done == c.steps or done == o.stop_after
+                    save = done % o.checkpoint_every == 0 or last or stopping
+                    sample = done % o.sample_every == 0 or last
+                    if log or save or sample:
+                        # Before anything is written: a diverged run keeps its last good
+                        # checkpoint and metrics.
+                        self._check_finite(first_bad, bad_loss, model, done,
+                                           weights=save or sample)
+                    if log:
                         if self.main:
                             self._metric({"step": done, "loss": loss, "lr": lr_at(c, step),
                                           "images_per_s": rate, "data_wait": round(wait, 4)})
@@ -502,12 +545,10 @@ class Trainer:
                             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}")
                     if bar is not None:
                         bar.update(1)
-                    stopping = self.comm.any(stop.requested)  # every rank stops at one step
-                    last = done == c.steps or done == o.stop_after
-                    save = done % o.checkpoint_every == 0 or last or stopping
-                    sample = done % o.sample_every == 0 or last
                     if self.main and save:
                         self._save(model, ema, optim, done, self.samples)
+                    if save:
+                        self.saved_step = done
                     if self.main and sample:
                         self._sample_grid(ema, done)
                     if save or sample:
@@ -530,6 +571,33 @@ class Trainer:
             self._log(f"trained {n} steps in {seconds:.1f} s ({rate:.2f} steps/s, "
                       f"{rate * g:.0f} images/s, global batch {g}); checkpoint: {path}")
         return path
+
+    def _check_finite(self, first_bad: torch.Tensor, bad_loss: torch.Tensor,
+                      model: torch.nn.Module, done: int, weights: bool) -> None:
+        """Raise ``TrainingDiverged`` if a loss so far (or, with ``weights``, a weight) is
+        NaN/Inf on any rank. Called by every rank at the same steps (collectives)."""
+        at = int(first_bad)
+        if self.comm.any(at > 0):
+            what = f"the loss became {float(bad_loss)}" if at else "the loss became NaN/Inf"
+            raise TrainingDiverged(self._diverged_message(what, at or done))
+        if weights:
+            finite = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
+            if self.comm.any(not bool(finite)):
+                raise TrainingDiverged(self._diverged_message("the weights became NaN/Inf", done))
+
+    def _diverged_message(self, what: str, at: int) -> str:
+        c, path = self.config, self.out / CHECKPOINT
+        if self.saved_step is not None:
+            kept = (f"the last good checkpoint (step {self.saved_step}) stays at {str(path)!r}, "
+                    "nothing was written after it")
+        else:
+            kept = "no checkpoint was written (none was due yet)"
+        clip = (f"a tighter --grad-clip (now {c.grad_clip:g})" if c.grad_clip > 0
+                else "gradient clipping (--grad-clip 1.0; now off)")
+        fp32 = (", --fp32 (no bf16 autocast)"
+                if self.device.type == "cuda" and not self.opt.fp32 else "")
+        return (f"training diverged: {what} at step {at}; {kept}. Start over (--force) with "
+                f"a lower --lr (now {c.lr:g}), {clip}{fp32}, or check the data for bad images")
 
     def _train_step(self, model: torch.nn.Module, optim: torch.optim.Optimizer,
                     batches: Iterator[Batch], step: int) -> torch.Tensor:
@@ -575,7 +643,8 @@ class Trainer:
                 lab = torch.where(drop.to(dev, non_blocking=True), null, lab)
             sync = ddp is None or micro == c.grad_accum - 1
             with contextlib.nullcontext() if sync else ddp.no_sync():  # type: ignore[union-attr]
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                with torch.autocast(dev.type, dtype=torch.bfloat16,
+                                    enabled=dev.type == "cuda" and not self.opt.fp32):
                     out = model(x_t, t.float(), lab)
                 # Mean over this rank's b samples / grad_accum; DDP's average over the
                 # ranks makes it the mean over the global batch.
