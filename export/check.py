@@ -3,12 +3,19 @@
 For every graph of an artifact it runs ONNX Runtime (CPU always, CUDA when the CUDA
 execution provider is present) and the PyTorch reference sampler on fresh random
 inputs with the same host noise, and reports max abs error and PSNR of the final
-images (on the 0..255 scale). Gates: fp32 ≥ 40 dB, fp16 ≥ 35 dB unless configured.
+images (on the 0..255 scale). Gates: fp32 ≥ 40 dB, fp16 ≥ 35 dB, bf16 ≥ 30 dB unless
+configured. bf16 keeps 8 significant bits to fp16's 11, so each op rounds with ~18 dB
+more noise; its gate is 5 dB below fp16's (30 dB: an RMS error of about 8 of 255 levels).
+
+A reduced-precision graph that an execution provider has no kernels for (ONNX Runtime's
+CPU provider has no bfloat16 Conv/Gemm, for example) is not run there: its rows are
+*skipped* with ONNX Runtime's reason — neither passed nor failed — and the table says so.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +32,7 @@ from fewstep.train import reference
 
 from .graphs import DenoiserGraph
 
-DEFAULT_GATES = {"fp32": 40.0, "fp16": 35.0}
+DEFAULT_GATES = {"fp32": 40.0, "fp16": 35.0, "bf16": 30.0}
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
@@ -39,10 +46,17 @@ class ParityRow:
     max_abs: float
     psnr: float
     gate: float
+    skipped: str = ""  # why the row was not run on this provider ("" = it ran)
 
     @property
     def passed(self) -> bool:
-        return self.psnr >= self.gate
+        """Ran and met its gate (a skipped row has not passed)."""
+        return not self.skipped and self.psnr >= self.gate
+
+    @property
+    def failed(self) -> bool:
+        """Ran and missed its gate (a skipped row has not failed either)."""
+        return not self.skipped and not self.psnr >= self.gate
 
 
 def psnr(reference_255: NDArray[Any], actual_255: NDArray[Any], peak: float = 255.0) -> float:
@@ -64,6 +78,27 @@ def _session(path: Path, provider: str) -> Any:
     opts.log_severity_level = 3
     providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
     return ort.InferenceSession(str(path), opts, providers=providers)
+
+
+def unsupported_reason(error: Exception, precision: str, provider: str) -> str | None:
+    """Why ONNX Runtime cannot run a ``precision`` graph on ``provider``, if ``error``
+    (raised creating the session) says it has no kernel for one of its nodes; else None.
+
+    Only reduced-precision graphs are skipped this way: an fp32 graph ORT cannot run is a
+    broken export, and stays an error.
+    """
+    if precision == "fp32":
+        return None
+    text = str(error)
+    if "NOT_IMPLEMENTED" not in text and "Could not find an implementation" not in text:
+        return None
+    import onnxruntime as ort
+
+    m = re.search(r"implementation for (\S+) node with name '([^']*)'", text)
+    what = f"{m.group(1)} (first such node: {m.group(2)})" if m else text.strip()
+    where = PROVIDERS[provider] + ("" if provider == "cpu" else " (nor its CPU fallback)")
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precision, precision)
+    return f"ONNX Runtime {ort.__version__} {where} has no {dtype} kernel for {what}"
 
 
 def _to_255(x: NDArray[Any]) -> NDArray[np.float64]:
@@ -167,9 +202,20 @@ def check_artifact(
         ref = reference.sample(model, meta, n, plan.steps, eta=plan.eta, seed=seed,
                                guidance=guide, spacing=g.spacing or sampling.DEFAULT_SPACING)
         ref_255 = _to_255(ref)
+        final_what = f"final images, {plan.steps} steps, eta {plan.eta:g}"
         for provider in providers:
-            sess = _session(path, provider)
             gate = gates[g.precision]
+            try:
+                sess = _session(path, provider)
+            except Exception as e:  # onnxruntime raises its own (pybind) exception types
+                reason = unsupported_reason(e, g.precision, provider)
+                if reason is None:
+                    raise
+                whats = (["network output, random inputs"] if g.kind == "denoiser" else [])
+                rows += [ParityRow(path.name, g.kind, g.precision, provider, what, math.nan,
+                                   math.nan, gate, skipped=reason)
+                         for what in [*whats, final_what]]
+                continue
             if g.kind == "denoiser":
                 rows.append(_denoiser_row(sess, path, meta, model, provider, gate, seed))
             out = _ort_generate(sess, meta, case)
@@ -179,8 +225,7 @@ def check_artifact(
             else:
                 actual, expect = _to_255(out), ref_255
             rows.append(ParityRow(
-                path.name, g.kind, g.precision, provider,
-                f"final images, {plan.steps} steps, eta {plan.eta:g}",
+                path.name, g.kind, g.precision, provider, final_what,
                 float(np.max(np.abs(actual - expect))), psnr(expect, actual), gate,
             ))
     return rows
@@ -210,11 +255,37 @@ def _denoiser_row(sess: Any, path: Path, meta: ModelMeta, model: torch.nn.Module
 
 
 def table(rows: list[ParityRow]) -> str:
+    """The rows, then one line per (graph, provider) that was skipped, with the reason."""
     head = (f"{'graph':<28} {'prov':<5} {'prec':<5} {'what':<36} {'max abs':>9} "
             f"{'PSNR dB':>8} {'gate':>5}  ok")
     lines = [head, "-" * len(head)]
     for r in rows:
+        if r.skipped:
+            lines.append(f"{r.graph:<28} {r.provider:<5} {r.precision:<5} {r.what:<36} "
+                         f"{'-':>9} {'-':>8} {r.gate:>5.0f}  SKIPPED (not run)")
+            continue
         p = "inf" if math.isinf(r.psnr) else f"{r.psnr:.1f}"
         lines.append(f"{r.graph:<28} {r.provider:<5} {r.precision:<5} {r.what:<36} "
                      f"{r.max_abs:>9.4g} {p:>8} {r.gate:>5.0f}  {'yes' if r.passed else 'NO'}")
+    for (graph, provider), reason in skipped_reasons(rows).items():
+        lines.append(f"skipped {graph} on {provider}: {reason}")
     return "\n".join(lines)
+
+
+def skipped_reasons(rows: list[ParityRow]) -> dict[tuple[str, str], str]:
+    """(graph, provider) → why its rows were not run, in row order."""
+    return {(r.graph, r.provider): r.skipped for r in rows if r.skipped}
+
+
+def summary(rows: list[ParityRow]) -> str:
+    """One line on the gate as a whole: passed only if every row ran and passed."""
+    failed = sum(r.failed for r in rows)
+    skipped = sum(bool(r.skipped) for r in rows)
+    passed = sum(r.passed for r in rows)
+    if failed:
+        return f"parity gate FAILED: {failed} of {len(rows)} rows below the gate"
+    if skipped:
+        providers = sorted({r.provider for r in rows if r.skipped})
+        return (f"parity gate NOT passed: {skipped} of {len(rows)} rows skipped (could not "
+                f"run on {', '.join(providers)}), {passed} passed")
+    return f"parity gate passed ({len(rows)} rows)"

@@ -5,7 +5,13 @@ OUT.step.onnx (denoiser + DDIM update: state stays on the device between steps) 
 OUT.sampler-N.onnx (the whole N-step loop in one graph: one run = one generation).
 The graphs share one weights file (OUT.weights.<hash>.bin) unless --no-shared-weights.
 Everything is staged in a temporary folder and moved into place only when every file
-passed onnx.checker and the parity gate; an existing model is replaced only on success.
+passed onnx.checker and the parity gate; an existing model is replaced only on success,
+and then every other graph or weights file of OUT's name that this export did not write
+is removed. --precision fp16 or bf16 keeps GroupNorm statistics, softmax and the time
+embedding in fp32 (the graph's inputs and outputs stay fp32) and lists those fp32 nodes
+(all of them with --verbose). ONNX Runtime's CPU provider cannot run bf16 graphs (it has
+no bfloat16 Conv/Gemm kernels): their parity rows there are skipped with the reason, the
+gate is then not passed, and the files are written unchecked on that provider.
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p = clitools.parser(prog, __doc__)
     p.add_argument("checkpoint", type=Path, help="checkpoint.pt written by fewstep train")
     p.add_argument("--out", type=Path, required=True, help="output .onnx path (the denoiser)")
-    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
-                   help="fp16 keeps GroupNorm statistics, softmax and the time embedding fp32")
+    p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
+                   help="fp16/bf16 keep GroupNorm statistics, softmax and the time embedding "
+                        "fp32 (bf16 needs opset >= 22)")
     p.add_argument("--guidance", action="store_true",
                    help="classifier-free guidance inside the graph (guidance scale is an input)")
     p.add_argument("--fused", action="append", choices=["step", "sampler"], default=[],
@@ -33,12 +40,14 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                         "distilled step count)")
     p.add_argument("--spacing", choices=["leading", "trailing", "linspace"], default=None,
                    help="timestep spacing baked into sampler graphs (default: trailing, or "
-                        "the spacing the model was distilled for)")
-    p.add_argument("--eta", type=float, default=0.0,
-                   help="eta baked into sampler graphs (> 0 adds a noise input)")
+                        "the spacing the model was distilled for); needs --fused sampler")
+    p.add_argument("--eta", type=float, default=None,
+                   help="eta baked into sampler graphs (> 0 adds a noise input; default 0); "
+                        "needs --fused sampler")
     p.add_argument("--sampler-output", choices=["uint8", "float"], default="uint8",
                    help="sampler graphs output uint8 NHWC images or float x0")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (>= 17)")
+    p.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset, 17..23 (default: 18; 22 for bf16)")
     p.add_argument("--no-shared-weights", action="store_true",
                    help="embed the weights in every graph file instead of sharing them")
     p.add_argument("--no-check", action="store_true", help="skip the parity gate")
@@ -46,6 +55,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="images per parity check")
     p.add_argument("--min-psnr-fp32", type=float, default=40.0)
     p.add_argument("--min-psnr-fp16", type=float, default=35.0)
+    p.add_argument("--min-psnr-bf16", type=float, default=30.0)
+    p.add_argument("--verbose", action="store_true",
+                   help="list every node kept in fp32 (fp16/bf16), not just the first few")
     from . import triton
 
     p.add_argument("--triton", type=Path, default=None, metavar="DIR",
@@ -66,14 +78,19 @@ def body(args: argparse.Namespace) -> int:
 
     from . import check, onnx_export
 
+    if "sampler" not in args.fused:
+        for flag, value in (("--steps", args.steps), ("--spacing", args.spacing),
+                            ("--eta", args.eta)):
+            if value is not None:
+                raise ValueError(f"{flag} applies to sampler graphs; add --fused sampler "
+                                 f"(or drop {flag})")
+    eta = 0.0 if args.eta is None else args.eta
     ck = ckpt_io.load(args.checkpoint)
     meta = ck.meta
     steps = tuple(args.steps) if args.steps else (meta.distilled_steps[-1:] or (4,))
-    if args.steps is not None and "sampler" not in args.fused:
-        raise ValueError("--steps applies to sampler graphs; add --fused sampler")
     options = onnx_export.ExportOptions(
         precision=args.precision, guidance=args.guidance, fused=tuple(dict.fromkeys(args.fused)),
-        sampler_steps=tuple(dict.fromkeys(steps)), spacing=args.spacing, eta=args.eta,
+        sampler_steps=tuple(dict.fromkeys(steps)), spacing=args.spacing, eta=eta,
         sampler_output=args.sampler_output, opset=args.opset,
         shared_weights=not args.no_shared_weights,
     )
@@ -89,18 +106,33 @@ def body(args: argparse.Namespace) -> int:
                 islands = f"; fp32 islands: {sum(r.fp32_islands.values())} nodes ({ops})"
             print(f"  {r.path.name}: {r.nodes} nodes, {r.seconds:.1f} s{islands}",
                   file=sys.stderr)
+            for line in onnx_export.describe_islands(r.fp32_nodes,
+                                                     first=None if args.verbose else 3):
+                print(f"    fp32 {line}", file=sys.stderr)
         if not args.no_check:
             rows = check.check_artifact(
-                staging / out.name, model, meta, n=args.check_n, eta=args.eta,
-                gates={"fp32": args.min_psnr_fp32, "fp16": args.min_psnr_fp16},
+                staging / out.name, model, meta, n=args.check_n, eta=eta,
+                gates={"fp32": args.min_psnr_fp32, "fp16": args.min_psnr_fp16,
+                       "bf16": args.min_psnr_bf16},
             )
             print(check.table(rows), file=sys.stderr)
-            failed = [r for r in rows if not r.passed]
+            print(check.summary(rows), file=sys.stderr)
+            failed = [r for r in rows if r.failed]
             if failed:
                 raise clitools.CheckFailed(
                     f"{len(failed)} parity row(s) below the gate; nothing was written "
                     f"to {out.parent}/ (try --precision fp32, or lower the gate knowingly)"
                 )
+            skipped = sorted({r.provider for r in rows if r.skipped})
+            if skipped:
+                fix = (f"check them with `fewstep check {out} --against {args.checkpoint} "
+                       "--providers cuda` on a machine with ONNX Runtime's CUDA provider"
+                       if "cuda" not in skipped else
+                       "no ONNX Runtime provider here runs them; build a TensorRT plan "
+                       "with `fewstep build` and compare it")
+                print(f"warning: the {args.precision} graphs were written without a parity "
+                      f"check on {', '.join(skipped)} (reasons above); {fix}",
+                      file=sys.stderr)
         final = onnx_export.place(files, out.parent, stem, meta.source_hash)
     for path in final:
         if path.suffix == ".onnx":

@@ -3,8 +3,10 @@
 The plan runs only on this GPU model and this TensorRT version; the sidecar records
 both, so `fewstep sample --backend tensorrt` refuses a mismatched or stale plan and
 prints the command to rebuild it. Precision comes from the ONNX (export with
---precision fp16 for an fp16 plan); --fp16-weak (TensorRT 10 only) lets TensorRT pick
-fp16 kernels for an fp32 graph instead. --batch sets the optimisation profile
+--precision fp16 or bf16 for an fp16 or bf16 plan: a strongly typed network);
+--fp16-weak or --bf16-weak (TensorRT 10 only) lets TensorRT pick fp16 or bf16 kernels
+for an fp32 graph instead (weak typing). bf16 needs compute capability 8.0 or newer
+(Ampere, Jetson Orin). --batch sets the optimisation profile
 MIN:OPT:MAX (or N for a fixed batch); the default is 1:1:16 (1:1:4 on Jetson), less for
 large images. --all builds every graph of the artifact (model.onnx, model.step.onnx,
 model.sampler-4.onnx, ...) into --out's folder with the same names. Layer timings are
@@ -50,6 +52,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--fp16-weak", action="store_true",
                    help="TensorRT 10 only: let TensorRT use fp16 in an fp32 graph (weak typing); "
                         "prefer exporting with --precision fp16")
+    p.add_argument("--bf16-weak", action="store_true",
+                   help="TensorRT 10 only: let TensorRT use bf16 in an fp32 graph (weak typing, "
+                        "BuilderFlag.BF16); prefer exporting with --precision bf16")
     p.add_argument("--all", action="store_true",
                    help="build a plan for every graph of the artifact ONNX belongs to")
     p.add_argument("--verbose", action="store_true", help="print TensorRT's verbose log")
@@ -85,7 +90,8 @@ def body(args: argparse.Namespace) -> int:
         BatchProfile.parse(args.batch)  # a bad --batch is reported before anything else
     requests = [
         tb.prepare_build(
-            onnx, plan, batch=args.batch, fp16_weak=args.fp16_weak, opt_level=args.opt_level,
+            onnx, plan, batch=args.batch, fp16_weak=args.fp16_weak, bf16_weak=args.bf16_weak,
+            opt_level=args.opt_level,
             workspace_mib=args.workspace_mib, timing_cache=args.timing_cache,
             use_timing_cache=not args.no_timing_cache,
             version_compatible=args.version_compatible,

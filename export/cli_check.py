@@ -2,7 +2,9 @@
 
 Checks every graph of the artifact (MODEL and its .step/.sampler-N siblings) on the
 CPU execution provider and, when present, CUDA, with the same random inputs and noise.
-Exit 0 when every row meets its gate, 1 with the table when one does not.
+Exit 0 when every row meets its gate; 1 with the table when one does not, or when a
+provider cannot run the graph at all (say a bf16 graph on ONNX Runtime's CPU provider:
+those rows are shown as skipped; pass ``--providers cuda``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="comma-separated subset of cpu,cuda (default: all available)")
     p.add_argument("--min-psnr-fp32", type=float, default=40.0)
     p.add_argument("--min-psnr-fp16", type=float, default=35.0)
+    p.add_argument("--min-psnr-bf16", type=float, default=30.0)
     return p
 
 
@@ -50,13 +53,15 @@ def body(args: argparse.Namespace) -> int:
     rows = check.check_artifact(
         args.model, ck.build_model(), ck.meta, providers=providers, n=args.n,
         steps=args.steps, eta=args.eta, seed=args.seed,
-        gates={"fp32": args.min_psnr_fp32, "fp16": args.min_psnr_fp16},
+        gates={"fp32": args.min_psnr_fp32, "fp16": args.min_psnr_fp16,
+               "bf16": args.min_psnr_bf16},
     )
     print(check.table(rows))
-    failed = [r for r in rows if not r.passed]
-    if failed:
-        raise clitools.CheckFailed(f"{len(failed)} of {len(rows)} rows below the gate")
-    print(f"parity gate passed ({len(rows)} rows)", file=sys.stderr)
+    verdict = check.summary(rows)
+    if any(r.failed for r in rows) or any(r.skipped for r in rows):
+        # a row that could not run is not a pass: say so (e.g. bf16 on the CPU provider)
+        raise clitools.CheckFailed(verdict)
+    print(verdict, file=sys.stderr)
     return 0
 
 

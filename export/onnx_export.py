@@ -8,13 +8,13 @@ validates every file with ``onnx.checker`` (full check) and writes atomically.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import hashlib
 import io
 import sys
 import time
 import warnings
-from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +31,9 @@ from fewstep.runtime.sampling import DEFAULT_SPACING, SamplingPlan
 from .graphs import DenoiserGraph, SamplerGraph, StepGraph
 
 DEFAULT_OPSET = 18
+# ONNX accepts bfloat16 in Conv (and Round) only from opset 22: a bf16 export needs it.
+BF16_MIN_OPSET = 22
+PRECISIONS = ("fp32", "fp16", "bf16")
 # Initializers at least this large go to the shared weights file; smaller stay inline.
 EXTERNAL_MIN_BYTES = 1024
 
@@ -44,21 +47,34 @@ class ExportOptions:
     spacing: str | None = None
     eta: float = 0.0
     sampler_output: str = "uint8"
-    opset: int = DEFAULT_OPSET
+    opset: int | None = None  # None: DEFAULT_OPSET, or BF16_MIN_OPSET for bf16
     shared_weights: bool = True
 
     def __post_init__(self) -> None:
-        if self.precision not in ("fp32", "fp16"):
-            raise ValueError(f"precision={self.precision!r} must be fp32 or fp16")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} must be fp32, fp16 or bf16")
         for f in self.fused:
             if f not in ("step", "sampler"):
                 raise ValueError(f"fused={f!r} must be step or sampler")
         if self.sampler_output not in ("uint8", "float"):
             raise ValueError(f"sampler_output={self.sampler_output!r} must be uint8 or float")
-        if not 17 <= self.opset <= 23:
+        if self.opset is not None and not 17 <= self.opset <= 23:
             raise ValueError(f"opset={self.opset} must be in 17..23")
+        if self.precision == "bf16" and self.opset is not None and self.opset < BF16_MIN_OPSET:
+            raise ValueError(
+                f"--precision bf16 needs --opset >= {BF16_MIN_OPSET} (ONNX Conv accepts "
+                f"bfloat16 from opset {BF16_MIN_OPSET}); pass --opset {BF16_MIN_OPSET} or "
+                "leave --opset out"
+            )
         if not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"eta={self.eta} must be in [0, 1]")
+
+    @property
+    def target_opset(self) -> int:
+        """The opset the graphs are exported with."""
+        if self.opset is not None:
+            return self.opset
+        return BF16_MIN_OPSET if self.precision == "bf16" else DEFAULT_OPSET
 
 
 @dataclass
@@ -66,8 +82,10 @@ class GraphReport:
     path: Path
     meta: ModelMeta
     nodes: int
-    fp32_islands: dict[str, int] = field(default_factory=dict)
+    fp32_islands: dict[str, int] = field(default_factory=dict)  # op type -> node count
     seconds: float = 0.0
+    # op type -> "node_name (torch module)" of every node computing in float32 (fp16/bf16)
+    fp32_nodes: dict[str, list[str]] = field(default_factory=dict)
 
 
 def check_options_against(meta: ModelMeta, options: ExportOptions) -> None:
@@ -127,8 +145,13 @@ def _quiet() -> Iterator[None]:
             logging.getLogger("torch").setLevel(level)
 
 
-def trace(module: torch.nn.Module, meta: ModelMeta, opset: int) -> onnx.ModelProto:
-    """Export ``module`` to an in-memory ModelProto with the batch as the only free dim."""
+def trace(module: torch.nn.Module, meta: ModelMeta, opset: int,
+          scopes: dict[str, str] | None = None) -> onnx.ModelProto:
+    """Export ``module`` to an in-memory ModelProto with the batch as the only free dim.
+
+    ``scopes``, when given, receives node name → the torch module it came from (the
+    exporter's annotation, which is then stripped from the file).
+    """
     inputs = example_inputs(meta)
     batch = torch.export.Dim("batch", min=1, max=65536)
     dynamic = {name: {0: batch} for name in inputs}
@@ -148,6 +171,8 @@ def trace(module: torch.nn.Module, meta: ModelMeta, opset: int) -> onnx.ModelPro
     # The exporter annotates every node with its torch stack and module path: useful for
     # debugging the exporter, 85 % of the file size for us.
     for node in model.graph.node:
+        if scopes is not None:
+            scopes[node.name] = _module_path(node)
         del node.metadata_props[:]
         node.doc_string = ""
     for value in model.graph.value_info:
@@ -156,20 +181,61 @@ def trace(module: torch.nn.Module, meta: ModelMeta, opset: int) -> onnx.ModelPro
     return model
 
 
-def fp32_islands(model: onnx.ModelProto) -> dict[str, int]:
-    """Op types (and counts) of nodes that compute in float32 inside an fp16 graph."""
+def _module_path(node: onnx.NodeProto) -> str:
+    """The torch module a node was traced from ("unet.down.0.0.norm1"), or ""."""
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return ""
+            # [..., "unet.down.0.0", "unet.down.0.0.norm1", "layer_norm"]: the last entry
+            # names the op, the one before it the innermost module.
+            if isinstance(scopes, list) and len(scopes) >= 2 and scopes[-2]:
+                return str(scopes[-2])
+    return ""
+
+
+_NOT_COMPUTE = {"Cast", "Shape", "Constant", "Reshape", "Unsqueeze", "Squeeze", "Concat",
+                "Gather", "Slice", "Expand", "Identity", "Transpose", "Split"}
+
+
+def fp32_island_nodes(model: onnx.ModelProto,
+                      scopes: dict[str, str] | None = None) -> dict[str, list[str]]:
+    """Op type → names of the nodes that compute in float32 inside an fp16/bf16 graph.
+
+    A name is followed by its torch module in parentheses when ``scopes`` (from
+    ``trace``) knows it: ``node_layer_norm_3 (unet.down.2.0.norm1)``. Data movement
+    (Cast, Reshape, Gather, ...) is not computation and is left out.
+    """
     inferred = onnx.shape_inference.infer_shapes(model)
     types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
     types.update({v.name: v.type.tensor_type.elem_type for v in inferred.graph.output})
-    skip = {"Cast", "Shape", "Constant", "Reshape", "Unsqueeze", "Squeeze", "Concat",
-            "Gather", "Slice", "Expand", "Identity", "Transpose", "Split"}
-    counts: Counter[str] = Counter()
+    nodes: dict[str, list[str]] = {}
     for node in inferred.graph.node:
-        if node.op_type in skip:
+        if node.op_type in _NOT_COMPUTE:
             continue
         if any(types.get(o) == onnx.TensorProto.FLOAT for o in node.output):
-            counts[node.op_type] += 1
-    return dict(sorted(counts.items()))
+            where = (scopes or {}).get(node.name, "")
+            nodes.setdefault(node.op_type, []).append(
+                f"{node.name} ({where})" if where else node.name)
+    return dict(sorted(nodes.items()))
+
+
+def fp32_islands(model: onnx.ModelProto) -> dict[str, int]:
+    """Op types (and counts) of nodes that compute in float32 inside an fp16/bf16 graph."""
+    return {op: len(names) for op, names in fp32_island_nodes(model).items()}
+
+
+def describe_islands(nodes: dict[str, list[str]], first: int | None = 3) -> list[str]:
+    """One line per op type: the count and the first ``first`` node names (None: all)."""
+    lines = []
+    for op, names in nodes.items():
+        n = len(names) if first is None else first
+        shown = ", ".join(names[:n])
+        more = f", ... (+{len(names) - n} more; --verbose lists all)" if len(names) > n else ""
+        lines.append(f"{op} x{len(names)}: {shown}{more}")
+    return lines
 
 
 # ---------------------------------------------------------------------------------
@@ -233,10 +299,14 @@ def write_graphs(graphs: dict[str, onnx.ModelProto], folder: Path, stem: str,
 
 
 def place(staged: list[Path], out_folder: Path, stem: str, source_hash: str) -> list[Path]:
-    """Move staged files into ``out_folder`` (weights first), then tidy stale files.
+    """Move staged files into ``out_folder`` (weights first), then remove what they replace.
 
-    A graph of the same base name left from an export of another checkpoint is
-    removed; weights files no graph refers to any more are removed.
+    Only after every new file is in place, every other graph of the artifact ``stem``
+    (a step or sampler graph this export did not write, whichever checkpoint it came
+    from) and every ``stem.weights.*.bin`` this export did not write is removed: the
+    folder then holds exactly this export. Until then the old graphs keep their weights,
+    so an interrupted export leaves old files beside new ones, never a graph without its
+    weights.
     """
     final = []
     for src in sorted(staged, key=lambda p: not p.name.endswith(".bin")):
@@ -244,25 +314,21 @@ def place(staged: list[Path], out_folder: Path, stem: str, source_hash: str) -> 
         src.replace(dst)
         final.append(dst)
     names = {p.name for p in final}
-    graphs = [p for p in artifact.siblings(out_folder / f"{stem}.onnx") if p.is_file()]
-    for g in graphs:
-        if g.name in names:
+    for g in artifact.siblings(out_folder / f"{stem}.onnx"):
+        if g.name in names or not g.is_file():
             continue
         try:
             other = artifact.read_onnx_meta(g)
-            stale = other.source_hash != source_hash
+            why = ("it came from another checkpoint" if other.source_hash != source_hash
+                   else "this export did not write it")
         except ValueError:
-            stale = True
-        if stale:
-            g.unlink()
-            _log(f"removed {g.name}: it came from another checkpoint")
-    referenced: set[str] = set()
-    for g in artifact.siblings(out_folder / f"{stem}.onnx"):
-        with contextlib.suppress(ValueError):
-            referenced.update(artifact.read_onnx_header(g).external_data)
+            why = "it is not a readable fewstep graph"
+        g.unlink()
+        _log(f"removed {g.name}: {why}")
     for w in out_folder.glob(f"{artifact.glob_escape(stem)}.weights.*.bin"):
-        if w.name not in referenced:
+        if w.name not in names and w.is_file():
             w.unlink()
+            _log(f"removed {w.name}: weights of an earlier export")
     return final
 
 
@@ -279,10 +345,9 @@ def graph_modules(
     unet: torch.nn.Module, meta: ModelMeta, options: ExportOptions
 ) -> Iterator[tuple[str, torch.nn.Module, ModelMeta]]:
     """(file suffix kind, module, its meta) for every graph the options ask for."""
-    fp16 = options.precision == "fp16"
     base = meta.for_graph(kind="denoiser", precision=options.precision,
                           guidance=options.guidance)
-    denoiser = DenoiserGraph(unet, base, options.guidance, fp16)
+    denoiser = DenoiserGraph(unet, base, options.guidance, precision=options.precision)
     yield "denoiser", denoiser, base
     if "step" in options.fused:
         yield "step", StepGraph(denoiser, base), base.for_graph(kind="step")
@@ -308,10 +373,12 @@ def export_to_folder(unet: torch.nn.Module, meta: ModelMeta, folder: Path, stem:
                                    gmeta.graph.eta).name
         t0 = time.perf_counter()
         _log(f"exporting {name} ({kind}, {options.precision})")
-        model = trace(module, gmeta, options.opset)
-        islands = fp32_islands(model) if options.precision == "fp16" else {}
+        scopes: dict[str, str] = {}
+        model = trace(module, gmeta, options.target_opset, scopes)
+        nodes = fp32_island_nodes(model, scopes) if options.precision != "fp32" else {}
+        islands = {op: len(names) for op, names in nodes.items()}
         reports.append(GraphReport(folder / name, gmeta, len(model.graph.node), islands,
-                                   time.perf_counter() - t0))
+                                   time.perf_counter() - t0, nodes))
         graphs[name] = model
     files = write_graphs(graphs, folder, stem, options.shared_weights)
     return files, reports

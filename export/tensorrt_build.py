@@ -1,9 +1,11 @@
 """ONNX -> TensorRT plan + ``.plan.json`` sidecar, for TensorRT 10.x (Jetson) and 11.x.
 
-Precision lives in the ONNX graph (fewstep exports fp16 with fp32 islands), so the
-network is strongly typed: always on TensorRT 11, which removed weak typing, and on
+Precision lives in the ONNX graph (fewstep exports fp16 or bf16 with fp32 islands), so
+the network is strongly typed: always on TensorRT 11, which removed weak typing, and on
 TensorRT 10 through the STRONGLY_TYPED creation flag. Only on TensorRT 10, and only when
-asked (``fp16_weak``), is an fp32 graph built weakly typed with BuilderFlag.FP16.
+asked (``fp16_weak`` / ``bf16_weak``), is an fp32 graph built weakly typed with
+BuilderFlag.FP16 / BuilderFlag.BF16. bf16, from the graph or the flag, needs a GPU of
+compute capability 8.0 or newer (Ampere; Jetson Orin is 8.7).
 
 Everything up to the first TensorRT call (``prepare_build``, ``typing_mode``) is pure
 and tested without TensorRT; ``build_plan`` then parses with ``OnnxParser.parse_from_file``
@@ -64,7 +66,7 @@ class BuildRequest:
     profile: BatchProfile | None  # None: the default for the GPU found at build time
     precision: str
     fp16_weak: bool
-    strongly_typed: bool | None  # None: strongly typed unless fp16_weak
+    strongly_typed: bool | None  # None: strongly typed unless fp16_weak or bf16_weak
     opt_level: int
     workspace_bytes: int | None  # None: default_workspace_bytes of the GPU
     timing_cache: Path | None  # a file, a folder for the keyed file, or None = default folder
@@ -72,6 +74,10 @@ class BuildRequest:
     version_compatible: bool
     exclude_lean_runtime: bool
     verbose: bool
+    bf16_weak: bool = False
+
+
+WEAK_FLAGS = {"fp16": "--fp16-weak", "bf16": "--bf16-weak"}
 
 
 def prepare_build(
@@ -89,6 +95,7 @@ def prepare_build(
     version_compatible: bool = False,
     exclude_lean_runtime: bool = False,
     verbose: bool = False,
+    bf16_weak: bool = False,
 ) -> BuildRequest:
     """Check every argument and read the ONNX's ModelMeta; ValueError/ArtifactError if bad."""
     onnx = Path(onnx_path)
@@ -108,26 +115,30 @@ def prepare_build(
             "add --version-compatible"
         )
     graph_precision = meta.graph.precision
-    if fp16_weak and graph_precision == "fp16":
+    if fp16_weak and bf16_weak:
+        raise ValueError("--fp16-weak and --bf16-weak exclude each other; pick one")
+    weak = "fp16" if fp16_weak else "bf16" if bf16_weak else None
+    if weak is not None and graph_precision != "fp32":
         raise ValueError(
-            f"--fp16-weak is for fp32 graphs, and {onnx.name} is already fp16; drop --fp16-weak"
+            f"{WEAK_FLAGS[weak]} is for fp32 graphs, and {onnx.name} is already "
+            f"{graph_precision}; drop {WEAK_FLAGS[weak]}"
         )
-    if fp16_weak and strongly_typed:
+    if weak is not None and strongly_typed:
         raise ValueError(
-            "--fp16-weak builds a weakly typed network, which strongly_typed=True forbids; "
-            "drop one of them"
+            f"{WEAK_FLAGS[weak]} builds a weakly typed network, which strongly_typed=True "
+            "forbids; drop one of them"
         )
-    wanted = "fp16" if fp16_weak else graph_precision
+    wanted = weak or graph_precision
     if precision is not None and precision != wanted:
-        if precision == "fp16":
+        if precision in WEAK_FLAGS and weak is None:
             raise ValueError(
                 f"{onnx.name} is an {graph_precision} graph and the precision lives in the "
-                "ONNX: export it with `fewstep export --precision fp16` (or, on TensorRT 10 "
-                "only, build with --fp16-weak)"
+                f"ONNX: export it with `fewstep export --precision {precision}` (or, on "
+                f"TensorRT 10 only, build with {WEAK_FLAGS[precision]})"
             )
         raise ValueError(
             f"precision={precision!r} but {onnx.name} is an {graph_precision} graph"
-            f"{' built with --fp16-weak' if fp16_weak else ''}; export an {precision} ONNX"
+            f"{f' built with {WEAK_FLAGS[weak]}' if weak else ''}; export an {precision} ONNX"
         )
     return BuildRequest(
         onnx_path=onnx, out_path=out, meta=meta, profile=profile, precision=wanted,
@@ -135,7 +146,7 @@ def prepare_build(
         workspace_bytes=None if workspace_mib is None else workspace_mib * MIB,
         timing_cache=None if timing_cache is None else Path(timing_cache),
         use_timing_cache=use_timing_cache, version_compatible=version_compatible,
-        exclude_lean_runtime=exclude_lean_runtime, verbose=verbose,
+        exclude_lean_runtime=exclude_lean_runtime, verbose=verbose, bf16_weak=bf16_weak,
     )
 
 
@@ -144,9 +155,11 @@ class TypingMode:
     strongly_typed: bool  # what the plan is
     network_flag: bool  # pass NetworkDefinitionCreationFlag.STRONGLY_TYPED (TensorRT 10 only)
     fp16_flag: bool  # set BuilderFlag.FP16 (TensorRT 10, weak typing only)
+    bf16_flag: bool = False  # set BuilderFlag.BF16 (TensorRT 10, weak typing only)
 
 
-def typing_mode(tensorrt_version: str, fp16_weak: bool, strongly_typed: bool | None) -> TypingMode:
+def typing_mode(tensorrt_version: str, fp16_weak: bool, strongly_typed: bool | None,
+                bf16_weak: bool = False) -> TypingMode:
     """How to type the network on this TensorRT version (see the module docstring)."""
     major = parse_version(tensorrt_version)[0]
     if major < 10:
@@ -155,12 +168,13 @@ def typing_mode(tensorrt_version: str, fp16_weak: bool, strongly_typed: bool | N
             "11.x: pip install -U 'fewstep[tensorrt]' (JetPack 6 ships 10.x)"
         )
     if major >= 11:
-        if fp16_weak:
-            raise ValueError(
-                f"--fp16-weak needs TensorRT 10: TensorRT {tensorrt_version} removed weak "
-                "typing (BuilderFlag.FP16); export the model with --precision fp16 instead "
-                "(an fp16 ONNX with fp32 islands) and build that"
-            )
+        for asked, p in ((fp16_weak, "fp16"), (bf16_weak, "bf16")):
+            if asked:
+                raise ValueError(
+                    f"{WEAK_FLAGS[p]} needs TensorRT 10: TensorRT {tensorrt_version} removed "
+                    f"weak typing (BuilderFlag.{p.upper()}); export the model with --precision "
+                    f"{p} instead (a {p} ONNX with fp32 islands) and build that"
+                )
         if strongly_typed is False:
             raise ValueError(
                 f"TensorRT {tensorrt_version} networks are always strongly typed; "
@@ -168,10 +182,36 @@ def typing_mode(tensorrt_version: str, fp16_weak: bool, strongly_typed: bool | N
             )
         # STRONGLY_TYPED is deprecated and ignored on 11.x: pass no flag.
         return TypingMode(strongly_typed=True, network_flag=False, fp16_flag=False)
-    if fp16_weak and strongly_typed:
-        raise ValueError("--fp16-weak needs a weakly typed network; drop strongly_typed=True")
-    st = (not fp16_weak) if strongly_typed is None else strongly_typed
-    return TypingMode(strongly_typed=st, network_flag=st, fp16_flag=fp16_weak)
+    if fp16_weak and bf16_weak:
+        raise ValueError("--fp16-weak and --bf16-weak exclude each other; pick one")
+    weak = fp16_weak or bf16_weak
+    if weak and strongly_typed:
+        flag = WEAK_FLAGS["fp16" if fp16_weak else "bf16"]
+        raise ValueError(f"{flag} needs a weakly typed network; drop strongly_typed=True")
+    st = (not weak) if strongly_typed is None else strongly_typed
+    return TypingMode(strongly_typed=st, network_flag=st, fp16_flag=fp16_weak,
+                      bf16_flag=bf16_weak)
+
+
+BF16_MIN_COMPUTE = (8, 0)  # bf16 tensor cores: Ampere and newer (Jetson Orin: 8.7)
+
+
+def check_device_precision(precision: str, compute_capability: str, gpu: str = "this GPU") -> None:
+    """ValueError when the plan's precision cannot run on a GPU of ``compute_capability``."""
+    if precision != "bf16":
+        return
+    major, minor = (int(x) for x in compute_capability.split(".")[:2])
+    if (major, minor) < BF16_MIN_COMPUTE:
+        raise ValueError(
+            f"{gpu} (compute capability {compute_capability}) has no bf16 support, which "
+            f"needs {'.'.join(map(str, BF16_MIN_COMPUTE))} or newer (Ampere, Jetson Orin); "
+            "export with --precision fp16 instead"
+        )
+
+
+def weak_builder_flags(mode: TypingMode) -> list[str]:
+    """Names of the BuilderFlag members weak typing sets ([] when strongly typed)."""
+    return [name for name, on in (("FP16", mode.fp16_flag), ("BF16", mode.bf16_flag)) if on]
 
 
 def say(msg: str) -> None:
@@ -193,6 +233,7 @@ def build_plan(
     version_compatible: bool = False,
     exclude_lean_runtime: bool = False,
     verbose: bool = False,
+    bf16_weak: bool = False,
 ) -> PlanSidecar:
     """Build ``out_path`` (+ ``out_path``.json) from ``onnx_path``; returns the sidecar.
 
@@ -205,7 +246,7 @@ def build_plan(
         strongly_typed=strongly_typed, opt_level=opt_level, workspace_mib=workspace_mib,
         timing_cache=timing_cache, use_timing_cache=use_timing_cache,
         version_compatible=version_compatible, exclude_lean_runtime=exclude_lean_runtime,
-        verbose=verbose,
+        verbose=verbose, bf16_weak=bf16_weak,
     )
     return build_from_request(request)
 
@@ -238,8 +279,10 @@ def build_from_request(request: BuildRequest) -> PlanSidecar:
     except ImportError:
         raise BackendUnavailable(trt_backend.CUDA_PYTHON_MISSING) from None
     trt_version = str(trt.__version__)
-    mode = typing_mode(trt_version, request.fp16_weak, request.strongly_typed)
+    mode = typing_mode(trt_version, request.fp16_weak, request.strongly_typed,
+                       request.bf16_weak)
     dev = trt_backend.device_info(cudart)
+    check_device_precision(request.precision, dev.compute_capability, dev.name)
     meta = request.meta
     profile = request.profile or default_profile(meta, jetson=dev.integrated)
     workspace = request.workspace_bytes or default_workspace_bytes(
@@ -253,7 +296,8 @@ def build_from_request(request: BuildRequest) -> PlanSidecar:
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     say(f"parsing {name} with TensorRT {trt_version} "
-        f"({'strongly typed' if mode.strongly_typed else 'weakly typed, fp16 allowed'})")
+        + (f"(strongly typed, {meta.graph.precision} from the graph)" if mode.strongly_typed
+           else f"(weakly typed, {request.precision} allowed)"))
     if not parser.parse_from_file(str(request.onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
         raise ArtifactError(
@@ -266,8 +310,15 @@ def build_from_request(request: BuildRequest) -> PlanSidecar:
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
     config.builder_optimization_level = request.opt_level
-    if mode.fp16_flag:
-        config.set_flag(trt.BuilderFlag.FP16)
+    for flag_name in weak_builder_flags(mode):
+        flag = getattr(trt.BuilderFlag, flag_name, None)
+        if flag is None:
+            raise ValueError(
+                f"TensorRT {trt_version} has no BuilderFlag.{flag_name}; export the model "
+                f"with --precision {request.precision} and build without "
+                f"{WEAK_FLAGS[request.precision]}"
+            )
+        config.set_flag(flag)
     if request.version_compatible:
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
     if request.exclude_lean_runtime:
@@ -316,7 +367,9 @@ def build_from_request(request: BuildRequest) -> PlanSidecar:
         plan_sha256=hashlib.sha256(plan).hexdigest(), plan_bytes=len(plan),
         extra={"timing_cache": timing_cache_key(dev.name, dev.compute_capability, trt_version)
                if cache_file is not None else "",
-               "build_seconds": round(time.monotonic() - started, 2)},
+               "build_seconds": round(time.monotonic() - started, 2),
+               # PlanSidecar has a field for --fp16-weak only; --bf16-weak is noted here.
+               **({"bf16_weak": True} if request.bf16_weak else {})},
     )
     write_plan(request.out_path, plan, sidecar)
     if cache_file is not None:
@@ -401,8 +454,10 @@ __all__ = [
     "TypingMode",
     "build_from_request",
     "build_plan",
+    "check_device_precision",
     "plan_name_for",
     "prepare_build",
     "typing_mode",
+    "weak_builder_flags",
     "write_plan",
 ]

@@ -845,3 +845,193 @@ def test_built_plan_is_refused_when_stale(trt_gpu: None, tmp_path: Path) -> None
     tiny_onnx(tmp_path / "model.onnx", meta, scale=0.25)
     with pytest.raises(ArtifactError, match=r"model\.plan is stale: model\.onnx changed"):
         backends.load(str(tmp_path / "model.plan"), "tensorrt")
+
+
+# ---------------------------------------------------------------------------------
+# bf16: a bf16 graph builds strongly typed; --bf16-weak is TensorRT 10's BuilderFlag.BF16
+# ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("version", "fp16_weak", "bf16_weak", "strongly", "expected"), [
+    # (strongly_typed, network_flag, fp16_flag, bf16_flag); builder flag names
+    ("10.3.0", False, True, None, ((False, False, False, True), ["BF16"])),
+    ("10.3.0", True, False, None, ((False, False, True, False), ["FP16"])),
+    ("10.3.0", False, False, None, ((True, True, False, False), [])),
+    ("10.8.0", False, False, True, ((True, True, False, False), [])),
+    ("11.1.0", False, False, None, ((True, False, False, False), [])),
+])
+def test_typing_mode_bf16(version: str, fp16_weak: bool, bf16_weak: bool, strongly: bool | None,
+                          expected: tuple[tuple[bool, bool, bool, bool], list[str]]) -> None:
+    from fewstep.export.tensorrt_build import typing_mode, weak_builder_flags
+
+    m = typing_mode(version, fp16_weak, strongly, bf16_weak)
+    assert (m.strongly_typed, m.network_flag, m.fp16_flag, m.bf16_flag) == expected[0]
+    assert weak_builder_flags(m) == expected[1]
+
+
+@pytest.mark.parametrize(("version", "fp16_weak", "bf16_weak", "strongly", "message"), [
+    ("11.1.0", False, True, None, "export the model with --precision bf16 instead"),
+    ("10.3.0", False, True, True, "--bf16-weak needs a weakly typed network"),
+    ("10.3.0", True, True, None, "exclude each other"),
+])
+def test_typing_mode_refuses_bf16(version: str, fp16_weak: bool, bf16_weak: bool,
+                                  strongly: bool | None, message: str) -> None:
+    from fewstep.export.tensorrt_build import typing_mode
+
+    with pytest.raises(ValueError, match=message):
+        typing_mode(version, fp16_weak, strongly, bf16_weak)
+
+
+def test_prepare_build_bf16(tmp_path: Path) -> None:
+    from fewstep.export.tensorrt_build import prepare_build
+
+    out = tmp_path / "model.plan"
+    fp32 = tiny_onnx(tmp_path / "model.onnx", make_meta())
+    bf16 = tiny_onnx(tmp_path / "bf.onnx", make_meta(precision="bf16"))
+    fp16 = tiny_onnx(tmp_path / "half.onnx", make_meta(precision="fp16"))
+    # A bf16 graph: the precision comes from the graph, strongly typed by default.
+    req = prepare_build(bf16, out)
+    assert req.precision == "bf16" and not req.bf16_weak and req.strongly_typed is None
+    assert prepare_build(bf16, out, precision="bf16").precision == "bf16"
+    # An fp32 graph with --bf16-weak (TensorRT 10's BuilderFlag.BF16).
+    weak = prepare_build(fp32, out, bf16_weak=True)
+    assert weak.precision == "bf16" and weak.bf16_weak and not weak.fp16_weak
+    cases: list[tuple[Path, dict[str, Any], str]] = [
+        (bf16, {"bf16_weak": True}, "bf.onnx is already bf16; drop --bf16-weak"),
+        (fp16, {"bf16_weak": True}, "half.onnx is already fp16; drop --bf16-weak"),
+        (bf16, {"fp16_weak": True}, "--fp16-weak is for fp32 graphs"),
+        (fp32, {"bf16_weak": True, "fp16_weak": True}, "exclude each other"),
+        (fp32, {"bf16_weak": True, "strongly_typed": True}, "drop one of them"),
+        (fp32, {"precision": "bf16"}, "export it with `fewstep export --precision bf16` (or, "
+                                      "on TensorRT 10 only, build with --bf16-weak)"),
+        (bf16, {"precision": "fp16"}, "export it with `fewstep export --precision fp16`"),
+        (fp32, {"bf16_weak": True, "precision": "fp16"}, "built with --bf16-weak"),
+    ]
+    for onnx, kwargs, message in cases:
+        with pytest.raises(ValueError) as e:
+            prepare_build(onnx, out, **kwargs)
+        assert message in str(e.value), (onnx.name, kwargs, str(e.value))
+
+
+def test_bf16_needs_ampere_or_newer() -> None:
+    from fewstep.export.tensorrt_build import check_device_precision
+
+    for cc in ("8.0", "8.7", "9.0", "12.0"):  # A100, Jetson Orin, H100, Blackwell
+        check_device_precision("bf16", cc)
+    for precision in ("fp32", "fp16"):
+        check_device_precision(precision, "7.2")
+    with pytest.raises(ValueError, match=r"Xavier \(compute capability 7\.2\) has no bf16"):
+        check_device_precision("bf16", "7.2", "Xavier")
+    with pytest.raises(ValueError, match="export with --precision fp16 instead"):
+        check_device_precision("bf16", "7.5")
+
+
+def test_build_cli_bf16(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                        no_tensorrt: None) -> None:
+    from fewstep.export import cli_build
+
+    assert cli_build.main(["--help"]) == 0
+    assert "--bf16-weak" in capsys.readouterr().out
+    fp32 = tiny_onnx(tmp_path / "model.onnx", make_meta())
+    bf16 = tiny_onnx(tmp_path / "bf.onnx", make_meta(precision="bf16"))
+    code, err = build_cli([str(bf16), "--out", str(tmp_path / "bf.plan"), "--bf16-weak"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "already bf16" in err
+    code, err = build_cli([str(fp32), "--out", str(tmp_path / "m.plan"), "--bf16-weak",
+                           "--fp16-weak"], capsys)
+    assert code == 2 and "exclude each other" in err
+    # Valid requests get as far as importing TensorRT.
+    for args in ([str(bf16), "--out", str(tmp_path / "bf.plan")],
+                 [str(fp32), "--out", str(tmp_path / "m.plan"), "--bf16-weak"]):
+        code, err = build_cli(args, capsys)
+        assert code == 2 and "TensorRT is not installed" in err, (args, err)
+    assert not list(tmp_path.glob("*.plan"))
+
+
+def tiny_bf16_onnx(path: Path, meta: ModelMeta) -> Path:
+    """eps = float(bf16(x) * bf16(0.5)) + t / 1000: a graph with its own bf16 precision."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    c, h, w = meta.image_shape
+    f32, bf16 = TensorProto.FLOAT, TensorProto.BFLOAT16
+    inits = [helper.make_tensor("w", bf16, [1, c, 1, 1], [0.5] * c),
+             numpy_helper.from_array(np.array([-1, 1, 1, 1], np.int64), "shape4"),
+             numpy_helper.from_array(np.array(1e-3, np.float32), "k_t")]
+    nodes = [helper.make_node("Cast", ["x"], ["xb"], to=bf16),
+             helper.make_node("Mul", ["xb", "w"], ["yb"]),
+             helper.make_node("Cast", ["yb"], ["y"], to=f32),
+             helper.make_node("Cast", ["t"], ["tf"], to=f32),
+             helper.make_node("Reshape", ["tf", "shape4"], ["t4"]),
+             helper.make_node("Mul", ["t4", "k_t"], ["ts"]),
+             helper.make_node("Add", ["y", "ts"], ["eps"])]
+    graph = helper.make_graph(
+        nodes, "tiny-bf16",
+        [helper.make_tensor_value_info("x", f32, ["B", c, h, w]),
+         helper.make_tensor_value_info("t", TensorProto.INT64, ["B"])],
+        [helper.make_tensor_value_info("eps", f32, ["B", c, h, w])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                              producer_name="fewstep-test")
+    model.ir_version = 8
+    helper.set_model_props(model, {META_KEY: meta.to_json()})
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save_model(model, str(path))
+    return path
+
+
+def to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 → nearest bfloat16 (ties to even), as float32."""
+    u = np.ascontiguousarray(x, np.float32).view(np.uint32)
+    rounded = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(
+        0xFFFF0000)
+    return rounded.view(np.float32)
+
+
+def test_tiny_bf16_graph_is_valid_onnx(tmp_path: Path) -> None:
+    meta = make_meta(precision="bf16")
+    path = tiny_bf16_onnx(tmp_path / "bf.onnx", meta)
+    from fewstep.runtime.artifact import read_onnx_meta
+
+    assert read_onnx_meta(path).graph.precision == "bf16"
+    assert to_bf16(np.array([1.0, 1.00390625, 1.01171875], np.float32)).tolist() == [
+        1.0, 1.0, 1.015625]
+
+
+@pytest.mark.tensorrt
+def test_bf16_plans_strongly_typed_and_weak(trt_gpu: None, tmp_path: Path,
+                                            rng: np.random.Generator) -> None:
+    import tensorrt
+
+    from fewstep.export.tensorrt_build import build_plan
+
+    meta = make_meta(precision="bf16")
+    onnx = tiny_bf16_onnx(tmp_path / "bf.onnx", meta)
+    sidecar = build_plan(onnx, tmp_path / "bf.plan", batch="1:2:4", use_timing_cache=False)
+    assert sidecar.precision == "bf16" and sidecar.strongly_typed and not sidecar.fp16_weak
+    assert load_sidecar(tmp_path / "bf.plan").precision == "bf16"
+    graph = backends.load(str(tmp_path / "bf.plan"), "tensorrt")
+    feeds = denoiser_feeds(meta, 3, rng)
+    expect = to_bf16(feeds["x"]) * 0.5 + feeds["t"].reshape(-1, 1, 1, 1) * np.float32(1e-3)
+    np.testing.assert_allclose(graph.run(feeds), expect, rtol=1e-6, atol=1e-6)
+    graph.close()  # type: ignore[attr-defined]
+    if int(tensorrt.__version__.split(".")[0]) >= 11:
+        return  # weak typing is gone; test_typing_mode_refuses_bf16 covers the message
+    fp32 = tiny_onnx(tmp_path / "model.onnx", make_meta())
+    weak = build_plan(fp32, tmp_path / "weak.plan", batch="1:2:4", bf16_weak=True,
+                      use_timing_cache=False)
+    assert weak.precision == "bf16" and not weak.strongly_typed
+    assert weak.extra["bf16_weak"] is True
+    graph = backends.load(str(tmp_path / "weak.plan"), "tensorrt")
+    feeds = denoiser_feeds(make_meta(), 2, rng)
+    np.testing.assert_allclose(graph.run(feeds), ort_run(fp32, feeds), rtol=1e-2, atol=1e-2)
+    graph.close()  # type: ignore[attr-defined]
+
+
+def test_rebuild_command_repeats_the_weak_typing_flags(tmp_path: Path) -> None:
+    side, plan_path = make_sidecar(tmp_path)
+    assert "-weak" not in plan.rebuild_command(plan_path, sidecar=side)
+    side, plan_path = make_sidecar(tmp_path, precision="bf16", strongly_typed=False,
+                                   extra={"bf16_weak": True})
+    assert plan.rebuild_command(plan_path, sidecar=side).endswith("--bf16-weak")
+    side, plan_path = make_sidecar(tmp_path, precision="fp16", strongly_typed=False,
+                                   fp16_weak=True)
+    assert plan.rebuild_command(plan_path, sidecar=side).endswith("--fp16-weak")

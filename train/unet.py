@@ -128,9 +128,18 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.conv2.bias)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.temb(emb)[:, :, None, None]
+    def forward(
+        self, x: torch.Tensor, emb: torch.Tensor | None, proj: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``proj``: ``temb(emb) + conv1.bias`` precomputed, (B, C) or (1, C) (an export's
+        table lookup, see ``UNet.block_tables``); conv1 then runs without its bias."""
+        if proj is None:
+            assert emb is not None
+            h = self.conv1(F.silu(self.norm1(x)))
+            h = h + self.temb(emb)[:, :, None, None]
+        else:
+            h = F.conv2d(F.silu(self.norm1(x)), self.conv1.weight, None, padding=1)
+            h = h + proj[:, :, None, None]
         h = self.conv2(self.dropout(F.silu(self.norm2(h))))
         return self.skip(x) + h
 
@@ -229,31 +238,66 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(
-        self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        emb = timestep_embedding(t, self.config.base_channels).to(x.dtype)
-        emb = self.time_mlp(emb)
+    def resblocks(self) -> list[ResBlock]:
+        """The residual blocks in the order ``forward`` calls them."""
+        down = [layer[0] for layer in self.down if not isinstance(layer, Downsample)]
+        up = [layer[0] for layer in self.up if not isinstance(layer, Upsample)]
+        return [*down, self.mid[0], self.mid[2], *up]  # type: ignore[list-item]
+
+    @torch.no_grad()
+    def block_tables(self, t: float) -> list[torch.Tensor]:
+        """Per residual block, ``temb(emb) + conv1.bias`` at timestep ``t`` for every label.
+
+        Row k of a table is what the block adds after its first convolution for label k
+        (the null label included); an unconditional model has one row. A graph with a fixed
+        timestep (the fused sampler) then looks the row up instead of recomputing the time
+        embedding, the label embedding and one matrix product per block at every step.
+        Computed in the model's dtype, as ``forward`` would.
+        """
+        p = next(self.parameters())
+        tt = torch.full((1,), float(t), device=p.device)
+        emb = self.time_mlp(timestep_embedding(tt, self.config.base_channels).to(p.dtype))
         if self.label_emb is not None:
-            if label is None:
-                raise ValueError("this model is class-conditional: pass label (B,) int64")
-            emb = emb + self.label_emb(label)
+            emb = emb + self.label_emb.weight  # (K + 1, temb)
+        return [b.temb(emb) + b.conv1.bias for b in self.resblocks()]  # type: ignore[operator]
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor | None, label: torch.Tensor | None = None,
+        block_proj: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """``block_proj``: rows of ``block_tables`` for this batch, one per residual block
+        (then ``t`` and ``label`` are not used)."""
+        emb = None
+        if block_proj is None:
+            assert t is not None
+            emb = timestep_embedding(t, self.config.base_channels).to(x.dtype)
+            emb = self.time_mlp(emb)
+            if self.label_emb is not None:
+                if label is None:
+                    raise ValueError("this model is class-conditional: pass label (B,) int64")
+                emb = emb + self.label_emb(label)
+        projs = iter(block_proj or [])
+
+        def res(block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = block(h, emb, next(projs, None))
+            return out
+
         h = self.conv_in(x)
         hs = [h]
         for layer in self.down:
             if isinstance(layer, Downsample):
                 h = layer(h)
             else:
-                res, att = layer  # type: ignore[misc]
-                h = att(res(h, emb))
+                block, att = layer  # type: ignore[misc]
+                h = att(res(block, h))
             hs.append(h)
-        h = self.mid[2](self.mid[1](self.mid[0](h, emb)), emb)
+        h = res(self.mid[2], self.mid[1](res(self.mid[0], h)))
         for layer in self.up:
             if isinstance(layer, Upsample):
                 h = layer(h)
             else:
-                res, att = layer  # type: ignore[misc]
-                h = att(res(torch.cat([h, hs.pop()], dim=1), emb))
+                block, att = layer  # type: ignore[misc]
+                h = att(res(block, torch.cat([h, hs.pop()], dim=1)))
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
