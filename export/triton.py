@@ -2,8 +2,8 @@
 
 ``fewstep export CKPT --out model.onnx --triton DIR`` (or, for an artifact that already
 exists, e.g. after ``fewstep build`` made TensorRT plans,
-``python -m fewstep.export.triton model.onnx --out DIR``) writes into DIR, for an
-artifact named ``model``::
+``python -m fewstep.export.triton model.onnx --out DIR [--plans PLANS]``) writes into DIR,
+for an artifact named ``model``::
 
     DIR/model_sampler4/              every fused sampler graph: ONNX Runtime backend
         config.pbtxt                 platform onnxruntime_onnx, dynamic batching
@@ -12,7 +12,7 @@ artifact named ``model``::
         1/model.weights.<hash>.bin   its external weights, beside it (see below)
     DIR/model_sampler4_trt/          where model.sampler-4.plan + .plan.json exist
         config.pbtxt                 platform tensorrt_plan; max batch = plan profile max
-        1/model.plan
+        1/model.plan                 (looked up in --plans PLANS, default beside model.onnx)
     DIR/model_ddim/                  the DDIM loop at any step count: Python backend
         config.pbtxt                 backend python; parameters graph, default_steps, ...
         1/model.py                   export/triton_model.py, verbatim
@@ -34,6 +34,13 @@ resolves the external-data location stored in the graph relative to that file: t
 weights file must lie in the version folder beside model.onnx, under the name the
 graph records (``model.weights.<hash>.bin``). Renaming the graph file is safe; renaming
 the weights file is not.
+
+TensorRT plans: ``fewstep build model.onnx --all --out PLANS`` writes a plan + sidecar
+per graph into PLANS; only fused sampler graphs become ``tensorrt_plan`` models (the
+Python model's loop runs on ONNX Runtime). A plan is taken when its sidecar names a
+sampler graph of this artifact and the hashes it records still match that graph and the
+plan file; every plan taken or left out, and a sampler graph left without one, is
+reported on stderr with the way to include it.
 
 Shapes: every model has ``max_batch_size`` > 0, so ``dims`` leave the batch axis out.
 Per-sample scalars (label, guidance; the graph sees shape (B,)) are declared
@@ -57,7 +64,7 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -226,11 +233,74 @@ def _marker(meta: ModelMeta, stem: str, source: Path, kind: str) -> dict[str, An
             "backend": kind, "graph": meta.graph.kind, "source_hash": meta.source_hash}
 
 
-def plan_repository(onnx_path: str | os.PathLike[str],
-                    options: TritonOptions | None = None) -> list[ModelEntry]:
-    """The model folders that ``write_repository`` would write for this artifact."""
+def _dir(folder: str | os.PathLike[str]) -> str:
+    return str(folder).rstrip("/") + "/"
+
+
+def plans_folder(onnx_path: str | os.PathLike[str],
+                 plans: str | os.PathLike[str] | None = None) -> Path:
+    """Where the artifact's TensorRT plans are looked up: ``plans``, else beside the ONNX."""
+    if plans is None:
+        return Path(onnx_path).parent
+    folder = Path(plans)
+    if not folder.is_dir():
+        problem = "is not a folder" if folder.exists() else "does not exist"
+        raise ValueError(f"--plans {str(folder)!r} {problem}; pass the folder that "
+                         "`fewstep build MODEL.onnx --all --out FOLDER` wrote the plans to")
+    return folder
+
+
+def _find_plans(main_path: Path, folder: Path, graphs: dict[str, tuple[Path, ModelMeta]],
+                log: Callable[[str], None]) -> dict[str, tuple[Path, trt_plan.PlanSidecar]]:
+    """The usable plan of each sampler graph (by ONNX file name); the rest is logged."""
+    samplers = {p.name: p for p, m in graphs.values() if m.graph.kind == "sampler"}
+    base = artifact.base_stem(main_path)
+    found: dict[str, tuple[Path, trt_plan.PlanSidecar]] = {}
+    for plan_file in artifact.siblings(folder / f"{base}.plan", ".plan"):
+        if not plan_file.is_file():
+            continue
+        sidecar = trt_plan.load_sidecar(plan_file)
+        source = Path(sidecar.onnx_file).name
+        if sidecar.meta.graph.kind != "sampler":
+            log(f"{plan_file}: not used (a {sidecar.meta.graph.kind} graph; only fused sampler "
+                "graphs become tensorrt_plan models)")
+            continue
+        onnx_file = samplers.get(source)
+        if onnx_file is None:
+            log(f"{plan_file}: left out: it was built from {source}, which {main_path.name}'s "
+                f"artifact does not have")
+            continue
+        rebuild = trt_plan.rebuild_command(plan_file, onnx_file, sidecar)
+        onnx_sha, external = trt_plan.onnx_hashes(onnx_file)
+        changed = [source] if onnx_sha != sidecar.onnx_sha256 else []
+        changed += sorted(loc for loc, digest in external.items()
+                          if sidecar.external_data_sha256.get(loc, digest) != digest)
+        if changed:
+            log(f"{plan_file}: left out: stale ({', '.join(changed)} changed since the plan "
+                f"was built); rebuild it with `{rebuild}`")
+            continue
+        if (plan_file.stat().st_size != sidecar.plan_bytes
+                or trt_plan.file_sha256(plan_file) != sidecar.plan_sha256):
+            log(f"{plan_file}: left out: it is not the plan its sidecar "
+                f"{trt_plan.sidecar_path(plan_file).name} describes (sha256 differs); rebuild "
+                f"it with `{rebuild}`")
+            continue
+        found[source] = (plan_file, sidecar)
+    return found
+
+
+def plan_repository(onnx_path: str | os.PathLike[str], options: TritonOptions | None = None,
+                    plans: str | os.PathLike[str] | None = None,
+                    log: Callable[[str], None] | None = None) -> list[ModelEntry]:
+    """The model folders that ``write_repository`` would write for this artifact.
+
+    TensorRT plans are looked up in the folder ``plans`` (default: beside ``onnx_path``);
+    ``log`` receives one line per plan taken or left out and per sampler graph without one.
+    """
     o = options or TritonOptions()
+    say = log or (lambda _msg: None)
     main_path = Path(onnx_path)
+    folder = plans_folder(main_path, plans)
     main = artifact.read_onnx_meta(main_path)
     stem = artifact.base_stem(main_path)
     prefix = o.prefix or re.sub(r"[^A-Za-z0-9_-]", "_", stem)
@@ -243,12 +313,10 @@ def plan_repository(onnx_path: str | os.PathLike[str],
                                 f"(its {different} differs); re-export the whole artifact")
         key = meta.graph.kind if meta.graph.kind != "sampler" else path.name
         graphs[key] = (path, meta)
-    plans = {}
-    for plan_file in artifact.siblings(main_path.with_suffix(".plan"), ".plan"):
-        if plan_file.is_file():
-            sidecar = trt_plan.load_sidecar(plan_file)
-            if sidecar.meta.graph.kind == "sampler":
-                plans[Path(sidecar.onnx_file).name] = (plan_file, sidecar)
+    found_plans = _find_plans(main_path, folder, graphs, say)
+    if not any(m.graph.kind == "sampler" for _, m in graphs.values()):
+        say(f"no tensorrt_plan model: only fused sampler graphs are served from TensorRT "
+            f"plans and {main_path.name}'s artifact has none (fewstep export --fused sampler)")
 
     entries: list[ModelEntry] = []
     c, h, w = main.image_shape
@@ -257,7 +325,7 @@ def plan_repository(onnx_path: str | os.PathLike[str],
             continue
         name = _model_name(prefix, meta)
         ins, outs = tensor_configs(meta)
-        found = plans.get(path.name)
+        found = found_plans.get(path.name)
         max_batch = o.max_batch or (found[1].profile.max if found
                                     else trt_plan.default_profile(meta).max)
         g = meta.graph
@@ -285,6 +353,8 @@ def plan_repository(onnx_path: str | os.PathLike[str],
             note = (f"TensorRT {sidecar.tensorrt_version} plan for {sidecar.gpu_name} (compute "
                     f"capability {sidecar.compute_capability}) from {plan_file.name}: serve it "
                     f"with a tritonserver image of the same TensorRT version")
+            say(f"{plan_file}: included as {trt_name} (TensorRT {sidecar.tensorrt_version} "
+                f"plan for {sidecar.gpu_name}, batch {profile})")
             entries.append(ModelEntry(
                 trt_name, "tensorrt",
                 config_text(trt_name, "tensorrt", trt_ins, trt_outs, profile.max,
@@ -293,6 +363,9 @@ def plan_repository(onnx_path: str | os.PathLike[str],
                 ((plan_file, "model.plan"),),
                 _marker(sidecar.meta, stem, plan_file, "tensorrt"),
             ))
+        else:
+            say(f"no usable TensorRT plan of {path.name} in {_dir(folder)}: {name}_trt "
+                "(tensorrt_plan) left out")
 
     loop = graphs.get("step") or graphs.get("denoiser")
     if loop is not None:
@@ -359,14 +432,29 @@ def _write_model(entry: ModelEntry, folder: Path) -> None:
             artifact.read_onnx_meta(version / name)
 
 
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
 def write_repository(onnx_path: str | os.PathLike[str], repo: str | os.PathLike[str],
-                     options: TritonOptions | None = None) -> list[Path]:
+                     options: TritonOptions | None = None,
+                     plans: str | os.PathLike[str] | None = None,
+                     log: Callable[[str], None] = _stderr) -> list[Path]:
     """Write the artifact's models into the Triton model repository ``repo``.
 
-    Returns the model folders written. See the module docstring for the layout.
+    Returns the model folders written. See the module docstring for the layout. TensorRT
+    plans are looked up in ``plans`` (default: beside ``onnx_path``); ``log`` (default:
+    stderr) says which were included, which were left out and how to include them.
     """
     target = check_repository_target(repo)
-    entries = plan_repository(onnx_path, options)
+    entries = plan_repository(onnx_path, options, plans, log)
+    samplers = {e.name for e in entries if e.kind == "onnxruntime"}
+    if samplers - {e.name.removesuffix("_trt") for e in entries if e.kind == "tensorrt"}:
+        where = "plans/" if plans is None else _dir(plans)
+        log(f"to include the tensorrt_plan model, build the plans with the TensorRT version "
+            f"of your tritonserver image, on the serving GPU: `fewstep build {onnx_path} --all "
+            f"--out {where}`, then `python -m fewstep.export.triton {onnx_path} --out {repo} "
+            f"--plans {where}`")
     stem = artifact.base_stem(Path(onnx_path))
     target.mkdir(exist_ok=True)
     for e in entries:
@@ -408,6 +496,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p = clitools.parser(prog, __doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("model", type=Path, help="model.onnx of an artifact made by fewstep export")
     p.add_argument("--out", type=Path, required=True, help="the Triton model repository folder")
+    p.add_argument("--plans", type=Path, default=None, metavar="DIR",
+                   help="folder of TensorRT plans + .plan.json sidecars (what `fewstep build "
+                        "MODEL.onnx --all --out DIR` wrote); default: beside MODEL.onnx")
     add_options(p, prefix="")
     return p
 
@@ -433,7 +524,8 @@ def options_from(args: argparse.Namespace, prefix: str = "triton_") -> TritonOpt
 
 
 def body(args: argparse.Namespace) -> int:
-    for folder in write_repository(args.model, args.out, options_from(args, prefix="")):
+    for folder in write_repository(args.model, args.out, options_from(args, prefix=""),
+                                   plans=args.plans):
         print(folder)
     return 0
 

@@ -8,12 +8,14 @@ in-process), and the ways a multi-process run must fail instead of hanging.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +30,11 @@ from conftest import quiet_options, tiny_config  # noqa: E402
 from fewstep.train import checkpoint as ckpt_io  # noqa: E402
 from fewstep.train import cli as train_cli  # noqa: E402
 from fewstep.train import distributed  # noqa: E402
+from fewstep.train.data import open_source  # noqa: E402
 from fewstep.train.fit import (  # noqa: E402
     CHECKPOINT,
     METRICS,
+    TrainConfig,
     Trainer,
     _state,
     _StepBatches,
@@ -69,6 +73,90 @@ def first_grads(config: Any, options: Any) -> tuple[torch.Tensor, float, Trainer
 def losses(folder: Path) -> dict[int, float]:
     rows = [json.loads(ln) for ln in (folder / METRICS).read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows}
+
+
+def sample_hash(image: np.ndarray, label: int, t: int, dropped: bool, eps: np.ndarray) -> str:
+    """One training sample as the loss sees it: image bytes, label, t, label dropout, eps."""
+    h = hashlib.sha1(np.ascontiguousarray(image, np.uint8).tobytes())
+    h.update(np.ascontiguousarray(eps, np.float32).tobytes())
+    h.update(f"{int(label)},{int(t)},{int(bool(dropped))}".encode())
+    return h.hexdigest()
+
+
+def record_consumed(trainer: Trainer) -> list[list[str]]:
+    """Wrap ``trainer``'s data loader: the list fills, in order, with one list of sample
+    hashes per micro-batch that the training loop takes (what it really consumed, not
+    what the sampler says it should)."""
+    taken: list[list[str]] = []
+    make = trainer._loader
+
+    def loader(start: int) -> Iterator[Any]:
+        for batch in make(start):
+            images, labels, t, drop, eps = batch
+            taken.append([sample_hash(images[j].numpy(), int(labels[j]), int(t[j]),
+                                      bool(drop[j]), eps[j].numpy())
+                          for j in range(len(images))])
+            yield batch
+
+    trainer._loader = loader  # type: ignore[method-assign]
+    return taken
+
+
+def one_process_reads(config: TrainConfig, count: int) -> list[str]:
+    """Hashes of global samples 0..count-1 straight from the data source and the per-sample
+    draws: what one process reads (step k takes samples k*G .. (k+1)*G - 1)."""
+    source = open_source(config.data, config.image_size, config.seed)
+    shape = (3, source.size, source.size)
+    out = []
+    for i in range(count):
+        image, label = source.image(i)
+        t, u, eps = sample_draws(config.seed, i, config.num_train_timesteps, shape)
+        out.append(sample_hash(image, label, t, u < config.cfg_dropout, eps))
+    return out
+
+
+def assert_ranks_split_what_one_process_reads(taken: list[list[list[str]]],
+                                              config: TrainConfig) -> None:
+    """``taken[rank]``: the micro-batches rank took (``record_consumed``) in a run of
+    ``config`` on len(taken) processes. They share no sample, and step by step they
+    together took exactly the samples one process takes."""
+    world, acc = len(taken), config.grad_accum
+    g = global_batch(config, world)
+    want = one_process_reads(config, config.steps * g)
+    assert len(set(want)) == len(want), "two global samples look the same: weak check"
+    index = {h: i for i, h in enumerate(want)}  # -1: no sample one process would read
+    ranks = [[[index.get(h, -1) for h in micro] for micro in micros] for micros in taken]
+    for r, micros in enumerate(ranks):
+        assert len(micros) == config.steps * acc, f"rank {r} took {len(micros)} micro-batches"
+        assert all(len(m) == config.batch_size for m in micros), (r, micros)
+    sets = [{i for m in micros for i in m} for micros in ranks]
+    assert -1 not in set.union(*sets), f"samples one process never reads: {ranks}"
+    for r in range(world):
+        for q in range(r + 1, world):
+            assert not sets[r] & sets[q], f"ranks {r} and {q} both read {sets[r] & sets[q]}"
+    for k in range(config.steps):
+        step = sorted(i for micros in ranks for m in micros[k * acc:(k + 1) * acc] for i in m)
+        assert step == list(range(k * g, (k + 1) * g)), f"step {k}: {step}"
+
+
+def write_image_folder(root: Path) -> Path:
+    """Two class folders of small PNGs (sizes differ: the loader resizes and crops)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(7)
+    for k, name in enumerate(("cats", "dogs")):
+        (root / name).mkdir(parents=True)
+        for j in range(3):
+            h, w = 16 + 4 * j, 20 + 2 * k
+            pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{j}.png")
+    return root
+
+
+def folder_config(root: Path) -> TrainConfig:
+    """6 images, 8 samples per step, 3 steps: 4 epochs, each a fresh permutation."""
+    return tiny_config(data=str(root / "images"), steps=3, batch_size=B, grad_accum=2,
+                       cfg_dropout=0.3)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -140,10 +228,9 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
         # 2. A fresh run; every rank reports what it holds.
         config = tiny_config(steps=4, batch_size=B, grad_accum=2, cfg_dropout=0.3)
         trainer = Trainer(config, opts(root / "fresh"))
+        report["fresh_taken"] = record_consumed(trainer)
         trainer.run()
         report["fresh"] = [state_hash(trainer.model), state_hash(trainer.ema)]
-        report["indices"] = [i for batch in _StepBatches(config, 0, rank, world)
-                             for i in batch]
 
         # 3. The same run stopped after step 2 and resumed on the same 2 processes.
         train(config, opts(root / "stopped", stop_after=2))
@@ -156,6 +243,11 @@ def _worker(rank: int, world: int, port: int, tmp: str) -> None:
                           opts(root / "from_one", resume=True))
         trainer.run()
         report["from_one"] = [state_hash(trainer.model), state_hash(trainer.ema)]
+
+        # 5. An image folder (two classes) shared by the ranks; what each rank consumed.
+        trainer = Trainer(folder_config(root), opts(root / "folder"))
+        report["folder_taken"] = record_consumed(trainer)
+        trainer.run()
         (root / f"report_{rank}.json").write_text(json.dumps(report))
 
 
@@ -165,6 +257,7 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ddp")
     one = tiny_config(steps=4, batch_size=2 * B, grad_accum=2, cfg_dropout=0.3)
     train(one, quiet_options(root / "from_one", log_every=1, stop_after=2))
+    write_image_folder(root / "images")
     mp.spawn(_worker, args=(2, free_port(), str(root)), nprocs=2, join=True)
     return root
 
@@ -201,8 +294,28 @@ def test_rank0_checkpoint_holds_what_every_rank_holds(two_ranks: Path) -> None:
 
 
 def test_ranks_read_disjoint_samples_in_the_run(two_ranks: Path) -> None:
-    a, b = (set(r["indices"]) for r in reports(two_ranks))
-    assert not a & b and a | b == set(range(4 * 4 * B))
+    """What the loop of each rank consumed (recorded in the run, not recomputed)."""
+    taken = [r["fresh_taken"] for r in reports(two_ranks)]
+    config = tiny_config(steps=4, batch_size=B, grad_accum=2, cfg_dropout=0.3)
+    assert_ranks_split_what_one_process_reads(taken, config)
+
+
+def test_ranks_read_disjoint_samples_of_an_image_folder(two_ranks: Path) -> None:
+    taken = [r["folder_taken"] for r in reports(two_ranks)]
+    config = folder_config(two_ranks)
+    assert_ranks_split_what_one_process_reads(taken, config)
+    ck = ckpt_io.load(two_ranks / "folder" / CHECKPOINT)
+    assert ck.step == 3 and ck.meta.class_names == ("cats", "dogs")
+
+
+def test_the_consumed_samples_check_catches_a_wrong_split(two_ranks: Path) -> None:
+    """The check itself: both ranks reading rank 0's share, or a shifted stream, fail it."""
+    config = tiny_config(steps=4, batch_size=B, grad_accum=2, cfg_dropout=0.3)
+    r0, r1 = (r["fresh_taken"] for r in reports(two_ranks))
+    with pytest.raises(AssertionError, match="both read"):
+        assert_ranks_split_what_one_process_reads([r0, r0], config)
+    with pytest.raises(AssertionError, match=r"^step 0: "):
+        assert_ranks_split_what_one_process_reads([r0[1:] + r0[:1], r1], config)
 
 
 def test_resume_on_two_processes_is_exact(two_ranks: Path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 import shutil
 import sys
 import warnings
@@ -230,10 +231,18 @@ def test_generate_rows_uses_the_pipeline_noise_per_row(model_py: ModuleType,
     np.testing.assert_array_equal(both[1:], one)
 
 
-def write_fake_plan(folder: Path, tiny_artifact: Path, profile: trt_plan.BatchProfile) -> Path:
-    """A stand-in plan file + a well-formed sidecar for the 2-step sampler graph."""
-    onnx_file = folder / "model.sampler-2.onnx"
-    plan_file = folder / "model.sampler-2.plan"
+def write_fake_plan(folder: Path, tiny_artifact: Path, profile: trt_plan.BatchProfile,
+                    plans: Path | None = None, graph: str = "sampler-2") -> Path:
+    """A stand-in plan file + a well-formed sidecar for the graph ``model.<graph>.onnx``.
+
+    For repository-layout tests only: there is no TensorRT here, so the "plan" is a few
+    bytes that nothing ever deserializes; what is tested is where it is looked up, which
+    model folder it lands in and the config.pbtxt written for it. ``plans``: the folder
+    the plan goes to (default: beside the ONNX, ``folder``); the sidecar records the ONNX
+    path relative to it, as ``fewstep build --all --out PLANS`` does.
+    """
+    onnx_file = folder / f"model.{graph}.onnx"
+    plan_file = (plans or folder) / f"model.{graph}.plan"
     plan_file.write_bytes(b"not a real engine: Triton is not run here")
     digest, external = trt_plan.onnx_hashes(onnx_file)
     sidecar = trt_plan.new_sidecar(
@@ -241,7 +250,9 @@ def write_fake_plan(folder: Path, tiny_artifact: Path, profile: trt_plan.BatchPr
         cuda_runtime_version="13.0", gpu_name="NVIDIA H100 80GB HBM3", compute_capability="9.0",
         profile=profile, precision="fp32", strongly_typed=True, fp16_weak=False,
         builder_optimization_level=3, workspace_bytes=0, version_compatible=False,
-        exclude_lean_runtime=False, onnx_file=onnx_file.name, onnx_sha256=digest,
+        exclude_lean_runtime=False,
+        onnx_file=os.path.relpath(onnx_file.resolve(), plan_file.resolve().parent),
+        onnx_sha256=digest,
         external_data_sha256=external, plan_sha256=sha(plan_file),
         plan_bytes=plan_file.stat().st_size)
     trt_plan.write_sidecar(plan_file, sidecar)
@@ -258,6 +269,7 @@ def copy_artifact(tiny_artifact: Path, folder: Path) -> Path:
 
 
 def test_tensorrt_plan_model_and_cpu_variant(tiny_artifact: Path, tmp_path: Path) -> None:
+    """Repository layout and configs for a plan beside the ONNX (a stand-in plan file)."""
     onnx_file = copy_artifact(tiny_artifact, tmp_path / "art")
     plan_file = write_fake_plan(onnx_file.parent, tiny_artifact, trt_plan.BatchProfile(1, 8, 32))
     repo = tmp_path / "models"
@@ -282,6 +294,96 @@ def test_tensorrt_plan_model_and_cpu_variant(tiny_artifact: Path, tmp_path: Path
     write_fake_plan(onnx_file.parent, tiny_artifact, trt_plan.BatchProfile(4, 8, 32))
     with pytest.raises(ValueError, match=r"profile 4:8:32; .*--batch 1:8:32"):
         triton.plan_repository(onnx_file)
+
+
+def test_plans_folder_of_fewstep_build_all(tiny_artifact: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Plans in the folder ``fewstep build model.onnx --all --out plans/`` writes.
+
+    A layout test: stand-in plan files (no TensorRT here). Without --plans they are not
+    beside the ONNX, and stderr says the tensorrt_plan model was left out and how to
+    include it; with --plans they are found and stderr names the plans included.
+    """
+    onnx_file = copy_artifact(tiny_artifact, tmp_path / "art")
+    plans = tmp_path / "plans"
+    plans.mkdir()
+    plan_file = write_fake_plan(onnx_file.parent, tiny_artifact, trt_plan.BatchProfile(1, 4, 8),
+                                plans=plans)
+    write_fake_plan(onnx_file.parent, tiny_artifact, trt_plan.BatchProfile(1, 4, 8),
+                    plans=plans, graph="step")  # --all builds every graph's plan
+    assert json.loads(trt_plan.sidecar_path(plan_file).read_text())["onnx_file"] == (
+        "../art/model.sampler-2.onnx")
+    repo = tmp_path / "models"
+
+    assert triton.main([str(onnx_file), "--out", str(repo)]) == 0
+    out, err = capsys.readouterr()
+    assert out.split() == [str(repo / "model_sampler2"), str(repo / "model_ddim")]
+    assert (f"no usable TensorRT plan of model.sampler-2.onnx in {onnx_file.parent}/: "
+            "model_sampler2_trt (tensorrt_plan) left out") in err
+    assert (f"`fewstep build {onnx_file} --all --out plans/`, then `python -m "
+            f"fewstep.export.triton {onnx_file} --out {repo} --plans plans/`") in err
+
+    assert triton.main([str(onnx_file), "--out", str(repo), "--plans", str(plans)]) == 0
+    out, err = capsys.readouterr()
+    assert out.split() == [str(repo / n) for n in ("model_sampler2", "model_sampler2_trt",
+                                                   "model_ddim")]
+    assert (f"{plan_file}: included as model_sampler2_trt (TensorRT 10.13.0 plan for "
+            "NVIDIA H100 80GB HBM3, batch 1:4:8)") in err
+    assert f"{plans / 'model.step.plan'}: not used (a step graph;" in err
+    assert "left out" not in err and "--plans" not in err
+    trt = parse(repo / "model_sampler2_trt")
+    assert trt.platform == "tensorrt_plan" and trt.max_batch_size == 8
+    assert_matches_graph(trt, onnx_file.with_name("model.sampler-2.onnx"))
+    assert sha(repo / "model_sampler2_trt" / "1" / "model.plan") == sha(plan_file)
+    marker = json.loads((repo / "model_sampler2_trt" / triton.MARKER).read_text())
+    assert marker["source"] == "model.sampler-2.plan" and marker["backend"] == "tensorrt"
+    assert parse(repo / "model_sampler2").max_batch_size == 8  # the plan profile's max
+
+    # Without --plans again: the folder of the plan that is no longer found goes.
+    assert triton.main([str(onnx_file), "--out", str(repo)]) == 0
+    assert f"removed {repo / 'model_sampler2_trt'}" in capsys.readouterr().err
+    assert not (repo / "model_sampler2_trt").exists()
+
+    assert triton.main([str(onnx_file), "--out", str(repo), "--plans",
+                        str(tmp_path / "nope")]) == 2
+    assert "--plans" in (err := capsys.readouterr().err) and "does not exist" in err
+
+
+def test_plans_that_do_not_fit_the_graph_are_left_out_with_the_reason(
+        tiny_artifact: Path, tmp_path: Path) -> None:
+    """A plan whose ONNX changed since the build, or whose bytes are not the ones its
+    sidecar describes, is left out and the rebuild command is named (stand-in plans)."""
+    onnx_file = copy_artifact(tiny_artifact, tmp_path / "art")
+    plans = tmp_path / "plans"
+    plans.mkdir()
+    plan_file = write_fake_plan(onnx_file.parent, tiny_artifact, trt_plan.BatchProfile(1, 4, 8),
+                                plans=plans)
+    lines: list[str] = []
+    entries = triton.plan_repository(onnx_file, plans=plans, log=lines.append)
+    assert [e.name for e in entries] == ["model_sampler2", "model_sampler2_trt", "model_ddim"]
+
+    side = trt_plan.sidecar_path(plan_file)
+    data = json.loads(side.read_text())
+    side.write_text(json.dumps({**data, "onnx_sha256": "f" * 64}))
+    lines.clear()
+    entries = triton.plan_repository(onnx_file, plans=plans, log=lines.append)
+    assert [e.name for e in entries] == ["model_sampler2", "model_ddim"]
+    assert lines[0].startswith(f"{plan_file}: left out: stale (model.sampler-2.onnx changed "
+                               "since the plan was built); rebuild it with `fewstep build ")
+    assert f"--out {plan_file} --batch 1:4:8`" in lines[0]
+    assert lines[1].startswith("no usable TensorRT plan of model.sampler-2.onnx")
+
+    side.write_text(json.dumps(data))
+    plan_file.write_bytes(b"another engine")
+    lines.clear()
+    entries = triton.plan_repository(onnx_file, plans=plans, log=lines.append)
+    assert [e.name for e in entries] == ["model_sampler2", "model_ddim"]
+    assert "is not the plan its sidecar model.sampler-2.plan.json describes" in lines[0]
+
+    # Silent without a log; a plans folder that is a file is refused.
+    assert len(triton.plan_repository(onnx_file, plans=plans)) == 2
+    with pytest.raises(ValueError, match=r"--plans .* is not a folder; pass the folder"):
+        triton.plan_repository(onnx_file, plans=plan_file)
 
 
 def test_rewrite_replaces_ours_refuses_others_and_drops_stale(tiny_artifact: Path,
