@@ -1,6 +1,7 @@
 """The fast-path experiments of issue 5: one lever at a time, batch 1, 4 steps, on a GPU.
 
     python -m fewstep.benchmarks.fastpath --fp32 FP32.onnx --fp16 FP16.onnx --out fastpath.json
+    python -m fewstep.benchmarks.fastpath --before OLD.onnx --after NEW.onnx --out levers.json
 
 Every variant runs the default model's 4-step generation end to end (host noise in,
 uint8 image out) through ``Pipeline.generate(1, 4)`` after a warm-up, timed with
@@ -18,6 +19,25 @@ E   fp32 fused step graph, run_loop (4 graph replays)              A + 4 H2D cop
 F   ORT transformers optimizer (model_type unet) on C              -20..30 % if its GroupNorm
                                                                    fusion applies; it may not
                                                                    (channel counts 40/80)
+=== ============================================================ ===========================
+
+With ``--before OLD.onnx --after NEW.onnx`` it instead times two exports of the same
+checkpoint against each other (fp32 fused sampler, CUDA graph), interleaved in rounds so
+that clock drift hits both alike, plus the CUDA EP's ``fuse_conv_bias`` on NEW:
+
+=== ============================================================ ===========================
+id  variant                                                       prediction (written first)
+=== ============================================================ ===========================
+G   OLD: embedding MLP + one Gemm per block per step, attention   the reference (~3.9 ms)
+    norm affine as Mul/Add
+H   NEW: per-step (label, channel) tables looked up with Gather,  -250..-400 us (-6..-10 %):
+    conv1 bias folded into the tables, attention norm affine      48 Gemm + 44 split-K reduce
+    folded into qkv                                               + 44 bias + 48 Mul/Add
+                                                                  kernels go, 44 Gather come
+I   H with the CUDA EP option fuse_conv_bias=1                    -300 us if cuDNN's fused
+                                                                  conv+bias engine is as fast
+                                                                  (172 bias kernels go); may
+                                                                  be slower (other engines)
 === ============================================================ ===========================
 """
 
@@ -106,10 +126,49 @@ def run(fp32: Path, fp16: Path, steps: int, iters: int, work: Path) -> list[dict
     return rows
 
 
+def run_before_after(before: Path, after: Path, steps: int, iters: int,
+                     rounds: int = 5) -> list[dict[str, Any]]:
+    b = artifact.graph_path(before, "sampler", steps)
+    a = artifact.graph_path(after, "sampler", steps)
+    variants: list[tuple[str, str, Any]] = [
+        ("G", "OLD export, fp32 sampler + CUDA graph", lambda: _pipe(b)),
+        ("H", "NEW export (tables, folds), fp32 sampler + CUDA graph", lambda: _pipe(a)),
+        ("I", "NEW + fuse_conv_bias=1", lambda: _pipe(a, cuda_options={"fuse_conv_bias": "1"})),
+    ]
+    pipes: dict[str, Any] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    for vid, name, make in variants:
+        rows[vid] = {"id": vid, "variant": name, "p50_rounds_ms": []}
+        try:
+            pipes[vid] = make()
+            _time(pipes[vid], steps, 20)  # warm-up and capture
+        except Exception as e:
+            rows[vid]["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    for _ in range(rounds):  # interleaved: drift hits every variant alike
+        for vid, pipe in pipes.items():
+            r = _time(pipe, steps, max(1, iters // rounds))
+            rows[vid]["p50_rounds_ms"].append(r["p50_ms"])
+            rows[vid].update({k: v for k, v in r.items() if k in ("path", "cuda_graph")})
+    # the same images? (same seed; the exports differ only in float rounding order)
+    ref = pipes["G"].generate(4, steps, seed=123) if "G" in pipes else None
+    for vid, row in rows.items():
+        if "error" in row:
+            continue
+        row["p50_ms"] = float(np.median(row["p50_rounds_ms"]))
+        row["min_ms"] = float(np.min(row["p50_rounds_ms"]))
+        if ref is not None:
+            img = pipes[vid].generate(4, steps, seed=123)
+            row["max_diff_vs_G"] = int(np.abs(img.astype(int) - ref.astype(int)).max())
+        print(json.dumps(row), file=sys.stderr)
+    return list(rows.values())
+
+
 def build_parser(prog: str) -> argparse.ArgumentParser:
     p = clitools.parser(prog, __doc__)
-    p.add_argument("--fp32", type=Path, required=True, help="fp32 model.onnx (with siblings)")
-    p.add_argument("--fp16", type=Path, required=True, help="fp16 model.onnx (with siblings)")
+    p.add_argument("--fp32", type=Path, help="fp32 model.onnx (with siblings): levers A-F")
+    p.add_argument("--fp16", type=Path, help="fp16 model.onnx (with siblings): levers A-F")
+    p.add_argument("--before", type=Path, help="an older export (levers G-I, with --after)")
+    p.add_argument("--after", type=Path, help="a newer export of the same checkpoint")
     p.add_argument("--steps", type=clitools.positive_int, default=4)
     p.add_argument("--iters", type=clitools.positive_int, default=300)
     p.add_argument("--out", type=Path, required=True)
@@ -122,7 +181,13 @@ def body(args: argparse.Namespace) -> int:
 
     from .envinfo import collect
 
-    rows = run(args.fp32, args.fp16, args.steps, args.iters, out.parent)
+    if args.before and args.after:
+        rows = run_before_after(args.before, args.after, args.steps, args.iters)
+    elif args.fp32 and args.fp16:
+        rows = run(args.fp32, args.fp16, args.steps, args.iters, out.parent)
+    else:
+        raise ValueError("pass --fp32 and --fp16 (levers A-F) or --before and --after "
+                         "(levers G-I)")
     env = collect("fastpath", " ".join(sys.argv))
     write_text(out, json.dumps({"environment": env, "onnxruntime": ort.__version__,
                                 "steps": args.steps, "batch": 1, "rows": rows}, indent=2))

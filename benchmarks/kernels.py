@@ -1,0 +1,234 @@
+"""Where one generation's GPU time goes: device kernels per generation, their time, by kind.
+
+    python -m fewstep.benchmarks.kernels --model model.onnx --checkpoint CKPT --out kernels.json
+
+Runs the same generation (batch 1, 4 steps by default, the model's guidance and spacing,
+host noise in, uint8 image out) through fewstep's fused sampler graph on ONNX Runtime's
+CUDA EP (with and without CUDA graphs), the PyTorch eager loop (fp32) and torch.compile of
+the whole loop (reduce-overhead fp16 and fp32; default mode fp16, which has no CUDA
+graphs), and for each:
+
+* wall p50 of ``--iters`` calls outside the profiler (each call returns host memory, so it
+  has synchronised);
+* under ``torch.profiler`` (CUDA activity only, CUPTI), ``--profiled`` calls: device
+  activities per generation (kernels, memcpy, memset), the sum of their durations
+  ("busy"), and busy / wall;
+* the kernels grouped by kind (convolution, matrix product, normalisation, softmax,
+  elementwise/fused, copy, memset, other) and the top kernels by time.
+
+The point is the issue-5 question "why is ONNX Runtime slower than torch.compile here":
+how many kernels each launches for the same work, and how long they take. CUPTI reports
+the kernels inside CUDA graph replays too; if a row shows none, the profiler could not
+see into the graph and only its wall time counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fewstep.runtime import clitools
+from fewstep.runtime.fileio import check_writable_target, write_text
+
+KINDS: list[tuple[str, re.Pattern[str]]] = [
+    ("memcpy", re.compile(r"memcpy", re.I)),
+    ("memset", re.compile(r"memset", re.I)),
+    ("convolution", re.compile(r"conv|implicit|xmma|cudnn|fprop|winograd|sm\d+_.*(nhwc|nchw)",
+                               re.I)),
+    ("matrix product", re.compile(r"gemm|gemv|cublas|cutlass|matmul|mm_", re.I)),
+    ("normalisation", re.compile(r"norm|welford|red_fused|per_fused", re.I)),
+    ("softmax", re.compile(r"softmax", re.I)),
+    ("elementwise / fused", re.compile(r"elementwise|unary|binary|poi_fused|triton_poi|"
+                                       r"sigmoid|silu|quickgelu|add|mul|expand|transpose|"
+                                       r"concat|gather|slice|cast|clip|round", re.I)),
+]
+
+
+def kind_of(name: str) -> str:
+    for kind, pattern in KINDS:
+        if pattern.search(name):
+            return kind
+    return "other"
+
+
+def profile_calls(call: Callable[[int], Any], n: int) -> list[tuple[str, float]]:
+    """(name, duration µs) of every device activity during ``n`` calls."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(n):
+            call(i)
+        torch.cuda.synchronize()
+    out = []
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            out.append((e.name, float(e.time_range.elapsed_us())))
+    return out
+
+
+def wall_ms(call: Callable[[int], Any], iters: int, warmup: int) -> list[float]:
+    for i in range(warmup):
+        call(i)
+    times = []
+    for i in range(iters):
+        t0 = time.perf_counter()
+        call(i)
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return times
+
+
+def summarize(name: str, wall: list[float], acts: list[tuple[str, float]], n: int,
+              top: int = 12) -> dict[str, Any]:
+    p50 = float(np.median(wall))
+    busy_us = sum(d for _, d in acts) / n
+    by_kind: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for k, d in acts:
+        by_kind[kind_of(k)][0] += 1 / n
+        by_kind[kind_of(k)][1] += d / n
+        by_name[k][0] += 1 / n
+        by_name[k][1] += d / n
+    tops = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+    return {
+        "path": name,
+        "wall_p50_ms": p50,
+        "wall_p10_ms": float(np.percentile(wall, 10)),
+        "wall_p90_ms": float(np.percentile(wall, 90)),
+        "device_activities_per_generation": len(acts) / n,
+        "device_busy_ms_per_generation": busy_us / 1000.0,
+        "busy_over_wall": (busy_us / 1000.0) / p50 if p50 > 0 else None,
+        "mean_activity_us": busy_us / (len(acts) / n) if acts else None,
+        "by_kind": {k: {"per_generation": round(v[0], 2), "us_per_generation": round(v[1], 1)}
+                    for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1][1])},
+        "top_kernels": [{"name": k[:160], "per_generation": round(v[0], 2),
+                         "us_per_generation": round(v[1], 1)} for k, v in tops],
+    }
+
+
+def paths(model: Path, checkpoint: Path, steps: int, batch: int,
+          modes: list[str]) -> list[tuple[str, Any]]:
+    """(name, BenchPath) for every path this script profiles, built from the bench suite's
+    own classes so that the work is exactly what `fewstep bench` times."""
+    from fewstep.runtime.sampling import DEFAULT_SPACING
+
+    from . import baselines as bl
+    from .latency import Cuda, FewstepPath, Workload, discover
+
+    art = discover(model)
+    meta = art.meta
+    src = bl.TorchSource(checkpoint)
+    src.check_matches(art)
+    if not src.cuda:
+        raise ValueError("torch sees no CUDA GPU: this profile needs one")
+    g = 2.0 if meta.conditional and art.meta.graph.guidance else None  # fewstep bench's default
+    work = Workload(meta, meta.distilled_spacing or DEFAULT_SPACING, g)
+    cuda = Cuda(probe=True)
+    out: list[tuple[str, Any]] = [
+        ("fewstep ort-cuda sampler fp32, CUDA graph",
+         FewstepPath(art, "ort-cuda", "sampler", work, cuda, {})),
+        ("fewstep ort-cuda sampler fp32, no CUDA graph",
+         FewstepPath(art, "ort-cuda", "sampler", work, cuda, {"cuda_graph": False})),
+        ("torch eager fp32", bl.TorchEagerPath(src, work, "fp32")),
+    ]
+    for mode in modes:
+        for prec in ("fp16", "fp32") if mode == "reduce-overhead" else ("fp16",):
+            out.append((f"torch.compile {mode} {prec}",
+                        bl.TorchCompilePath(src, work, prec, mode, [steps], [batch])))
+    return out
+
+
+def run(model: Path, checkpoint: Path, steps: int, batch: int, iters: int, profiled: int,
+        modes: list[str]) -> list[dict[str, Any]]:
+    rows = []
+    for name, path in paths(model, checkpoint, steps, batch, modes):
+        why = path.unavailable() or path.supports(steps, batch)
+        if why:
+            rows.append({"path": name, "error": why})
+            continue
+        try:
+            path.load(steps, batch)
+            call = path.call(steps, batch)
+            t0 = time.perf_counter()
+            call(0)  # first call: compilation / graph capture, outside every number
+            first_s = time.perf_counter() - t0
+            wall = wall_ms(call, iters, warmup=10)
+            acts = profile_calls(call, profiled)
+            row = summarize(name, wall, acts, profiled)
+            row["first_call_s"] = first_s
+        except Exception as e:  # a path that fails is a row, not the end of the run
+            row = {"path": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+        finally:
+            path.close()
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "top_kernels"}),
+              file=sys.stderr, flush=True)
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'path':<46} {'wall p50':>9} {'acts/gen':>9} {'busy ms':>8} {'busy/wall':>9} "
+             f"{'µs/act':>7}"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['path']:<46} error: {r['error'][:70]}")
+            continue
+        lines.append(
+            f"{r['path']:<46} {r['wall_p50_ms']:>9.3f} "
+            f"{r['device_activities_per_generation']:>9.1f} "
+            f"{r['device_busy_ms_per_generation']:>8.3f} {r['busy_over_wall'] or 0:>9.2f} "
+            f"{r['mean_activity_us'] or 0:>7.2f}")
+    for r in rows:
+        if "by_kind" in r:
+            kinds = ", ".join(f"{k} {v['per_generation']:g}×/{v['us_per_generation']:g} µs"
+                              for k, v in r["by_kind"].items())
+            lines.append(f"  {r['path']}: {kinds}")
+    return "\n".join(lines)
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    p = clitools.parser(prog, __doc__)
+    p.add_argument("--model", type=Path, required=True,
+                   help="exported model.onnx with a fused sampler graph for --steps")
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="the checkpoint the model was exported from (torch paths)")
+    p.add_argument("--steps", type=clitools.positive_int, default=4)
+    p.add_argument("--batch", type=clitools.positive_int, default=1)
+    p.add_argument("--iters", type=clitools.positive_int, default=200,
+                   help="timed calls per path (wall p50)")
+    p.add_argument("--profiled", type=clitools.positive_int, default=20,
+                   help="calls per path under the profiler")
+    p.add_argument("--modes", nargs="*", default=["reduce-overhead", "default"],
+                   choices=["reduce-overhead", "default", "max-autotune"],
+                   help="torch.compile modes to profile")
+    p.add_argument("--out", type=Path, required=True, help="JSON result file")
+    return p
+
+
+def body(args: argparse.Namespace) -> int:
+    out = check_writable_target(args.out)
+    from .envinfo import collect
+
+    rows = run(args.model, args.checkpoint, args.steps, args.batch, args.iters,
+               args.profiled, list(args.modes))
+    env = collect("kernels", " ".join(sys.argv))
+    write_text(out, json.dumps({"environment": env, "steps": args.steps, "batch": args.batch,
+                                "rows": rows}, indent=2) + "\n")
+    print(table(rows))
+    return 0
+
+
+main = clitools.main_of(build_parser, body)
+
+if __name__ == "__main__":
+    sys.exit(main(prog="python -m fewstep.benchmarks.kernels"))
