@@ -548,7 +548,12 @@ class Pipeline:
                 return None if a is None else (a if a.shape[0] == 1 else a[lo:hi])
 
             if path == "sampler":
-                y = self._run_sampler(graph, x_T, step_noise, extra, lo)
+                try:
+                    y = self._run_sampler(graph, x_T, step_noise, extra, lo)
+                except NumericalError as e:
+                    labels_part = None if all_labels is None else all_labels[lo:hi]
+                    raise self._locate(e, plan, spacing, g, x_T, step_noise,
+                                       labels_part) from None
             elif path == "denoiser":
                 y = self._run_denoiser(graph, plan, x_T, step_noise, extra, part(init), part(m))
             else:
@@ -631,6 +636,27 @@ class Pipeline:
             )
         return y
 
+    def _locate(self, err: NumericalError, plan: SamplingPlan, spacing: str,
+                guidance: float | None, x_T: F32, step_noise: F32 | None,
+                labels: NDArray[np.int64] | None) -> NumericalError:
+        """The fused sampler runs every step in one graph, so its NaN/Inf has no step: rerun
+        the same inputs through the step or denoiser graph (when the artifact has one) to
+        name it. Only on this failure path; ``err`` itself when nothing else reproduces it."""
+        for path, entry in self._candidates(plan, spacing, guidance, False, True):
+            other = self._open(entry)
+            if other is None:
+                continue
+            extra = self._extra_feeds(other, labels, guidance, x_T.shape[0])
+            try:
+                if path == "denoiser":
+                    self._run_denoiser(other, plan, x_T, step_noise, extra, None, None)
+                else:
+                    self._run_steps(other, plan, x_T, step_noise, extra, None, None)
+            except NumericalError as located:
+                return NumericalError(f"{err} (rerun through {_name(other.path)}: {located})")
+            return err
+        return err
+
     def _numerical(self, graph: Graph, plan: SamplingPlan, i: int) -> NumericalError:
         return NumericalError(
             f"step {i} of {plan.steps} (t={plan.timesteps[i]}) produced NaN/Inf in "
@@ -660,6 +686,13 @@ class Pipeline:
             y = np.asarray(graph.run_loop(x, fixed, [feeds(i) for i in range(plan.start,
                                                                             plan.steps)]))
             if not np.all(np.isfinite(y)):
+                # All steps ran on the device in one loop: rerun them one at a time (only on
+                # this failure path) to name the first step that produced NaN/Inf.
+                x_i = x
+                for i in range(plan.start, plan.steps):
+                    x_i = np.asarray(graph.run_loop(x_i, fixed, [feeds(i)]), dtype=np.float32)
+                    if not np.all(np.isfinite(x_i)):
+                        raise self._numerical(graph, plan, i)
                 raise NumericalError(
                     f"the step graph {_name(graph.path)} returned NaN/Inf after steps "
                     f"{plan.start}..{plan.steps - 1} (t={plan.timesteps[plan.start]}.."

@@ -578,8 +578,12 @@ class Poisoned(Spy):
         return out
 
     def run_loop(self, x: Any, fixed: Any, per_step: Any) -> Any:
+        # Steps at index >= bad (timesteps decrease) go bad, as a real overflow would,
+        # and NaN/Inf in the input stays (as it would propagate).
         out = np.array(super().run_loop(x, fixed, per_step))
-        out[-1, 0, 0, 0] = np.inf
+        t_bad = self.t_bad if hasattr(self, "t_bad") else np.inf
+        if min(float(np.min(d["t"])) for d in per_step) <= t_bad or not np.all(np.isfinite(x)):
+            out[-1, 0, 0, 0] = np.inf
         return out
 
 
@@ -590,7 +594,9 @@ def test_nan_is_a_numerical_error_naming_the_step(kind: str, cond_meta: ModelMet
         graph = sampler_of(cond_meta, cond_x0, 4, "trailing", 0.0)
     else:
         graph = oo.toy(cond_meta.for_graph(kind=kind), cond_x0, 0.0, path=f"model.{kind}.onnx")
-    pipe = Pipeline.from_graphs([Poisoned(graph, bad=0 if kind == "sampler" else 2)])
+    poisoned = Poisoned(graph, bad=0 if kind == "sampler" else 2)
+    poisoned.t_bad = 499  # type: ignore[attr-defined]  # step 2 of 4 (trailing)
+    pipe = Pipeline.from_graphs([poisoned])
     with pytest.raises(NumericalError) as e:
         pipe.generate(3, 4)
     msg = str(e.value)
@@ -598,7 +604,8 @@ def test_nan_is_a_numerical_error_naming_the_step(kind: str, cond_meta: ModelMet
     if kind == "denoiser":
         assert "step 2 of 4 (t=499)" in msg
     elif kind == "step":
-        assert "step graph model.step.onnx returned NaN/Inf after steps 0..3 (t=999..249)" in msg
+        # the loop ran on the device in one call; the rerun one step at a time names it
+        assert "step 2 of 4 (t=499) produced NaN/Inf in model.step.onnx" in msg
     else:
         assert "sampler graph" in msg and "images 0..2" in msg
 
@@ -615,6 +622,20 @@ def test_uint8_sampler_nan_image_is_a_numerical_error_not_a_picture(
     assert good.dtype == np.uint8 and len(nonfinite_images(good)) == 0
     with pytest.raises(NumericalError, match=r"produced NaN/Inf for image\(s\) 1, 3 of"):
         pipe.generate(4, 4, labels=[0, 1, 2, 1])
+
+
+def test_sampler_nan_is_located_through_the_step_graph(cond_meta: ModelMeta,
+                                                       cond_x0: np.ndarray) -> None:
+    x0 = cond_x0.copy()
+    x0[1, 0, 2, 3] = np.nan
+    sampler = sampler_of(cond_meta, x0, 4, "trailing", 0.0, fmt="uint8")
+    step = oo.toy(cond_meta.for_graph(kind="step"), x0, 0.0, path="m.step.onnx")
+    pipe = Pipeline.from_graphs([sampler, step])
+    with pytest.raises(NumericalError) as e:
+        pipe.generate(2, 4, labels=[0, 1])
+    msg = str(e.value)
+    assert "image(s) 1 of this call" in msg
+    assert "rerun through m.step.onnx: step 0 of 4 (t=999) produced NaN/Inf" in msg
 
 
 def test_nonfinite_marker_is_fixed_and_never_a_real_conversion() -> None:
