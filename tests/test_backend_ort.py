@@ -558,3 +558,23 @@ def test_bf16_graph_on_the_cpu_provider_is_refused_with_the_fix(tmp_path: Path) 
     with pytest.raises(ArtifactError, match=r"bf16 graph .* --backend ort-cuda"):
         backends.load(str(path), "ort-cpu")
 
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("cuda_graph", [True, False])
+def test_cuda_shipped_sampler_marks_nan_images_and_matches_cpu(cuda_graph: bool) -> None:
+    from fewstep.runtime import artifact, images
+    from fewstep.runtime import noise as host_noise
+    from fewstep.runtime.pipeline import default_model_path
+
+    path = artifact.graph_path(default_model_path(), "sampler", 4)
+    meta = artifact.read_onnx_meta(path)
+    x, _ = host_noise.generation_noise(5, range(3), meta.image_shape)
+    x[1, 0, 4, 4] = np.nan
+    feeds = {"x": x, "label": np.array([0, 3, 5], np.int64),
+             "guidance": np.full(3, 2.0, np.float32)}
+    gpu = ortb.open_graph(str(path), "ort-cuda", cuda_graph=cuda_graph).run(feeds)
+    cpu = ortb.open_graph(str(path), "ort-cpu").run(feeds)
+    assert list(images.nonfinite_images(gpu)) == [1] == list(images.nonfinite_images(cpu))
+    assert np.abs(gpu[[0, 2]].astype(int) - cpu[[0, 2]].astype(int)).max() <= 1
