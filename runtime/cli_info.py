@@ -107,7 +107,7 @@ def collect(path: Path | None) -> dict[str, Any]:
     from . import backends
     from .pipeline import default_model_path, meta_summary
 
-    clitools.check_model_path(path, "")  # a folder: say which file inside it to pass
+    artifact.check_model_path(path, "")  # a folder: say which file inside it to pass
     p = path if path is not None else default_model_path()
     meta = read_meta(p)
     rows, shared = graphs_of(p)

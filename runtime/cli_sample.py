@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
-from . import clitools, ddim, fileio, images, sampling
+from . import artifact, clitools, ddim, fileio, images, sampling
 from .meta import ModelMeta
 
 DEFAULT_STRENGTH = 0.75
@@ -143,7 +143,7 @@ def body(args: argparse.Namespace) -> int:
     err = sys.stderr
     target = fileio.check_writable_target(args.out)  # before any work
     fmt = images.image_format(target)
-    clitools.check_model_path(args.model, "--model ")
+    artifact.check_model_path(args.model, "--model ")
     strength = args.strength
     if args.init_image is None:
         if args.mask is not None:

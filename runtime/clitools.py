@@ -13,7 +13,6 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import NoReturn
 
 from .errors import ArtifactError, BackendUnavailable, NumericalError
@@ -163,48 +162,6 @@ def bounded_int(low: int, high: int, what: str) -> Callable[[str], int]:
         return value
 
     return parse
-
-
-def _main_files(folder: Path) -> list[Path]:
-    """The model files a folder holds: model.onnx, model.plan, *.oracle.json (no
-    .step/.sampler-N siblings)."""
-    from .artifact import base_stem
-
-    found = []
-    try:
-        entries = sorted(folder.iterdir())
-    except OSError:
-        return []
-    for f in entries:
-        name = f.name
-        ext = next((e for e in (".oracle.json", ".onnx", ".plan") if name.endswith(e)), None)
-        if ext and f.is_file() and base_stem(name, ext) + ext == name:
-            found.append(f)
-    return found
-
-
-def check_model_path(path: Path | None, flag: str) -> None:
-    """An ArtifactError when ``path`` is a folder (naming the model file to pass instead)
-    or lies under a file; a path that simply does not exist is left to the loader."""
-    if path is None:
-        return
-    if path.is_dir():
-        files = _main_files(path)
-        if len(files) == 1:
-            fix = f"pass the model file inside it: {flag}{str(files[0])!r}"
-        elif files:
-            shown = ", ".join(repr(f.name) for f in files[:4]) + (", ..." if len(files) > 4
-                                                                  else "")
-            fix = f"pass one of the model files inside it ({shown}): {flag}{path!s}/NAME"
-        else:
-            fix = (f"it holds no .onnx, .plan or .oracle.json; pass {flag}a model.onnx made "
-                   "by `fewstep export`")
-        raise ArtifactError(f"model {str(path)!r} is a folder, not a model file; {fix}")
-    if not path.exists():
-        parent = next((p for p in path.parents if p.exists()), None)
-        if parent is not None and not parent.is_dir():
-            raise ArtifactError(f"model {str(path)!r} cannot exist: {str(parent)!r} is a file, "
-                                f"not a folder; pass {flag}the path of a model.onnx")
 
 
 def main_of(build: Callable[[str], argparse.ArgumentParser],

@@ -8,6 +8,7 @@ Pillow cannot write is refused before any work. A written image is at most
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import math
@@ -148,12 +149,6 @@ def save_image(array: NDArray[np.uint8], path: str | os.PathLike[str], scale: in
                          ".png instead") from None
 
 
-def save_png(array: NDArray[np.uint8], path: str | os.PathLike[str], scale: int = 1) -> None:
-    """Historic name of ``save_image``: writes the format the extension of ``path`` names
-    (PNG for ``.png``), so a ``.jpg`` path gets JPEG bytes, never PNG ones."""
-    save_image(array, path, scale)
-
-
 def load_image(
     path: str | os.PathLike[str], size: tuple[int, int], channels: int = 3
 ) -> NDArray[np.float32]:
@@ -184,13 +179,15 @@ def load_mask(path: str | os.PathLike[str], size: tuple[int, int]) -> NDArray[np
     return (m > 0).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=8)
 def nonfinite_marker(shape_hwc: tuple[int, int, int]) -> NDArray[np.uint8]:
     """The (H, W, C) uint8 image a uint8 sampler graph outputs in place of an image that had
     a NaN/Inf value (a uint8 cast would silently turn it into a black or saturated picture).
 
     Bytes of SHA-256 over a fixed text and a counter: the same on every machine and numpy
     version, and no real generation matches all of its H·W·C bytes (the runtime compares
-    them all and raises ``NumericalError``).
+    them all and raises ``NumericalError``). Cached (every uint8 generation checks against
+    it), so the array is read-only.
     """
     h, w, c = shape_hwc
     n = h * w * c
@@ -200,8 +197,7 @@ def nonfinite_marker(shape_hwc: tuple[int, int, int]) -> NDArray[np.uint8]:
         out += hashlib.sha256(b"fewstep nonfinite marker %d" % i).digest()
         i += 1
     marker: NDArray[np.uint8] = np.frombuffer(bytes(out[:n]), dtype=np.uint8).reshape(h, w, c)
-    copy: NDArray[np.uint8] = marker.copy()
-    return copy
+    return marker  # frombuffer over bytes: read-only
 
 
 def nonfinite_images(images: NDArray[np.uint8]) -> NDArray[np.intp]:

@@ -206,11 +206,7 @@ class Pipeline:
         """
         p = Path(path) if path is not None else default_model_path()
         name = str(p)
-        if p.is_dir():
-            raise ArtifactError(
-                f"{name!r} is a folder, not a model file; pass the model.onnx (or .plan) "
-                "inside it, made by `fewstep export`"
-            )
+        artifact.check_model_path(p)  # a folder: names the model file inside it
         if not p.is_file():
             raise ArtifactError(
                 f"model file {name!r} does not exist; pass --model PATH to a model.onnx "
@@ -682,17 +678,20 @@ class Pipeline:
                 d["noise"] = np.ascontiguousarray(step_noise[:, i])
             return d
 
+        def one_step(x: F32, i: int) -> F32:
+            out = np.asarray(graph.run_loop(x, fixed, [feeds(i)]), dtype=np.float32)
+            if not np.all(np.isfinite(out)):
+                raise self._numerical(graph, plan, i)
+            return out
+
         if m is None:
             y = np.asarray(graph.run_loop(x, fixed, [feeds(i) for i in range(plan.start,
                                                                             plan.steps)]))
             if not np.all(np.isfinite(y)):
                 # All steps ran on the device in one loop: rerun them one at a time (only on
                 # this failure path) to name the first step that produced NaN/Inf.
-                x_i = x
                 for i in range(plan.start, plan.steps):
-                    x_i = np.asarray(graph.run_loop(x_i, fixed, [feeds(i)]), dtype=np.float32)
-                    if not np.all(np.isfinite(x_i)):
-                        raise self._numerical(graph, plan, i)
+                    x = one_step(x, i)
                 raise NumericalError(
                     f"the step graph {_name(graph.path)} returned NaN/Inf after steps "
                     f"{plan.start}..{plan.steps - 1} (t={plan.timesteps[plan.start]}.."
@@ -701,9 +700,7 @@ class Pipeline:
             return y.astype(np.float32, copy=False)
         assert init is not None
         for i in range(plan.start, plan.steps):
-            x = np.asarray(graph.run_loop(x, fixed, [feeds(i)]), dtype=np.float32)
-            if not np.all(np.isfinite(x)):
-                raise self._numerical(graph, plan, i)
+            x = one_step(x, i)
             # Inpainting: keep the known pixels, noised to the level of the next step.
             x = m * x + (1 - m) * ddim.q_sample(init, x_T, plan.a_prev[i])
         return x

@@ -327,15 +327,15 @@ def test_unknown_out_extension_is_refused_before_any_work(
     assert not list(tmp_path.iterdir())
 
 
-def test_save_png_writes_what_the_extension_names(tmp_path: Path) -> None:
-    """Pipeline.save_grid goes through save_png: a .jpg path gets JPEG bytes."""
+def test_save_image_writes_what_the_extension_names(tmp_path: Path) -> None:
+    """Pipeline.save_grid goes through save_image: a .jpg path gets JPEG bytes."""
     tile = np.full((4, 4, 3), 200, np.uint8)
-    images.save_png(tile, tmp_path / "a.jpg")
+    images.save_image(tile, tmp_path / "a.jpg")
     assert (tmp_path / "a.jpg").read_bytes()[:3] == b"\xff\xd8\xff"
-    images.save_png(tile, tmp_path / "a.png", scale=2)
+    images.save_image(tile, tmp_path / "a.png", scale=2)
     assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(ValueError, match="has no file extension"):
-        images.save_png(tile, tmp_path / "noext")
+        images.save_image(tile, tmp_path / "noext")
     gray = np.zeros((4, 4, 1), np.uint8)
     images.save_image(gray, tmp_path / "g.jpg")
     with Image.open(tmp_path / "g.jpg") as im:

@@ -166,13 +166,19 @@ def test_fused_graphs_return_x0_for_an_oracle(prediction_type: str, tmp_path: Pa
     np.testing.assert_allclose(x, expect, atol=2e-5)
 
 
-def test_uint8_sampler_output_is_the_runtime_conversion(tmp_path: Path) -> None:
+def _oracle_uint8_sampler(tmp_path: Path) -> tuple[np.ndarray, ort.InferenceSession]:
+    """x0 (1, 3, 8, 8) and an ORT session of its exported 3-step uint8 sampler graph."""
     meta = ModelMeta.build(prediction_type="epsilon", schedule=Schedule(), channels=3,
                            height=8, width=8)
     x0 = np.random.default_rng(1).uniform(-1, 1, (1, 3, 8, 8)).astype(np.float32)
     options = onnx_export.ExportOptions(fused=("sampler",), sampler_steps=(3,))
     onnx_export.export_to_folder(OracleNet(meta, x0), meta, tmp_path, "o", options)
     s = ort.InferenceSession(str(tmp_path / "o.sampler-3.onnx"), providers=["CPUExecutionProvider"])
+    return x0, s
+
+
+def test_uint8_sampler_output_is_the_runtime_conversion(tmp_path: Path) -> None:
+    x0, s = _oracle_uint8_sampler(tmp_path)
     x_T, _ = host_noise.generation_noise(0, range(2), (3, 8, 8))
     img = s.run(None, {"x": x_T})[0]
     assert img.dtype == np.uint8 and img.shape == (2, 8, 8, 3)
@@ -181,12 +187,7 @@ def test_uint8_sampler_output_is_the_runtime_conversion(tmp_path: Path) -> None:
 
 
 def test_uint8_sampler_graph_marks_nonfinite_images(tmp_path: Path) -> None:
-    meta = ModelMeta.build(prediction_type="epsilon", schedule=Schedule(), channels=3,
-                           height=8, width=8)
-    x0 = np.random.default_rng(1).uniform(-1, 1, (1, 3, 8, 8)).astype(np.float32)
-    options = onnx_export.ExportOptions(fused=("sampler",), sampler_steps=(3,))
-    onnx_export.export_to_folder(OracleNet(meta, x0), meta, tmp_path, "o", options)
-    s = ort.InferenceSession(str(tmp_path / "o.sampler-3.onnx"), providers=["CPUExecutionProvider"])
+    x0, s = _oracle_uint8_sampler(tmp_path)
     x_T, _ = host_noise.generation_noise(0, range(3), (3, 8, 8))
     x_T[1, 2, 5, 5] = np.nan
     img = s.run(None, {"x": x_T})[0]

@@ -446,7 +446,7 @@ class Trainer:
         )
         path = self.out / "samples" / f"step_{step:07d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        imgs.save_png(imgs.grid(images, nrow=k if k > 1 else None), path, scale=2)
+        imgs.save_image(imgs.grid(images, nrow=k if k > 1 else None), path, scale=2)
         return path
 
     # -- the loop -----------------------------------------------------------------
