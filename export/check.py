@@ -26,6 +26,7 @@ from numpy.typing import NDArray
 
 from fewstep.runtime import artifact, images, sampling
 from fewstep.runtime import noise as host_noise
+from fewstep.runtime.errors import ArtifactError
 from fewstep.runtime.meta import ModelMeta
 from fewstep.runtime.sampling import SamplingPlan
 from fewstep.train import reference
@@ -183,8 +184,13 @@ def check_artifact(
     providers = providers or available_providers()
     model = model.float().eval()
     rows: list[ParityRow] = []
-    for path in artifact.siblings(onnx_path):
-        meta = artifact.read_onnx_meta(path)
+    art = artifact.Artifact.open(onnx_path)
+    if art.rejected:
+        bad = art.rejected[0]
+        raise ArtifactError(f"{bad.path.name}: {bad.problem}")
+    for graph in sorted(art.graphs, key=lambda g: g.path):
+        path, meta = graph.path, graph.meta
+        assert meta is not None
         if meta.source_hash != source_meta.source_hash:
             raise ValueError(
                 f"{path.name} was exported from another checkpoint "

@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 
 from fewstep.runtime import clitools
-from fewstep.runtime.artifact import read_onnx_meta, siblings
+from fewstep.runtime.artifact import Artifact, read_onnx_meta
+from fewstep.runtime.errors import ArtifactError
 from fewstep.runtime.plan import PLAN_EXT, BatchProfile
 
 
@@ -74,10 +75,12 @@ def _targets(args: argparse.Namespace) -> list[tuple[Path, Path]]:
                 f"--out {str(out)!r} with --all must be an existing folder or a name ending "
                 f"in {PLAN_EXT}"
             )
-        pairs = []
-        for path in siblings(onnx, ".onnx"):
-            pairs.append((path, plan_name_for(path, out, read_onnx_meta(path))))
-        return pairs
+        art = Artifact.open(onnx)
+        if art.rejected:
+            bad = art.rejected[0]
+            raise ArtifactError(f"{bad.path.name}: {bad.problem}")
+        return [(g.path, plan_name_for(g.path, out, g.meta))
+                for g in sorted(art.graphs, key=lambda g: g.path) if g.meta is not None]
     if out.is_dir():
         return [(onnx, plan_name_for(onnx, out, meta))]
     return [(onnx, out)]

@@ -314,17 +314,17 @@ def place(staged: list[Path], out_folder: Path, stem: str, source_hash: str) -> 
         src.replace(dst)
         final.append(dst)
     names = {p.name for p in final}
-    for g in artifact.siblings(out_folder / f"{stem}.onnx"):
-        if g.name in names or not g.is_file():
+    for f in artifact.Artifact.open(out_folder / f"{stem}.onnx").files:
+        if f.path.name in names or not f.path.is_file():
             continue
-        try:
-            other = artifact.read_onnx_meta(g)
-            why = ("it came from another checkpoint" if other.source_hash != source_hash
-                   else "this export did not write it")
-        except ValueError:
+        if f.meta is None:
             why = "it is not a readable fewstep graph"
-        g.unlink()
-        _log(f"removed {g.name}: {why}")
+        elif f.meta.source_hash != source_hash:
+            why = "it came from another checkpoint"
+        else:
+            why = "this export did not write it"
+        f.path.unlink()
+        _log(f"removed {f.path.name}: {why}")
     for w in out_folder.glob(f"{artifact.glob_escape(stem)}.weights.*.bin"):
         if w.name not in names and w.is_file():
             w.unlink()

@@ -77,7 +77,6 @@ from fewstep.runtime.backends.ort import io_specs
 from fewstep.runtime.errors import ArtifactError
 from fewstep.runtime.fileio import staging_dir
 from fewstep.runtime.meta import ModelMeta
-from fewstep.runtime.pipeline import mismatch
 from fewstep.runtime.sampling import DEFAULT_SPACING
 
 VERSION: Final = "1"
@@ -223,9 +222,8 @@ def _model_name(prefix: str, meta: ModelMeta) -> str:
     return f"{prefix}_sampler{g.steps}{eta}"
 
 
-def _weights(onnx_file: Path) -> list[Path]:
-    header = artifact.read_onnx_header(onnx_file)
-    return [onnx_file.parent / loc for loc in header.external_data]
+def _weights(graph: artifact.GraphFile) -> list[Path]:
+    return [graph.path.parent / loc for loc in graph.external_data]
 
 
 def _marker(meta: ModelMeta, stem: str, source: Path, kind: str) -> dict[str, Any]:
@@ -250,20 +248,23 @@ def plans_folder(onnx_path: str | os.PathLike[str],
     return folder
 
 
-def _find_plans(main_path: Path, folder: Path, graphs: dict[str, tuple[Path, ModelMeta]],
+def _find_plans(art: artifact.Artifact, folder: Path,
                 log: Callable[[str], None]) -> dict[str, tuple[Path, trt_plan.PlanSidecar]]:
     """The usable plan of each sampler graph (by ONNX file name); the rest is logged."""
-    samplers = {p.name: p for p, m in graphs.values() if m.graph.kind == "sampler"}
-    base = artifact.base_stem(main_path)
+    samplers = {g.path.name: g.path for g in art.graphs if g.kind == "sampler"}
+    main_path = art.path
     found: dict[str, tuple[Path, trt_plan.PlanSidecar]] = {}
-    for plan_file in artifact.siblings(folder / f"{base}.plan", ".plan"):
-        if not plan_file.is_file():
-            continue
-        sidecar = trt_plan.load_sidecar(plan_file)
+    for plan in art.plans(folder):
+        plan_file, sidecar = plan.path, plan.sidecar
+        if sidecar is None:
+            raise ArtifactError(str(plan.problem))
         source = Path(sidecar.onnx_file).name
         if sidecar.meta.graph.kind != "sampler":
             log(f"{plan_file}: not used (a {sidecar.meta.graph.kind} graph; only fused sampler "
                 "graphs become tensorrt_plan models)")
+            continue
+        if plan.problem is not None:
+            log(f"{plan_file}: left out: {plan.problem}")
             continue
         onnx_file = samplers.get(source)
         if onnx_file is None:
@@ -301,26 +302,25 @@ def plan_repository(onnx_path: str | os.PathLike[str], options: TritonOptions | 
     say = log or (lambda _msg: None)
     main_path = Path(onnx_path)
     folder = plans_folder(main_path, plans)
-    main = artifact.read_onnx_meta(main_path)
+    art = artifact.Artifact.open(main_path)
+    if art.rejected:
+        bad = art.rejected[0]
+        raise ArtifactError(f"{bad.path.name}: {bad.problem}")
+    main = art.meta
     stem = artifact.base_stem(main_path)
     prefix = o.prefix or re.sub(r"[^A-Za-z0-9_-]", "_", stem)
-    graphs: dict[str, tuple[Path, ModelMeta]] = {}
-    for path in artifact.siblings(main_path):
-        meta = main if path == main_path else artifact.read_onnx_meta(path)
-        different = mismatch(main, meta)
-        if different:
-            raise ArtifactError(f"{path.name} belongs to another model than {main_path.name} "
-                                f"(its {different} differs); re-export the whole artifact")
-        key = meta.graph.kind if meta.graph.kind != "sampler" else path.name
-        graphs[key] = (path, meta)
-    found_plans = _find_plans(main_path, folder, graphs, say)
-    if not any(m.graph.kind == "sampler" for _, m in graphs.values()):
+    graphs: dict[str, artifact.GraphFile] = {
+        (g.kind if g.kind != "sampler" else g.path.name): g for g in art.graphs}
+    found_plans = _find_plans(art, folder, say)
+    if not any(g.kind == "sampler" for g in graphs.values()):
         say(f"no tensorrt_plan model: only fused sampler graphs are served from TensorRT "
             f"plans and {main_path.name}'s artifact has none (fewstep export --fused sampler)")
 
     entries: list[ModelEntry] = []
     c, h, w = main.image_shape
-    for _key, (path, meta) in sorted(graphs.items()):
+    for _key, graph in sorted(graphs.items()):
+        path, meta = graph.path, graph.meta
+        assert meta is not None
         if meta.graph.kind != "sampler":
             continue
         name = _model_name(prefix, meta)
@@ -336,7 +336,7 @@ def plan_repository(onnx_path: str | os.PathLike[str], options: TritonOptions | 
             config_text(name, "onnxruntime", ins, outs, max_batch,
                         preferred_batch_sizes(max_batch), o.max_queue_delay_us,
                         o.instance_kind, o.instance_count, comment=about),
-            ((path, "model.onnx"), *((wf, wf.name) for wf in _weights(path))),
+            ((path, "model.onnx"), *((wf, wf.name) for wf in _weights(graph))),
             _marker(meta, stem, path, "onnxruntime"),
         ))
         if found:
@@ -369,7 +369,8 @@ def plan_repository(onnx_path: str | os.PathLike[str], options: TritonOptions | 
 
     loop = graphs.get("step") or graphs.get("denoiser")
     if loop is not None:
-        path, meta = loop
+        path, meta = loop.path, loop.meta
+        assert meta is not None
         name = _model_name(prefix, meta)
         max_batch = o.max_batch or trt_plan.default_profile(meta).max
         inputs = [TensorConfig("seed", "TYPE_INT64", (1,))]
@@ -389,7 +390,7 @@ def plan_repository(onnx_path: str | os.PathLike[str], options: TritonOptions | 
             config_text(name, "python", inputs, [TensorConfig("image", "TYPE_UINT8", (h, w, c))],
                         max_batch, preferred_batch_sizes(max_batch), o.max_queue_delay_us,
                         o.instance_kind, o.instance_count, params, comment=about),
-            ((MODEL_PY, "model.py"), (path, path.name), *((wf, wf.name) for wf in _weights(path))),
+            ((MODEL_PY, "model.py"), (path, path.name), *((wf, wf.name) for wf in _weights(loop))),
             _marker(meta, stem, path, "python"),
         ))
     return entries

@@ -1,4 +1,4 @@
-"""Artifact files: naming, reading the metadata of an ONNX file, finding siblings.
+"""The files of one model: ``Artifact.open(path)`` reads them once.
 
 An exported model is a set of graph files that share one base name::
 
@@ -9,19 +9,27 @@ An exported model is a set of graph files that share one base name::
     model.weights.<hash>.bin   the weights they share (ONNX external data)
 
 TensorRT plans follow the same pattern with ``.plan`` and a ``.plan.json`` sidecar each.
-The ModelMeta of every ONNX file sits in its ``metadata_props`` under ``META_KEY``;
-``read_onnx_meta`` reads it with a few lines of protobuf decoding, without onnx or
-onnxruntime and without touching the weights.
+The ModelMeta of every ONNX file sits in its ``metadata_props`` under ``META_KEY``.
+``mismatch`` is the one answer to "are these graphs of the same model?".
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Final
 
 from .errors import ArtifactError
 from .meta import META_KEY, ModelMeta
+
+if TYPE_CHECKING:
+    from .plan import PlanSidecar
+
+ORACLE_EXT: Final = ".oracle.json"
+EXTENSIONS: Final = (ORACLE_EXT, ".onnx", ".plan")
 
 _SUFFIX = re.compile(
     r"^(?P<base>.+?)(?:\.(?P<kind>step|sampler-(?P<steps>\d+)(?:-eta(?P<eta>[0-9.]+))?))?$"
@@ -75,11 +83,16 @@ def glob_escape(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------------
-# Minimal protobuf reading of onnx.ModelProto: just enough for metadata_props.
+# Reading onnx.ModelProto far enough for metadata_props and external-data locations.
+#
+# Written by hand on purpose (measured on the shipped landscapes graphs, 2-core CPU):
+# 10-21 ms per graph here; onnx.load(load_external_data=False) takes 0.6-4 ms, but onnx
+# is not a runtime dependency (numpy, pillow, onnxruntime only) and importing it alone
+# costs 0.2-0.8 s, more than reading every graph of an artifact here. An onnxruntime
+# session gives the metadata too, but costs 250-540 ms per graph and reads the weights
+# first, so the external-data locations could no longer be checked before any weight
+# byte is read.
 # ---------------------------------------------------------------------------------
-
-_MODEL_FIELDS = {1: "ir_version", 2: "producer_name", 7: "graph", 8: "opset_import",
-                 14: "metadata_props"}
 
 
 @dataclass(frozen=True)
@@ -90,7 +103,7 @@ class OnnxHeader:
     external_data: tuple[str, ...]  # locations referenced by the graph's initializers
 
 
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
     result = shift = 0
     while True:
         if pos >= len(buf) or shift > 63:
@@ -103,46 +116,53 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: bytes) -> list[tuple[int, int, int | bytes]]:
-    """Top-level (field number, wire type, value) of one protobuf message."""
-    out: list[tuple[int, int, int | bytes]] = []
-    pos = 0
-    while pos < len(buf):
+def _fields(buf: memoryview, keep: frozenset[int]) -> list[tuple[int, int, int | memoryview]]:
+    """Top-level (field number, wire type, value) of one protobuf message, for the field
+    numbers in ``keep`` (the others are skipped without being copied)."""
+    out: list[tuple[int, int, int | memoryview]] = []
+    pos, end = 0, len(buf)
+    while pos < end:
         key, pos = _varint(buf, pos)
         field, wire = key >> 3, key & 7
         if field == 0:
             raise ValueError("field number 0")
         if wire == 0:
             value, pos = _varint(buf, pos)
-            out.append((field, wire, value))
+            if field in keep:
+                out.append((field, wire, value))
         elif wire == 1:
             pos += 8
         elif wire == 2:
             n, pos = _varint(buf, pos)
-            if pos + n > len(buf):
+            if pos + n > end:
                 raise ValueError("truncated length-delimited field")
-            out.append((field, wire, buf[pos : pos + n]))
+            if field in keep:
+                out.append((field, wire, buf[pos : pos + n]))
             pos += n
         elif wire == 5:
             pos += 4
         else:
             raise ValueError(f"wire type {wire}")
-        if pos > len(buf):
+        if pos > end:
             raise ValueError("truncated field")
     return out
 
 
-def _strings(entry: bytes) -> dict[int, str]:
-    return {f: v.decode("utf-8") for f, w, v in _fields(entry) if w == 2 and isinstance(v, bytes)}
+_KEY_VALUE: Final = frozenset({1, 2})  # StringStringEntryProto: key, value
 
 
-def _external_locations(graph: bytes) -> set[str]:
+def _strings(entry: memoryview) -> dict[int, str]:
+    return {f: bytes(v).decode("utf-8") for f, w, v in _fields(entry, _KEY_VALUE)
+            if w == 2 and isinstance(v, memoryview)}
+
+
+def _external_locations(graph: memoryview) -> set[str]:
     """Locations of external data of the graph's initializers (GraphProto field 5)."""
     locations = set()
-    for f, w, v in _fields(graph):
-        if f == 5 and w == 2 and isinstance(v, bytes):  # TensorProto
-            for tf, tw, tv in _fields(v):
-                if tf == 13 and tw == 2 and isinstance(tv, bytes):  # external_data entry
+    for _f, w, v in _fields(graph, frozenset({5})):
+        if w == 2 and isinstance(v, memoryview):  # TensorProto
+            for _tf, tw, tv in _fields(v, frozenset({13})):
+                if tw == 2 and isinstance(tv, memoryview):  # external_data entry
                     kv = _strings(tv)
                     if kv.get(1) == "location" and 2 in kv:
                         locations.add(kv[2])
@@ -159,7 +179,7 @@ def _main_files(folder: Path) -> list[Path]:
         return []
     for f in entries:
         name = f.name
-        ext = next((e for e in (".oracle.json", ".onnx", ".plan") if name.endswith(e)), None)
+        ext = next((e for e in EXTENSIONS if name.endswith(e)), None)
         if ext and f.is_file() and base_stem(name, ext) + ext == name:
             found.append(f)
     return found
@@ -195,17 +215,17 @@ def read_onnx_header(path: str | Path) -> OnnxHeader:
     check_model_path(p)
     if not p.is_file():
         raise ArtifactError(f"model file {str(p)!r} does not exist")
-    data = p.read_bytes()
+    data = memoryview(p.read_bytes())
     try:
-        fields = _fields(data)
+        fields = _fields(data, frozenset({1, 2, 7, 14}))
         ir = next((v for f, w, v in fields if f == 1 and w == 0), None)
         graph = next((v for f, w, v in fields if f == 7 and w == 2), None)
-        if not isinstance(ir, int) or not isinstance(graph, bytes):
+        if not isinstance(ir, int) or not isinstance(graph, memoryview):
             raise ValueError("no ir_version or graph")
-        producer = next((v for f, w, v in fields if f == 2 and w == 2), b"")
+        producer = next((v for f, w, v in fields if f == 2 and w == 2), None)
         meta = {}
         for f, w, v in fields:
-            if f == 14 and w == 2 and isinstance(v, bytes):
+            if f == 14 and w == 2 and isinstance(v, memoryview):
                 kv = _strings(v)
                 meta[kv.get(1, "")] = kv.get(2, "")
         locations = _external_locations(graph)
@@ -215,24 +235,191 @@ def read_onnx_header(path: str | Path) -> OnnxHeader:
         ) from None
     return OnnxHeader(
         ir_version=ir,
-        producer=producer.decode("utf-8", "replace") if isinstance(producer, bytes) else "",
+        producer=bytes(producer).decode("utf-8", "replace")
+        if isinstance(producer, memoryview) else "",
         metadata=meta,
         external_data=tuple(sorted(locations)),
     )
 
 
-def read_onnx_meta(path: str | Path) -> ModelMeta:
-    """The ModelMeta stored in an ONNX file, or an ArtifactError saying why not."""
-    header = read_onnx_header(path)
+def _meta_of_header(path: Path, header: OnnxHeader) -> ModelMeta:
     if META_KEY not in header.metadata:
         raise ArtifactError(
             f"{str(path)!r} has no fewstep metadata (metadata_props[{META_KEY!r}]); "
             f"it was not exported by fewstep: export it with `fewstep export CHECKPOINT`"
         )
     for loc in header.external_data:
-        if not (Path(path).parent / loc).is_file():
+        if not (path.parent / loc).is_file():
             raise ArtifactError(
                 f"{str(path)!r} keeps its weights in {loc!r}, which is missing beside it; "
                 "copy the whole exported folder"
             )
     return ModelMeta.from_json(header.metadata[META_KEY], source=str(path))
+
+
+def read_onnx_meta(path: str | Path) -> ModelMeta:
+    """The ModelMeta stored in an ONNX file, or an ArtifactError saying why not."""
+    return _meta_of_header(Path(path), read_onnx_header(path))
+
+
+# ---------------------------------------------------------------------------------
+# The artifact: every graph file of one model, read once
+# ---------------------------------------------------------------------------------
+
+
+def extension(path: str | Path) -> str:
+    """``.oracle.json``, ``.plan`` or ``.onnx`` (any other name is read as ONNX)."""
+    name = Path(path).name
+    return next((e for e in EXTENSIONS if name.endswith(e)), ".onnx")
+
+
+def mismatch(main: ModelMeta, other: ModelMeta, *, precision: bool = True) -> str | None:
+    """What makes ``other`` another model than ``main`` ("source_hash ('b' vs 'a')"), or
+    None for the same model. Graphs of one artifact also share their precision; pass
+    ``precision=False`` to compare artifacts of one model exported at other precisions."""
+    checks: list[tuple[str, object, object]] = [
+        ("source_hash", main.source_hash, other.source_hash),
+        ("schedule", main.schedule, other.schedule),
+        ("prediction type", main.prediction_type, other.prediction_type),
+        ("image shape", main.image_shape, other.image_shape),
+    ]
+    if precision:
+        checks.append(("precision", main.graph.precision, other.graph.precision))
+    checks.append(("classes", main.class_names or main.num_classes,
+                   other.class_names or other.num_classes))
+    for what, a, b in checks:
+        if a != b:
+            return f"{what} ({b!r} vs {a!r})"
+    return None
+
+
+@dataclass(frozen=True)
+class GraphFile:
+    """One file named like a graph of the artifact, and what it says about itself.
+
+    ``problem`` is None for a graph of the artifact; else why it is not one (unreadable,
+    or a graph of another model), and ``meta`` is None when it could not be read.
+    """
+
+    path: Path
+    meta: ModelMeta | None
+    problem: str | None = None
+    external_data: tuple[str, ...] = ()  # weight files an ONNX graph references
+    sidecar: PlanSidecar | None = None  # a plan's sidecar
+
+    @property
+    def kind(self) -> str:
+        return self.meta.graph.kind if self.meta is not None else "?"
+
+
+def locate(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a model file, or the ArtifactError that says what to pass instead."""
+    p = Path(path)
+    check_model_path(p)  # a folder: names the model file inside it
+    if not p.is_file():
+        raise ArtifactError(
+            f"model file {str(p)!r} does not exist; pass --model PATH to a model.onnx "
+            "made by `fewstep export`"
+        )
+    return p
+
+
+def _read(path: Path, ext: str) -> GraphFile:
+    """The GraphFile of ``path``; an ArtifactError when its metadata cannot be read."""
+    if ext == ORACLE_EXT:
+        from .backends.oracle import read_oracle_file
+
+        return GraphFile(path, read_oracle_file(path)[0])
+    if ext == ".plan":
+        from .plan import load_sidecar  # reads the .plan.json, not the plan
+
+        sidecar = load_sidecar(path)
+        return GraphFile(path, sidecar.meta, sidecar=sidecar)
+    header = read_onnx_header(path)
+    return GraphFile(path, _meta_of_header(path, header), external_data=header.external_data)
+
+
+def _read_sibling(path: Path, ext: str, main: GraphFile) -> GraphFile:
+    """Like ``_read``, but a problem is recorded instead of raised."""
+    try:
+        found = _read(path, ext)
+    except (ArtifactError, OSError) as e:
+        external: tuple[str, ...] = ()
+        if ext == ".onnx":
+            with contextlib.suppress(ArtifactError, OSError):
+                external = read_onnx_header(path).external_data
+        return GraphFile(path, None, str(e), external)
+    assert found.meta is not None and main.meta is not None
+    different = mismatch(main.meta, found.meta)
+    if different:
+        why = (f"its {different} differs from {main.path.name}; re-export the whole artifact "
+               "together")
+        return GraphFile(path, found.meta, why, found.external_data, found.sidecar)
+    return found
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A model file and every file named like one of its graphs, each read once.
+
+    ``files`` holds them all, sorted, the main file included; ``graphs`` those that are
+    graphs of this model (same source, schedule, shape, classes and precision);
+    ``rejected`` the others, each with the reason.
+    """
+
+    path: Path
+    ext: str
+    files: tuple[GraphFile, ...]
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> Artifact:
+        """Read the main file (an ArtifactError when it is unreadable) and its siblings
+        (never raises for them: see ``rejected``). No weights and no sessions."""
+        p = locate(path)
+        ext = extension(p)
+        main = _read(p, ext)
+        files = [main if f == p else _read_sibling(f, ext, main) for f in siblings(p, ext)]
+        return cls(p, ext, tuple(files))
+
+    @property
+    def main(self) -> GraphFile:
+        return next(f for f in self.files if f.path == self.path)
+
+    @property
+    def meta(self) -> ModelMeta:
+        """The main file's ModelMeta."""
+        meta = self.main.meta
+        assert meta is not None
+        return meta
+
+    @property
+    def graphs(self) -> tuple[GraphFile, ...]:
+        """The graphs of this model, the main file first."""
+        return (self.main, *(f for f in self.files if f.problem is None and f.path != self.path))
+
+    @property
+    def rejected(self) -> tuple[GraphFile, ...]:
+        return tuple(f for f in self.files if f.problem is not None)
+
+    def same_model(self, other: Artifact | ModelMeta) -> str | None:
+        """What makes ``other`` another model than this one (precision may differ), or None."""
+        meta = other.meta if isinstance(other, Artifact) else other
+        return mismatch(self.meta, meta, precision=False)
+
+    def weights(self) -> dict[str, int]:
+        """Every external-data file the ONNX graphs reference: its size, or -1 if missing."""
+        locations = sorted({loc for f in self.files for loc in f.external_data})
+        out = {}
+        for loc in locations:
+            data = self.path.parent / loc
+            out[loc] = data.stat().st_size if data.is_file() else -1
+        return out
+
+    def plans(self, folder: str | Path | None = None) -> tuple[GraphFile, ...]:
+        """The TensorRT plans of this artifact's graphs in ``folder`` (default: beside the
+        main file), each with its sidecar; a plan whose sidecar is unreadable or describes
+        another model comes with its ``problem``."""
+        where = Path(folder) if folder is not None else self.path.parent
+        base = base_stem(self.path, self.ext)
+        return tuple(_read_sibling(f, ".plan", self.main)
+                     for f in siblings(where / f"{base}.plan", ".plan") if f.is_file())

@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from . import artifact, clitools
-from .errors import ArtifactError
-from .meta import ModelMeta
 
 TRAIN_HIGHLIGHTS = ("data", "preset", "image_size", "steps", "batch_size", "lr",
                     "ema_decay", "cfg_dropout", "seed")
@@ -32,53 +30,19 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     return p
 
 
-def _plan_meta(path: Path) -> ModelMeta:
-    from .plan import load_sidecar  # pure Python: reads the .plan.json sidecar
-
-    return load_sidecar(path).meta
-
-
-def read_meta(path: Path) -> ModelMeta:
-    """The ModelMeta of any fewstep graph file, read without creating a session."""
-    name = path.name
-    if not path.is_file():
-        raise ArtifactError(f"model file {str(path)!r} does not exist; pass a model.onnx path")
-    if name.endswith(".oracle.json"):
-        from .backends.oracle import read_oracle_file
-
-        return read_oracle_file(path)[0]
-    if name.endswith(".plan"):
-        return _plan_meta(path)
-    return artifact.read_onnx_meta(path)
-
-
-def _ext(path: Path) -> str:
-    name = path.name
-    return ".oracle.json" if name.endswith(".oracle.json") else (
-        ".plan" if name.endswith(".plan") else ".onnx")
-
-
-def graphs_of(path: Path) -> tuple[list[dict[str, Any]], dict[str, int]]:
+def graphs_of(art: artifact.Artifact) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Every graph file of the artifact with its summary, and the shared data files."""
     from .pipeline import graph_summary
 
     rows: list[dict[str, Any]] = []
-    shared: dict[str, int] = {}
-    for file in artifact.siblings(path, _ext(path)):
-        row: dict[str, Any] = {"file": file.name, "size_bytes": file.stat().st_size}
-        try:
-            row.update(graph_summary(read_meta(file)))
-        except ArtifactError as e:
-            row["error"] = str(e)
-        if file.suffix == ".onnx":
-            try:
-                for loc in artifact.read_onnx_header(file).external_data:
-                    data = file.parent / loc
-                    shared[loc] = data.stat().st_size if data.is_file() else -1
-            except ArtifactError:
-                pass
+    for f in art.files:
+        row: dict[str, Any] = {"file": f.path.name, "size_bytes": f.path.stat().st_size}
+        if f.meta is not None:
+            row.update(graph_summary(f.meta))
+        else:
+            row["error"] = f.problem
         rows.append(row)
-    return rows, shared
+    return rows, art.weights()
 
 
 def device_info() -> dict[str, Any]:
@@ -107,13 +71,12 @@ def collect(path: Path | None) -> dict[str, Any]:
     from . import backends
     from .pipeline import default_model_path, meta_summary
 
-    artifact.check_model_path(path, "")  # a folder: say which file inside it to pass
-    p = path if path is not None else default_model_path()
-    meta = read_meta(p)
-    rows, shared = graphs_of(p)
+    art = artifact.Artifact.open(path if path is not None else default_model_path())
+    meta = art.meta
+    rows, shared = graphs_of(art)
     config = meta.train_config
     return {
-        "path": str(p),
+        "path": str(art.path),
         "model": {**meta_summary(meta), "precision": meta.graph.precision,
                   "train_config": {k: config[k] for k in TRAIN_HIGHLIGHTS if k in config}},
         "graphs": rows,

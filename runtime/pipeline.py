@@ -56,7 +56,6 @@ from .sampling import SamplingPlan
 
 DEFAULT_MODEL: Final = "landscapes.onnx"
 DEFAULT_BATCH: Final = 16
-ORACLE_EXT: Final = ".oracle.json"
 NUMERIC_FIX: Final = "fp16 overflow? export with --precision fp32 or keep more fp32 islands"
 
 F32 = NDArray[np.float32]
@@ -108,23 +107,6 @@ def graph_summary(meta: ModelMeta) -> dict[str, Any]:
     if g.kind == "sampler":
         d.update(steps=g.steps, spacing=g.spacing, eta=g.eta, output_format=g.output_format)
     return d
-
-
-def mismatch(main: ModelMeta, other: ModelMeta) -> str | None:
-    """What makes ``other`` a graph of a different model than ``main``, or None."""
-    checks: list[tuple[str, object, object]] = [
-        ("source_hash", main.source_hash, other.source_hash),
-        ("schedule", main.schedule, other.schedule),
-        ("prediction type", main.prediction_type, other.prediction_type),
-        ("image shape", main.image_shape, other.image_shape),
-        ("precision", main.graph.precision, other.graph.precision),
-        ("classes", main.class_names or main.num_classes,
-         other.class_names or other.num_classes),
-    ]
-    for what, a, b in checks:
-        if a != b:
-            return f"{what} ({b!r} vs {a!r})"
-    return None
 
 
 @dataclass(frozen=True)
@@ -204,50 +186,22 @@ class Pipeline:
         usable, else CPU), or a name from ``backends.BACKENDS``; ``backend_options``
         go to the backend (e.g. ``threads=4``, ``cuda_graph=False``).
         """
-        p = Path(path) if path is not None else default_model_path()
+        p = artifact.locate(path if path is not None else default_model_path())
         name = str(p)
-        artifact.check_model_path(p)  # a folder: names the model file inside it
-        if not p.is_file():
-            raise ArtifactError(
-                f"model file {name!r} does not exist; pass --model PATH to a model.onnx "
-                "made by `fewstep export`"
-            )
-        ext = ORACLE_EXT if name.endswith(ORACLE_EXT) else ".plan" if name.endswith(
-            ".plan") else ".onnx"
-        concrete = "oracle" if (ext == ORACLE_EXT and backend == "auto") else backends.resolve(
-            backend, name)
+        oracle = name.endswith(artifact.ORACLE_EXT) and backend == "auto"
+        concrete = "oracle" if oracle else backends.resolve(backend, name)
+        main = backends.load(name, concrete, **backend_options)
+        art = artifact.Artifact.open(p)
+        for bad in art.rejected:
+            warnings.warn(f"ignoring {bad.path}: {bad.problem}", stacklevel=2)
 
         def opener(file: str) -> Callable[[], Graph]:
             return lambda: backends.load(file, concrete, **backend_options)
 
-        main = backends.load(name, concrete, **backend_options)
-        entries = [_Entry(name, main.meta, main)]
-        for sibling in artifact.siblings(p, ext):
-            if sibling == p:
-                continue
-            file = str(sibling)
-            graph: Graph | None = None
-            try:
-                if ext == ".onnx":
-                    meta = artifact.read_onnx_meta(file)
-                elif ext == ORACLE_EXT:
-                    from .backends.oracle import read_oracle_file
-
-                    meta = read_oracle_file(file)[0]
-                else:  # a plan's metadata lives in its sidecar: the backend reads it
-                    graph = backends.load(file, concrete, **backend_options)
-                    meta = graph.meta
-            except ArtifactError as e:
-                warnings.warn(f"ignoring {file}: {e}", stacklevel=2)
-                continue
-            different = mismatch(main.meta, meta)
-            if different:
-                warnings.warn(
-                    f"ignoring {file}: its {different} differs from {p.name}; "
-                    "re-export the whole artifact together", stacklevel=2,
-                )
-                continue
-            entries.append(_Entry(file, meta, graph, opener(file)))
+        entries = [_Entry(name, main.meta, main)] + [
+            _Entry(str(g.path), g.meta, None, opener(str(g.path)))
+            for g in art.graphs[1:] if g.meta is not None
+        ]
         return cls(entries, concrete, name)
 
     @classmethod
@@ -262,7 +216,7 @@ class Pipeline:
         ordered = sorted(graphs, key=lambda g: g.meta.graph.kind != "denoiser")
         main = ordered[0]
         for g in ordered[1:]:
-            different = mismatch(main.meta, g.meta)
+            different = artifact.mismatch(main.meta, g.meta)
             if different:
                 raise ValueError(
                     f"graph {g.path} is of another model than {main.path}: its {different} "

@@ -23,6 +23,7 @@ import pytest
 from PIL import Image
 
 from fewstep.runtime import cli, cli_info, cli_sample, clitools, images
+from fewstep.runtime.artifact import Artifact
 from fewstep.runtime.errors import ArtifactError
 from fewstep.runtime.meta import ModelMeta
 from fewstep.runtime.pipeline import Pipeline, default_model_path
@@ -398,7 +399,7 @@ def test_default_steps_of_the_shipped_model(tmp_path: Path,
         shipped = default_model_path()
     except ArtifactError:
         pytest.skip("this build ships no default model")
-    meta = cli_info.read_meta(shipped)
+    meta = Artifact.open(shipped).meta
     assert meta.distilled_steps == (4,)  # a 4-step student
     code, _, err = fewstep(["sample", "--backend", "ort-cpu", "--n", "2",
                             "--out", str(tmp_path / "g.png")], capfd)
