@@ -5,6 +5,7 @@ TensorRT version it was built with. So every ``model.plan`` gets a ``model.plan.
 sidecar that records what the plan is (the ModelMeta of the ONNX it came from) and what
 it is tied to (TensorRT version, GPU, compute capability, the batch profile, the build
 flags, and sha256 of the plan and of its source ONNX with the ONNX's external weights).
+The input shapes come from the graph I/O contract, ``ModelMeta.io``.
 ``check_compatible`` compares a sidecar with the machine about to run the plan and says
 exactly why a plan must be rebuilt, and with which command.
 
@@ -54,7 +55,7 @@ GIB: Final = 1 << 30
 
 
 # ---------------------------------------------------------------------------------
-# Batch profiles and the input shapes of every graph kind
+# Batch profiles
 # ---------------------------------------------------------------------------------
 
 
@@ -112,36 +113,11 @@ def default_profile(meta: ModelMeta, jetson: bool = False) -> BatchProfile:
     return BatchProfile(1, 1, max(1, base // scale))
 
 
-def input_shapes(meta: ModelMeta, batch: int) -> dict[str, tuple[int, ...]]:
-    """The shape of every input of ``meta``'s graph at batch size ``batch``.
-
-    x and a step graph's noise are (B, C, H, W); t, label, guidance, a_t, a_prev and
-    eta are (B,); a stochastic sampler's noise is (B, S, C, H, W).
-    """
-    if batch < 1:
-        raise ValueError(f"batch={batch} must be at least 1")
-    image = (batch, *meta.image_shape)
-    per_sample = (batch,)
-    out: dict[str, tuple[int, ...]] = {}
-    for name in meta.graph.inputs:
-        if name == "x":
-            out[name] = image
-        elif name in ("t", "label", "guidance", "a_t", "a_prev", "eta"):
-            out[name] = per_sample
-        elif name == "noise" and meta.graph.kind == "step":
-            out[name] = image
-        elif name == "noise" and meta.graph.kind == "sampler":
-            out[name] = (batch, meta.graph.steps, *meta.image_shape)
-        else:  # ModelMeta validates the names, so this is a bug here, not bad input
-            raise AssertionError(f"no shape rule for input {name!r} of a {meta.graph.kind} graph")
-    return out
-
-
 def profile_shapes(
     meta: ModelMeta, profile: BatchProfile
 ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-    """For every input: its (min, opt, max) shapes under ``profile``."""
-    lo, opt, hi = (input_shapes(meta, b) for b in (profile.min, profile.opt, profile.max))
+    """For every input: its (min, opt, max) shapes under ``profile`` (``meta.io``)."""
+    lo, opt, hi = (meta.io.shapes(b) for b in (profile.min, profile.opt, profile.max))
     return {name: (lo[name], opt[name], hi[name]) for name in meta.graph.inputs}
 
 

@@ -21,6 +21,7 @@ import pytest
 
 from fewstep.runtime import backends
 from fewstep.runtime.backends import ort as ortb
+from fewstep.runtime.backends.cuda import CudaGraphFallback
 from fewstep.runtime.backends.oracle import make_oracle
 from fewstep.runtime.errors import ArtifactError, BackendUnavailable
 from fewstep.runtime.meta import ModelMeta
@@ -173,6 +174,43 @@ def test_cuda_graph_bookkeeping_and_fallback_on_cpu_ortvalues(
     assert not graph.cuda_graph
 
 
+@pytest.mark.parametrize("io_binding", [True, False])
+def test_network_run_repeats_the_graph_alone_on_the_given_inputs(
+        step_graph: tuple[Path, ModelMeta, np.ndarray], monkeypatch: pytest.MonkeyPatch,
+        io_binding: bool) -> None:
+    path, meta, _ = step_graph
+    graph = ortb.OrtGraph(str(path), meta, ortb.OrtConfig(backend="ort-cpu",
+                                                          io_binding=io_binding, threads=1))
+    feeds = feeds_for(meta, 2)
+    x = feeds["x"]
+    for _ in range(3):  # what 3 launches of a step graph compute: x fed back each time
+        x = graph.run({**feeds, "x": x})
+    session_type = type(graph._session)
+    counted = {"n": 0}
+    real = session_type.run_with_iobinding if io_binding else session_type.run
+
+    def count(self: Any, *args: Any, **kwargs: Any) -> Any:
+        counted["n"] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(session_type, "run_with_iobinding" if io_binding else "run", count)
+    net = graph.network_run(feeds, launches=3)
+    assert net.method.startswith("3 × " + ("run_with_iobinding" if io_binding
+                                           else "InferenceSession.run"))
+    net.call()
+    net.call()
+    assert counted["n"] == 6
+    if io_binding:  # the inputs were uploaded once; after 3 launches x is in the output
+        graph2 = ortb.OrtGraph(str(path), meta, ortb.OrtConfig(backend="ort-cpu",
+                                                               io_binding=True, threads=1))
+        graph2.network_run(feeds, launches=3).call()
+        np.testing.assert_allclose(graph2._buffers[2].out.numpy(), x, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="launches=0 must be a whole number >= 1"):
+        graph.network_run(feeds, launches=0)
+    with pytest.raises(ValueError, match="do not match"):
+        graph.network_run({"x": feeds["x"]})
+
+
 def test_cuda_graph_session_failure_falls_back(step_graph: tuple[Path, ModelMeta, np.ndarray],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     path, meta, _ = step_graph
@@ -200,8 +238,9 @@ def test_old_onnxruntime_runs_without_cuda_graphs(step_graph: tuple[Path, ModelM
     path, meta, _ = step_graph
     monkeypatch.setattr(ort, "__version__", "1.17.3")
     config = ortb.OrtConfig(backend="ort-cpu", io_binding=True, cuda_graph=True)
-    with pytest.warns(UserWarning, match=r"onnxruntime 1.17.3 captures one CUDA graph per "
-                                         r"session \(gpu_graph_id needs >= 1.18\)"):
+    with pytest.warns(CudaGraphFallback, match=r"CUDA graphs unavailable for model.step.onnx "
+                      r"\(onnxruntime 1.17.3 captures one CUDA graph per session; gpu_graph_id "
+                      r"needs >= 1.18\); running without them"):
         graph = ortb.OrtGraph(str(path), meta, config)
     assert not graph.cuda_graph
 

@@ -8,7 +8,7 @@ non-batch dimension. A disagreement is an ``ArtifactError``, never a guess.
 CPU (``ort-cpu``): graph optimisation level ALL, ``intra_op_num_threads`` =
 ``os.cpu_count()`` unless ``threads=`` says otherwise; ``run_loop`` is the host loop.
 
-CUDA (``ort-cuda``, the fast path of DESIGN rule 5): IO binding. For every batch size
+CUDA (``ort-cuda``, the fast path: state stays on the GPU): IO binding. For every batch size
 the graph sees, its inputs and its output live in device ``OrtValue`` buffers that
 are allocated once and reused; host arrays are copied in with
 ``OrtValue.update_inplace``. A step graph's ``run_loop`` ping-pongs x between two
@@ -19,7 +19,8 @@ and brings only the final x back. CUDA graphs (provider option
 its own captured graph, told apart by the run option ``gpu_graph_id`` (ONNX Runtime
 >= 1.18; older versions capture one graph per session, so they run without). If a
 session cannot use CUDA graphs (some node not on the CUDA EP, or capture fails) the
-graph warns once and runs without them; ``cuda_graph=False`` turns them off.
+graph warns once (``cuda.warn_no_cuda_graph``, as every backend does) and runs without
+them; ``cuda_graph=False`` turns them off.
 
 TensorRT (``ort-tensorrt``): engine and timing caches in ``cache_dir`` (default
 ``<model folder>/.fewstep-cache/ort-trt/``), an optimisation profile for batch sizes
@@ -43,7 +44,6 @@ from __future__ import annotations
 
 import os
 import threading
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,8 +54,9 @@ import numpy as np
 from .. import jetson
 from ..artifact import read_onnx_meta
 from ..errors import ArtifactError, BackendUnavailable
-from ..meta import ModelMeta
-from . import Array, Feeds, host_loop
+from ..meta import ModelMeta, TensorSpec
+from . import Array, Feeds, NetworkRun, check_launches, host_loop
+from .cuda import warn_no_cuda_graph
 
 PROVIDERS: Final = {
     "ort-cpu": "CPUExecutionProvider",
@@ -124,40 +125,8 @@ def unavailable_reason(name: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------------
-# What the metadata says each input and output must look like
+# The session against the graph I/O contract (``ModelMeta.io``)
 # ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: type[np.generic]
-    dims: tuple[int, ...]  # without the batch axis
-
-    def describe(self) -> str:
-        dims = ", ".join(["B", *map(str, self.dims)])
-        return f"{np.dtype(self.dtype).name} ({dims})"
-
-
-def io_specs(meta: ModelMeta) -> tuple[dict[str, TensorSpec], TensorSpec]:
-    """(inputs by name, the output) that a graph with this metadata must have."""
-    g = meta.graph
-    chw = meta.image_shape
-    dims: dict[str, tuple[int, ...]] = {"x": chw}
-    if g.kind == "step":
-        dims["noise"] = chw
-    elif g.kind == "sampler":
-        dims["noise"] = (g.steps, *chw)
-    inputs = {
-        name: TensorSpec(name, np.int64 if name == "label" else np.float32, dims.get(name, ()))
-        for name in g.inputs
-    }
-    out_name = g.outputs[0]
-    if out_name == "image":
-        output = TensorSpec(out_name, np.uint8, (meta.height, meta.width, meta.channels))
-    else:
-        output = TensorSpec(out_name, np.float32, chw)
-    return inputs, output
 
 
 def _ort_shape(shape: Sequence[Any]) -> str:
@@ -166,7 +135,7 @@ def _ort_shape(shape: Sequence[Any]) -> str:
 
 def verify_session(session: Any, meta: ModelMeta, path: str) -> None:
     """ArtifactError unless the session's inputs/outputs are what the metadata says."""
-    ins, out = io_specs(meta)
+    ins, out = meta.io.inputs, meta.io.output
     fix = "re-export it with `fewstep export` (the file was edited or made by another tool)"
     got_in = [i.name for i in session.get_inputs()]
     got_out = [o.name for o in session.get_outputs()]
@@ -301,8 +270,8 @@ def cuda_provider_options(config: OrtConfig, cuda_graph: bool) -> dict[str, str]
 
 
 def _profile(meta: ModelMeta, batch: int) -> str:
-    ins, _ = io_specs(meta)
-    return ",".join(f"{n}:" + "x".join(map(str, (batch, *s.dims))) for n, s in ins.items())
+    return ",".join(f"{n}:" + "x".join(map(str, shape))
+                    for n, shape in meta.io.shapes(batch).items())
 
 
 def tensorrt_provider_options(meta: ModelMeta, config: OrtConfig) -> dict[str, str]:
@@ -385,12 +354,12 @@ class OrtGraph:
         self.backend = config.backend
         self.config = config
         self.max_batch: int | None = config.max_batch
-        self.inputs, self.output = io_specs(meta)
+        self.inputs, self.output = meta.io.inputs, meta.io.output
         self._lock = threading.Lock()
         self._buffers: dict[int, _Buffers] = {}
         self._next_graph_id = 1
         self._device = "cpu" if config.backend == "ort-cpu" else "cuda"
-        self.cuda_graph = config.cuda_graph and self._cuda_graphs_supported()
+        self.cuda_graph = config.cuda_graph and self._cuda_graph_supported()
         self._session = self._open_session()
 
     def __repr__(self) -> str:
@@ -398,14 +367,11 @@ class OrtGraph:
 
     # -- session --------------------------------------------------------------------
 
-    def _cuda_graphs_supported(self) -> bool:
+    def _cuda_graph_supported(self) -> bool:
         version = _import_ort().__version__
         if _version(version) < CUDA_GRAPH_IDS_SINCE:
-            warnings.warn(
-                f"onnxruntime {version} captures one CUDA graph per session (gpu_graph_id "
-                f"needs >= 1.18); running {Path(self.path).name} without CUDA graphs",
-                stacklevel=3,
-            )
+            warn_no_cuda_graph(self.path, f"onnxruntime {version} captures one CUDA graph per "
+                               "session; gpu_graph_id needs >= 1.18", stacklevel=4)
             return False
         return True
 
@@ -457,10 +423,7 @@ class OrtGraph:
         return session
 
     def _warn_no_cuda_graph(self, e: BaseException) -> None:
-        warnings.warn(
-            f"CUDA graphs unavailable for {Path(self.path).name} ({_first_line(e)}); "
-            "running without them", stacklevel=4,
-        )
+        warn_no_cuda_graph(self.path, e, stacklevel=5)
         self.cuda_graph = False
         self._buffers.clear()
 
@@ -512,6 +475,53 @@ class OrtGraph:
                 return self._bound_run(batch, arrays)
             except _CaptureFailed:
                 return self._bound_run(batch, arrays)
+
+    def network_run(self, feeds: Feeds, launches: int = 1) -> NetworkRun:
+        """The session alone on ``feeds``: see ``backends.Graph.network_run``."""
+        check_launches(launches)
+        if "x" not in feeds:
+            raise ValueError(f"feeds {sorted(feeds)} lack 'x'; pass {list(self.meta.graph.inputs)}")
+        batch = int(np.shape(feeds["x"])[0]) if np.ndim(feeds["x"]) else None
+        arrays = self._feeds(feeds, list(self.inputs), batch)
+        if not self.config.io_binding:
+            names = [self.output.name]
+
+            def host() -> None:
+                for _ in range(launches):
+                    self._session.run(names, arrays)
+
+            return NetworkRun(host, f"{launches} × InferenceSession.run on prepared host arrays")
+        assert batch is not None
+        parities = [i % 2 if self.meta.graph.kind == "step" else 0 for i in range(launches)]
+
+        def ready() -> _Buffers:
+            buffers = self._buffers.get(batch)
+            if buffers is None:  # first use, or dropped when CUDA graphs were turned off
+                buffers = self._allocate(batch)
+                for name, arr in arrays.items():
+                    buffers.upload(name, arr)
+            return buffers
+
+        def launch() -> None:
+            buffers = ready()
+            for parity in parities:
+                self._launch(buffers, parity)
+            buffers.bound[0][0].synchronize_outputs()
+
+        def bound() -> None:
+            with self._lock:
+                try:
+                    launch()
+                except _CaptureFailed:
+                    launch()
+
+        with self._lock:
+            buffers = ready()
+            for name, arr in arrays.items():
+                buffers.upload(name, arr)
+        what = "CUDA graph replays" if self.cuda_graph else "runs"
+        return NetworkRun(bound, f"{launches} × run_with_iobinding ({what}) on the graph's "
+                                 "device OrtValues, then IOBinding.synchronize_outputs")
 
     def run_loop(self, x: Array, fixed: Feeds, per_step: Sequence[Feeds]) -> Array:
         if self.meta.graph.kind != "step":
