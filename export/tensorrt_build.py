@@ -253,7 +253,7 @@ def build_plan(
 
 def import_build_tensorrt() -> Any:
     """The full tensorrt module (the lean runtime cannot build), or BackendUnavailable."""
-    from fewstep.runtime.backends.tensorrt import TRT_MISSING
+    from fewstep.runtime.backends.tensorrt_engine import TRT_MISSING
 
     try:
         import tensorrt
@@ -272,7 +272,7 @@ def _cache_file(request: BuildRequest, gpu: str, cc: str, trt_version: str) -> P
 def build_from_request(request: BuildRequest) -> PlanSidecar:
     """Run TensorRT on a validated request (see ``build_plan``)."""
     from fewstep.runtime.backends import cuda
-    from fewstep.runtime.backends import tensorrt as trt_backend
+    from fewstep.runtime.backends.tensorrt_engine import make_logger
 
     trt = import_build_tensorrt()
     try:
@@ -291,7 +291,7 @@ def build_from_request(request: BuildRequest) -> PlanSidecar:
     name = request.onnx_path.name
     started = time.monotonic()
 
-    logger = trt_backend.make_logger(trt, request.verbose)
+    logger = make_logger(trt, request.verbose)
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if mode.network_flag else 0
     network = builder.create_network(flags)

@@ -29,13 +29,12 @@ from fewstep.runtime.meta import META_KEY, GraphInfo, ModelMeta, Schedule
 from fewstep.runtime.plan import (
     BatchProfile,
     PlanSidecar,
-    RuntimeInfo,
-    check_compatible,
     default_profile,
     load_sidecar,
     profile_shapes,
     sidecar_path,
 )
+from fewstep.runtime.plan_check import RuntimeInfo, check_compatible
 
 TRT_SKIP = "TensorRT is not installed (it cannot be installed in this environment)"
 H100 = "NVIDIA H100 80GB HBM3"
@@ -643,9 +642,10 @@ def test_fewstep_build_command_end_to_end_without_tensorrt(tmp_path: Path) -> No
 
 def test_backend_says_why_it_is_unavailable(no_tensorrt: None) -> None:
     from fewstep.runtime.backends import tensorrt as trt_backend
+    from fewstep.runtime.backends.tensorrt_engine import TRT_MISSING
 
-    assert trt_backend.unavailable_reason("tensorrt") == trt_backend.TRT_MISSING
-    assert backends.availability()["tensorrt"] == trt_backend.TRT_MISSING
+    assert trt_backend.unavailable_reason("tensorrt") == TRT_MISSING
+    assert backends.availability()["tensorrt"] == TRT_MISSING
     with pytest.raises(BackendUnavailable, match="TensorRT is not installed"):
         backends.load("model.plan", "auto")
 
@@ -660,14 +660,14 @@ def test_open_graph_refuses_other_files(tmp_path: Path) -> None:
 
 
 def test_options_are_checked_and_spelt_like_the_other_backends(tmp_path: Path) -> None:
-    from fewstep.runtime.backends import ort as ort_backend
+    from fewstep.runtime.backends import ort_options
     from fewstep.runtime.backends import tensorrt as trt_backend
 
     for old in ("device", "cuda_graphs"):
         with pytest.raises(ValueError, match=rf"option\(s\) {old} not supported by backend "
                                              r"'tensorrt'; use device_id, cuda_graph"):
             trt_backend.open_graph(str(tmp_path / "model.plan"), **{old: 0})
-    shared = set(trt_backend.OPTIONS) & set(ort_backend.OPTIONS["ort-cuda"])
+    shared = set(trt_backend.OPTIONS) & set(ort_options.OPTIONS["ort-cuda"])
     assert shared == {"device_id", "cuda_graph"}
 
 

@@ -1,11 +1,10 @@
 """The ``tensorrt`` backend: a TensorRT plan + its sidecar, driven with cuda-python.
 
-Opening a plan reads ``model.plan.json`` and refuses a plan built for another GPU or
-TensorRT version, a replaced plan file or a stale one (``plan.check_compatible``), then
-deserializes it (with ``tensorrt``, or ``tensorrt_lean`` when only the lean runtime is
-installed and the plan is version-compatible) and allocates, once, a device buffer for
-every I/O tensor at the profile's largest batch, pinned host staging buffers and a
-stream.
+Opening a plan reads ``model.plan.json``, refuses a plan built for another GPU or
+TensorRT version, a replaced or a stale one (``plan_check.check_compatible``), then
+deserializes it (``tensorrt``, or ``tensorrt_lean`` for a version-compatible plan) and
+allocates once, at the profile's largest batch, device and pinned host buffers for every
+I/O tensor (``tensorrt_engine.engine_io``, checked against ``meta.io``) and a stream.
 
 * ``run(feeds)``: inputs are copied into pinned staging, then H2D, ``execute_async_v3``,
   D2H on one stream. The first call at a batch size runs plainly (the warm-up TensorRT
@@ -24,8 +23,6 @@ imports anywhere (``backends.availability()`` asks it why it is unusable).
 from __future__ import annotations
 
 import contextlib
-import importlib
-import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,112 +33,32 @@ import numpy as np
 
 from ..errors import ArtifactError, BackendUnavailable
 from ..meta import ModelMeta
-from ..plan import (
-    BatchProfile,
-    PlanSidecar,
-    RuntimeInfo,
-    check_compatible,
-    load_sidecar,
-    parse_version,
-)
-from . import Array, Feeds, NetworkRun, check_launches, host_loop
-from .cuda import (
-    CUDA_PYTHON_MISSING,
-    CapturedGraph,
-    CudaError,
-    DeviceBuffer,
-    PinnedBuffer,
-    capture_graph,
-    copy_async,
-    destroy_stream,
-    device_count,
-    device_info,
-    import_cudart,
-    new_stream,
-    synchronize,
-    warn_no_cuda_graph,
-)
+from ..plan import BatchProfile, PlanSidecar, load_sidecar
+from ..plan_check import RuntimeInfo, check_compatible
+from . import Array, Feeds, NetworkRun, check_launches, cuda, host_loop
+from .tensorrt_engine import engine_io, import_tensorrt, make_logger, tensorrt_problem
 
-TRT_MISSING = (
-    "TensorRT is not installed: pip install 'fewstep[tensorrt]' (x86-64) "
-    "or use JetPack's tensorrt on Jetson"
-)
 OPTIONS = ("device_id", "cuda_graph", "verbose", "check_source")
-MIN_TRT_MAJOR = 10
 MAX_CAPTURED_BATCHES = 4  # CUDA graphs (one execution context each) kept per plan
 MAX_CAPTURED_LOOPS = 2
 
 
-# ---------------------------------------------------------------------------------
-# Importing TensorRT
-# ---------------------------------------------------------------------------------
-
-
-def import_tensorrt(allow_lean: bool = True) -> tuple[Any, bool]:
-    """(the tensorrt module, True if it is the lean runtime ``tensorrt_lean``)."""
-    try:
-        import tensorrt
-
-        return tensorrt, False
-    except ImportError:
-        if not allow_lean:
-            raise
-    return importlib.import_module("tensorrt_lean"), True
-
-
 def unavailable_reason(name: str = "tensorrt") -> str | None:
     """None when plans can run here, else why not (TensorRT, cuda-python or a GPU missing)."""
+    problem = tensorrt_problem()
+    if problem is not None:
+        return problem
     try:
-        trt, _lean = import_tensorrt()
+        cudart = cuda.import_cudart()
     except ImportError:
-        return TRT_MISSING
-    except Exception as e:  # a broken install: missing libnvinfer and the like
-        return f"TensorRT does not load ({type(e).__name__}: {e}); reinstall it"
-    version = getattr(trt, "__version__", "0")
+        return cuda.CUDA_PYTHON_MISSING
     try:
-        major = parse_version(version)[0]
-    except ValueError:
-        return f"TensorRT reports version {version!r}; fewstep needs TensorRT 10.x or 11.x"
-    if major < MIN_TRT_MAJOR:
-        return (f"TensorRT {version} is too old; fewstep needs TensorRT 10.x or 11.x: "
-                "pip install -U 'fewstep[tensorrt]' (JetPack 6 ships 10.x)")
-    try:
-        cudart = import_cudart()
-    except ImportError:
-        return CUDA_PYTHON_MISSING
-    try:
-        count = device_count(cudart)
-    except CudaError as e:
+        count = cuda.device_count(cudart)
+    except cuda.CudaError as e:
         return f"no usable CUDA GPU ({e})"
     if count < 1:
         return "no CUDA GPU is visible (CUDA_VISIBLE_DEVICES?)"
     return None
-
-
-# ---------------------------------------------------------------------------------
-# Logging
-# ---------------------------------------------------------------------------------
-
-
-def make_logger(trt: Any, verbose: bool = False, keep: int = 20) -> Any:
-    """A TensorRT logger printing warnings and errors to stderr and keeping the last errors."""
-    severity = trt.ILogger.Severity
-
-    class _Logger(trt.ILogger):  # type: ignore[misc]
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-            self.threshold = severity.VERBOSE if verbose else severity.WARNING
-
-        def log(self, sev: Any, msg: str) -> None:
-            if sev in (severity.ERROR, severity.INTERNAL_ERROR):
-                self.errors = [*self.errors[-(keep - 1):], str(msg)]
-            if int(sev) <= int(self.threshold):
-                tag = {severity.INTERNAL_ERROR: "internal error", severity.ERROR: "error",
-                       severity.WARNING: "warning", severity.INFO: "info"}.get(sev, "verbose")
-                print(f"[TensorRT {tag}] {msg}", file=sys.stderr)
-
-    return _Logger()
 
 
 @dataclass
@@ -150,12 +67,12 @@ class _Tensor:
     is_input: bool
     dtype: np.dtype[Any]
     max_shape: tuple[int, ...]
-    device: DeviceBuffer
-    host: PinnedBuffer
+    device: cuda.DeviceBuffer
+    host: cuda.PinnedBuffer
 
 
 # per-step input -> (all steps' host staging, all steps' device copy)
-_Staging = dict[str, tuple[PinnedBuffer, DeviceBuffer]]
+_Staging = dict[str, tuple[cuda.PinnedBuffer, cuda.DeviceBuffer]]
 _LoopKey = tuple[int, int, tuple[str, ...]]  # (batch, steps, the per-step input names)
 
 
@@ -180,8 +97,8 @@ class TensorRTGraph:
         self._runtime: Any = None
         self._stream: Any = None
         self._tensors: dict[str, _Tensor] = {}
-        self._graphs: dict[int, CapturedGraph] = {}
-        self._loop_graphs: dict[_LoopKey, CapturedGraph] = {}
+        self._graphs: dict[int, cuda.CapturedGraph] = {}
+        self._loop_graphs: dict[_LoopKey, cuda.CapturedGraph] = {}
         self._staging: dict[_LoopKey, _Staging] = {}
         self._seen: set[int] = set()
         self._seen_loops: set[_LoopKey] = set()
@@ -194,9 +111,9 @@ class TensorRTGraph:
         self.cuda_graph = cuda_graph
 
         trt, lean = import_tensorrt()
-        cudart = import_cudart()
+        cudart = cuda.import_cudart()
         self._trt, self._cudart = trt, cudart
-        dev = device_info(cudart, device_id)
+        dev = cuda.device_info(cudart, device_id)
         here = RuntimeInfo(
             tensorrt_version=str(trt.__version__), gpu_name=dev.name,
             compute_capability=dev.compute_capability,
@@ -217,7 +134,7 @@ class TensorRTGraph:
                     f"TensorRT {trt.__version__} could not deserialize {Path(plan_path).name} "
                     f"({self._errors()}); rebuild it with `fewstep build`"
                 )
-            self._stream = new_stream(cudart)
+            self._stream = cuda.new_stream(cudart)
             self._context = self._new_context()
             self._allocate()
         except BaseException:
@@ -241,41 +158,13 @@ class TensorRTGraph:
 
     def _allocate(self) -> None:
         """One device + one pinned buffer per I/O tensor, sized for the profile's max batch."""
-        trt, engine, ctx = self._trt, self._engine, self._context
-        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        g = self.meta.graph
-        if sorted(inputs) != sorted(g.inputs) or outputs != list(g.outputs):
-            raise ArtifactError(
-                f"{self.path} has inputs {sorted(inputs)} -> {outputs}, but its sidecar says "
-                f"{sorted(g.inputs)} -> {list(g.outputs)}; rebuild it with `fewstep build`"
-            )
-        io = self.meta.io
-        max_in = io.shapes(self.profile.max)
-        for name in inputs:
-            hi = tuple(int(d) for d in engine.get_tensor_profile_shape(name, 0)[2])
-            if hi != max_in[name]:
-                raise ArtifactError(
-                    f"{self.path}: input {name!r} has max shape {hi} in the plan but "
-                    f"{max_in[name]} by its sidecar; rebuild it with `fewstep build`"
-                )
-            self._set_shape(ctx, name, hi)
-        for name in names:  # every tensor as the graph I/O contract has it
-            spec = io.inputs.get(name, io.output)
-            dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
-            shape = tuple(int(d) for d in ctx.get_tensor_shape(name))
-            if dtype != np.dtype(spec.dtype) or shape != spec.shape(self.profile.max):
-                raise ArtifactError(
-                    f"{self.path}: tensor {name!r} is {dtype.name} {shape} in the plan at batch "
-                    f"{self.profile.max}, but its sidecar says {spec.describe()}; rebuild it "
-                    "with `fewstep build`"
-                )
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            self._tensors[name] = _Tensor(name, name in inputs, dtype, shape,
-                                          DeviceBuffer(self._cudart, nbytes),
-                                          PinnedBuffer(self._cudart, nbytes))
-        self._bind(ctx)
+        for t in engine_io(self._trt, self._engine, self._context, self.meta, self.profile.max,
+                           self.path, self._errors):
+            nbytes = int(np.prod(t.max_shape, dtype=np.int64)) * t.dtype.itemsize
+            self._tensors[t.name] = _Tensor(t.name, t.is_input, t.dtype, t.max_shape,
+                                            cuda.DeviceBuffer(self._cudart, nbytes),
+                                            cuda.PinnedBuffer(self._cudart, nbytes))
+        self._bind(self._context)
 
     def _bind(self, ctx: Any, overrides: dict[str, int] | None = None) -> None:
         for name, t in self._tensors.items():
@@ -349,7 +238,8 @@ class TensorRTGraph:
                 staging = {}
                 for name in step_names:
                     n = steps * self._nbytes(name, batch)
-                    staging[name] = (PinnedBuffer(self._cudart, n), DeviceBuffer(self._cudart, n))
+                    staging[name] = (cuda.PinnedBuffer(self._cudart, n),
+                                     cuda.DeviceBuffer(self._cudart, n))
                 if not temporary:
                     self._staging[key] = staging
             try:
@@ -457,7 +347,7 @@ class TensorRTGraph:
         self._tensors[name].host.view(arr.dtype, arr.shape)[...] = arr
 
     def _memcpy(self, dst: int, src: int, nbytes: int, to_device: bool) -> None:
-        copy_async(self._cudart, self._stream, dst, src, nbytes, to_device)
+        cuda.copy_async(self._cudart, self._stream, dst, src, nbytes, to_device)
 
     def _copies_in(self, batch: int, names: Sequence[str]) -> None:
         for name in names:
@@ -479,7 +369,7 @@ class TensorRTGraph:
             raise RuntimeError(f"TensorRT execute_async_v3 failed: {self._errors()}")
 
     def _sync(self) -> None:
-        synchronize(self._cudart, self._stream)
+        cuda.synchronize(self._cudart, self._stream)
 
     def _result(self, t: _Tensor, batch: int) -> Array:
         return np.array(t.host.view(t.dtype, self._out_shape(t, batch)), copy=True)
@@ -487,17 +377,17 @@ class TensorRTGraph:
     # -- CUDA graphs -----------------------------------------------------------------------
 
     def _capture(self, body: Callable[[], None]) -> Any:
-        """``capture_graph`` on this plan's stream; None (and no more graphs) on failure."""
-        exec_, error = capture_graph(self._cudart, self._stream, body)
+        """``cuda.capture_graph`` on this plan's stream; None (and no more graphs) on failure."""
+        exec_, error = cuda.capture_graph(self._cudart, self._stream, body)
         if error is not None:
             return self._no_graphs(error)
         return exec_
 
     def _no_graphs(self, why: Exception) -> None:
         self.cuda_graph = False
-        warn_no_cuda_graph(self.path, why, stacklevel=5)
+        cuda.warn_no_cuda_graph(self.path, why, stacklevel=5)
 
-    def _capture_run(self, batch: int) -> CapturedGraph | None:
+    def _capture_run(self, batch: int) -> cuda.CapturedGraph | None:
         if len(self._graphs) >= MAX_CAPTURED_BATCHES:
             return None
         ctx = self._new_context()  # its shapes stay at `batch` for the graph's lifetime
@@ -516,7 +406,7 @@ class TensorRTGraph:
         if exec_ is None:
             self._drop_context(ctx)
             return None
-        self._graphs[batch] = graph = CapturedGraph(self._cudart, exec_, ctx)
+        self._graphs[batch] = graph = cuda.CapturedGraph(self._cudart, exec_, ctx)
         return graph
 
     # -- the device-resident loop ----------------------------------------------------------
@@ -547,7 +437,7 @@ class TensorRTGraph:
         self._copy_out(final, batch, src=buffers[steps % 2])
 
     def _capture_loop(self, key: _LoopKey, step_names: Sequence[str],
-                      fixed_names: Sequence[str], staging: _Staging) -> CapturedGraph | None:
+                      fixed_names: Sequence[str], staging: _Staging) -> cuda.CapturedGraph | None:
         batch, steps, _ = key
         ctx = self._new_context()
         self._set_batch(ctx, batch)
@@ -560,7 +450,7 @@ class TensorRTGraph:
         if exec_ is None:
             self._drop_context(ctx)
             return None
-        self._loop_graphs[key] = graph = CapturedGraph(self._cudart, exec_, ctx)
+        self._loop_graphs[key] = graph = cuda.CapturedGraph(self._cudart, exec_, ctx)
         return graph
 
     # -- lifetime ----------------------------------------------------------------------------
@@ -588,7 +478,7 @@ class TensorRTGraph:
                 t.host.free()
             self._tensors = {}
             if self._stream is not None:
-                destroy_stream(self._cudart, self._stream)
+                cuda.destroy_stream(self._cudart, self._stream)
                 self._stream = None
 
     def __del__(self) -> None:
