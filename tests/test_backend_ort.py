@@ -618,3 +618,25 @@ def test_cuda_shipped_sampler_marks_nan_images_and_matches_cpu(cuda_graph: bool)
     cpu = ortb.open_graph(str(path), "ort-cpu").run(feeds)
     assert list(images.nonfinite_images(gpu)) == [1] == list(images.nonfinite_images(cpu))
     assert np.abs(gpu[[0, 2]].astype(int) - cpu[[0, 2]].astype(int)).max() <= 1
+
+
+def test_oracle_network_run_is_the_host_computation_repeated(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    meta = oo.make_meta("epsilon", num_classes=2).for_graph(kind="step")
+    graph = make_oracle(meta, oo.pixel_x0(meta, rows=2))
+    assert isinstance(graph, backends.Graph)
+    feeds = feeds_for(meta, 3)
+    runs: list[dict[str, np.ndarray]] = []
+    real = type(graph).run
+
+    def spy(self: Any, f: Any) -> Any:
+        runs.append(dict(f))
+        return real(self, f)
+
+    monkeypatch.setattr(type(graph), "run", spy)
+    net = graph.network_run(feeds, launches=2)
+    assert net.method == "2 × the oracle's host computation (no network)"
+    net.call()
+    assert len(runs) == 2 and all(set(r) == set(meta.graph.inputs) for r in runs)
+    with pytest.raises(ValueError, match="do not match the inputs"):
+        graph.network_run({"x": feeds["x"]})
