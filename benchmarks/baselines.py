@@ -35,7 +35,7 @@ import numpy as np
 from fewstep.runtime import backends, images, sampling
 from fewstep.runtime.errors import ArtifactError
 
-from .latency import SEEDS, Artifact, BenchPath, Workload
+from .paths import SEEDS, Artifact, BenchPath, Workload
 
 NO_CHECKPOINT = ("no --checkpoint given: the torch baselines and the PyTorch fp32 reference "
                  "need the training checkpoint's weights")

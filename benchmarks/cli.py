@@ -27,25 +27,20 @@ from fewstep.runtime import backends, clitools
 from fewstep.runtime.sampling import DEFAULT_SPACING
 
 from . import envinfo, report
-from .latency import (
-    BASELINES,
-    DEFAULT_BATCHES,
-    DEFAULT_STEPS,
+from .latency import BASELINES, DEFAULT_BATCHES, DEFAULT_STEPS, Runner, SuiteConfig, unique
+from .paths import (
     FEWSTEP_BACKENDS,
     GRAPH_KINDS,
     Artifact,
     BenchPath,
-    Cuda,
     FewstepPath,
-    Runner,
-    SuiteConfig,
-    TimingConfig,
     Workload,
     check_same_model,
     discover,
     label_artifacts,
-    unique,
 )
+from .probes import Cuda
+from .stats import TimingConfig
 
 COMPILE_MODES = ("reduce-overhead", "max-autotune")
 QUICK: dict[str, Any] = dict(backends=("ort-cpu",), steps=(1, 4), batches=(1, 4),
@@ -251,8 +246,8 @@ def _backend_options(backend: str, cfg: SuiteConfig) -> dict[str, Any]:
     return {}
 
 
-def build_paths(cfg: SuiteConfig, arts: Sequence[Artifact], work: Workload, src: Any,
-                cuda: Cuda) -> list[tuple[BenchPath, Workload]]:
+def build_paths(cfg: SuiteConfig, arts: Sequence[Artifact], work: Workload,
+                src: Any) -> list[tuple[BenchPath, Workload]]:
     from . import baselines as bl
 
     avail = backends.availability()
@@ -264,7 +259,7 @@ def build_paths(cfg: SuiteConfig, arts: Sequence[Artifact], work: Workload, src:
             continue
         for art in arts:
             for kind in cfg.graphs:
-                paths.append(FewstepPath(art, backend, kind, work, cuda,
+                paths.append(FewstepPath(art, backend, kind, work,
                                          _backend_options(backend, cfg)))
     if "ort-steps" in cfg.baselines:
         ort_backends = [b for b in ("ort-cpu", "ort-cuda") if b in cfg.backends] or (
@@ -361,7 +356,7 @@ def run(cfg: SuiteConfig, out: Path, log: Callable[[str], None] | None = None,
         rows.append(row)
         report.write_results(results, record, rows)
 
-    paths = build_paths(cfg, arts, work, src, cuda)
+    paths = build_paths(cfg, arts, work, src)
     runner = Runner(cfg, run_id, cuda, emit, reference if src.reason is None else None, roof,
                     say, started=started)
     runner.run(paths)

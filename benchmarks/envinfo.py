@@ -140,7 +140,7 @@ def _torch() -> dict[str, Any]:
 
 def _tensorrt() -> dict[str, Any] | None:
     try:
-        from fewstep.runtime.backends.tensorrt import import_tensorrt
+        from fewstep.runtime.backends.tensorrt_engine import import_tensorrt
 
         trt, lean = import_tensorrt()
     except Exception as e:

@@ -253,7 +253,7 @@ def build_plan(
 
 def import_build_tensorrt() -> Any:
     """The full tensorrt module (the lean runtime cannot build), or BackendUnavailable."""
-    from fewstep.runtime.backends.tensorrt import TRT_MISSING
+    from fewstep.runtime.backends.tensorrt_engine import TRT_MISSING
 
     try:
         import tensorrt
@@ -271,17 +271,18 @@ def _cache_file(request: BuildRequest, gpu: str, cc: str, trt_version: str) -> P
 
 def build_from_request(request: BuildRequest) -> PlanSidecar:
     """Run TensorRT on a validated request (see ``build_plan``)."""
-    from fewstep.runtime.backends import tensorrt as trt_backend
+    from fewstep.runtime.backends import cuda
+    from fewstep.runtime.backends.tensorrt_engine import make_logger
 
     trt = import_build_tensorrt()
     try:
-        cudart = trt_backend.import_cudart()
+        cudart = cuda.import_cudart()
     except ImportError:
-        raise BackendUnavailable(trt_backend.CUDA_PYTHON_MISSING) from None
+        raise BackendUnavailable(cuda.CUDA_PYTHON_MISSING) from None
     trt_version = str(trt.__version__)
     mode = typing_mode(trt_version, request.fp16_weak, request.strongly_typed,
                        request.bf16_weak)
-    dev = trt_backend.device_info(cudart)
+    dev = cuda.device_info(cudart)
     check_device_precision(request.precision, dev.compute_capability, dev.name)
     meta = request.meta
     profile = request.profile or default_profile(meta, jetson=dev.integrated)
@@ -290,7 +291,7 @@ def build_from_request(request: BuildRequest) -> PlanSidecar:
     name = request.onnx_path.name
     started = time.monotonic()
 
-    logger = trt_backend.make_logger(trt, request.verbose)
+    logger = make_logger(trt, request.verbose)
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if mode.network_flag else 0
     network = builder.create_network(flags)

@@ -73,7 +73,6 @@ import numpy as np
 
 from fewstep.runtime import __version__, artifact, clitools
 from fewstep.runtime import plan as trt_plan
-from fewstep.runtime.backends.ort import io_specs
 from fewstep.runtime.errors import ArtifactError
 from fewstep.runtime.fileio import staging_dir
 from fewstep.runtime.meta import ModelMeta
@@ -152,7 +151,7 @@ def _dims(dims: Sequence[int]) -> str:
 
 def tensor_configs(meta: ModelMeta) -> tuple[list[TensorConfig], list[TensorConfig]]:
     """The inputs and the output of ``meta``'s graph as Triton sees them (batch left out)."""
-    ins, out = io_specs(meta)
+    ins, out = meta.io.inputs, meta.io.output
 
     def one(name: str, dtype: type[np.generic], dims: tuple[int, ...]) -> TensorConfig:
         data_type = TYPES[np.dtype(dtype)]

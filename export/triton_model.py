@@ -95,13 +95,15 @@ def generate_rows(graph: Graph, seeds: Sequence[int], indices: Sequence[int],
         if step_noise is not None and s is not None:
             step_noise[row] = s[0]
     extra: dict[str, Array] = {}
-    if "label" in g.inputs:
+    inputs = meta.io.inputs  # names and dtypes of the graph's conditioning inputs
+    if "label" in inputs:
         if labels is None:
             raise ValueError("this model is class-conditional: pass labels")
-        extra["label"] = np.ascontiguousarray(labels, dtype=np.int64)
-    if "guidance" in g.inputs:
-        extra["guidance"] = (np.ones(n, np.float32) if guidance is None
-                             else np.ascontiguousarray(guidance, dtype=np.float32))
+        extra["label"] = np.ascontiguousarray(labels, dtype=inputs["label"].dtype)
+    if "guidance" in inputs:
+        dtype = inputs["guidance"].dtype
+        extra["guidance"] = (np.ones(n, dtype) if guidance is None
+                             else np.ascontiguousarray(guidance, dtype=dtype))
     if g.kind == "step":
         fixed: dict[str, Array] = {**extra, "eta": np.full(n, plan.eta, np.float32)}
         if step_noise is None:

@@ -4,11 +4,15 @@ One JSON object, written into the checkpoint, into the ONNX file (one
 ``metadata_props`` entry under ``META_KEY``) and into the ``.plan.json`` sidecar of a
 TensorRT plan. The runtime reads it instead of guessing, and refuses a file whose
 metadata is missing, from a newer schema, or inconsistent, with an ``ArtifactError``.
+
+``graph_io`` (``ModelMeta.io``) is the graph input/output contract: the names, dtypes
+and shapes of every input and output of each graph kind, conditioning inputs included.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -165,7 +169,8 @@ class ModelMeta:
             _check_choice("distilled_spacing", self.distilled_spacing, ddim.SPACINGS)
             if any(s < 1 or s > self.schedule.num_train_timesteps for s in self.distilled_steps):
                 raise _fail("distilled_steps", f"{_short(self.distilled_steps)} out of range")
-        expected_in, expected_out = io_names(self.prediction_type, self.conditional, self.graph)
+        io = self.io
+        expected_in, expected_out = io.input_names, (io.output.name,)
         if self.graph.inputs != expected_in or self.graph.outputs != expected_out:
             raise _fail(
                 "graph.inputs/outputs",
@@ -180,8 +185,10 @@ class ModelMeta:
     def build(cls, graph: GraphInfo | None = None, **fields: Any) -> ModelMeta:
         """Construct with the graph's input/output names filled in from the rest."""
         g = graph or GraphInfo()
-        ins, outs = io_names(fields["prediction_type"], fields.get("num_classes", 0) > 0, g)
-        return cls(graph=dataclasses.replace(g, inputs=ins, outputs=outs), **fields)
+        io = graph_io(fields["prediction_type"], fields.get("num_classes", 0) > 0,
+                      (fields["channels"], fields["height"], fields["width"]), g)
+        return cls(graph=dataclasses.replace(g, inputs=io.input_names,
+                                             outputs=(io.output.name,)), **fields)
 
     # -- derived -------------------------------------------------------------------
 
@@ -199,11 +206,17 @@ class ModelMeta:
         """(C, H, W)."""
         return (self.channels, self.height, self.width)
 
+    @functools.cached_property
+    def io(self) -> GraphIO:
+        """Names, dtypes and shapes of this graph's inputs and output (``graph_io``)."""
+        return graph_io(self.prediction_type, self.conditional, self.image_shape, self.graph)
+
     def for_graph(self, **changes: Any) -> ModelMeta:
         """This model's meta for another graph; inputs/outputs follow from the rest."""
         graph = dataclasses.replace(self.graph, **changes)
-        ins, outs = io_names(self.prediction_type, self.num_classes > 0, graph)
-        return dataclasses.replace(self, graph=dataclasses.replace(graph, inputs=ins, outputs=outs))
+        io = graph_io(self.prediction_type, self.conditional, self.image_shape, graph)
+        return dataclasses.replace(self, graph=dataclasses.replace(
+            graph, inputs=io.input_names, outputs=(io.output.name,)))
 
     # -- (de)serialisation --------------------------------------------------------
 
@@ -240,18 +253,69 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a finite number")
 
 
-def io_names(
-    prediction_type: str, conditional: bool, g: GraphInfo
-) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The input and output names a graph of this kind must have (``g``'s own are ignored)."""
+@dataclass(frozen=True)
+class TensorSpec:
+    """One input or output of a graph: name, dtype and the dims after the batch axis."""
+
+    name: str
+    dtype: type[np.generic]
+    dims: tuple[int, ...]  # without the batch axis: () for a (B,) input
+
+    def shape(self, batch: int) -> tuple[int, ...]:
+        return (batch, *self.dims)
+
+    def describe(self) -> str:
+        dims = ", ".join(["B", *map(str, self.dims)])
+        return f"{np.dtype(self.dtype).name} ({dims})"
+
+
+@dataclass(frozen=True)
+class GraphIO:
+    """The inputs (in graph order) and the single output of one graph."""
+
+    inputs: Mapping[str, TensorSpec]
+    output: TensorSpec
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(self.inputs)
+
+    def shapes(self, batch: int) -> dict[str, tuple[int, ...]]:
+        """The shape of every input at batch size ``batch``."""
+        if batch < 1:
+            raise ValueError(f"batch={batch} must be at least 1")
+        return {name: spec.shape(batch) for name, spec in self.inputs.items()}
+
+
+def graph_io(prediction_type: str, conditional: bool, image_shape: tuple[int, int, int],
+             g: GraphInfo) -> GraphIO:
+    """The inputs and output a graph of kind ``g.kind`` must have (``g``'s own names are
+    ignored): the one definition of names, dtypes and shapes that the backends, the
+    TensorRT build, the Triton configs and the benchmarks read.
+
+    x, out and a step graph's noise are (B, C, H, W); t, a_t, a_prev, eta, guidance are
+    (B,) float32 and label (B,) int64; a stochastic sampler's noise is (B, S, C, H, W);
+    a uint8 sampler's image is (B, H, W, C).
+    """
+    c, h, w = image_shape
+    dims: dict[str, tuple[int, ...]] = {"x": image_shape}
     cond = ("label",) if conditional else ()
     guid = ("guidance",) if g.guidance else ()
     if g.kind == "denoiser":
-        return ("x", "t", *cond, *guid), (OUTPUT_NAME[prediction_type],)
-    if g.kind == "step":
-        return ("x", "t", "a_t", "a_prev", "eta", "noise", *cond, *guid), ("x_prev",)
-    noise = ("noise",) if g.eta > 0 else ()
-    return ("x", *cond, *guid, *noise), ("image" if g.output_format == "uint8" else "x0",)
+        names: tuple[str, ...] = ("x", "t", *cond, *guid)
+        out = TensorSpec(OUTPUT_NAME[prediction_type], np.float32, image_shape)
+    elif g.kind == "step":
+        names = ("x", "t", "a_t", "a_prev", "eta", "noise", *cond, *guid)
+        dims["noise"] = image_shape
+        out = TensorSpec("x_prev", np.float32, image_shape)
+    else:
+        names = ("x", *cond, *guid, *(("noise",) if g.eta > 0 else ()))
+        dims["noise"] = (g.steps, *image_shape)
+        out = (TensorSpec("image", np.uint8, (h, w, c)) if g.output_format == "uint8"
+               else TensorSpec("x0", np.float32, image_shape))
+    inputs = {n: TensorSpec(n, np.int64 if n == "label" else np.float32, dims.get(n, ()))
+              for n in names}
+    return GraphIO(inputs, out)
 
 
 # ---------------------------------------------------------------------------------

@@ -5,8 +5,9 @@ TensorRT version it was built with. So every ``model.plan`` gets a ``model.plan.
 sidecar that records what the plan is (the ModelMeta of the ONNX it came from) and what
 it is tied to (TensorRT version, GPU, compute capability, the batch profile, the build
 flags, and sha256 of the plan and of its source ONNX with the ONNX's external weights).
-``check_compatible`` compares a sidecar with the machine about to run the plan and says
-exactly why a plan must be rebuilt, and with which command.
+The input shapes come from the graph I/O contract, ``ModelMeta.io``.
+``plan_check.check_compatible`` compares a sidecar with the machine about to run the
+plan and says exactly why a plan must be rebuilt, and with which command.
 
 Nothing here imports TensorRT or CUDA: the sidecar, the profile maths (``BatchProfile``,
 ``profile_shapes``) and the file locking are pure Python, tested without a GPU.
@@ -17,7 +18,6 @@ Notation: B batch, C/H/W image channels/height/width, S the steps of a fused sam
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -54,7 +54,7 @@ GIB: Final = 1 << 30
 
 
 # ---------------------------------------------------------------------------------
-# Batch profiles and the input shapes of every graph kind
+# Batch profiles
 # ---------------------------------------------------------------------------------
 
 
@@ -112,36 +112,11 @@ def default_profile(meta: ModelMeta, jetson: bool = False) -> BatchProfile:
     return BatchProfile(1, 1, max(1, base // scale))
 
 
-def input_shapes(meta: ModelMeta, batch: int) -> dict[str, tuple[int, ...]]:
-    """The shape of every input of ``meta``'s graph at batch size ``batch``.
-
-    x and a step graph's noise are (B, C, H, W); t, label, guidance, a_t, a_prev and
-    eta are (B,); a stochastic sampler's noise is (B, S, C, H, W).
-    """
-    if batch < 1:
-        raise ValueError(f"batch={batch} must be at least 1")
-    image = (batch, *meta.image_shape)
-    per_sample = (batch,)
-    out: dict[str, tuple[int, ...]] = {}
-    for name in meta.graph.inputs:
-        if name == "x":
-            out[name] = image
-        elif name in ("t", "label", "guidance", "a_t", "a_prev", "eta"):
-            out[name] = per_sample
-        elif name == "noise" and meta.graph.kind == "step":
-            out[name] = image
-        elif name == "noise" and meta.graph.kind == "sampler":
-            out[name] = (batch, meta.graph.steps, *meta.image_shape)
-        else:  # ModelMeta validates the names, so this is a bug here, not bad input
-            raise AssertionError(f"no shape rule for input {name!r} of a {meta.graph.kind} graph")
-    return out
-
-
 def profile_shapes(
     meta: ModelMeta, profile: BatchProfile
 ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
-    """For every input: its (min, opt, max) shapes under ``profile``."""
-    lo, opt, hi = (input_shapes(meta, b) for b in (profile.min, profile.opt, profile.max))
+    """For every input: its (min, opt, max) shapes under ``profile`` (``meta.io``)."""
+    lo, opt, hi = (meta.io.shapes(b) for b in (profile.min, profile.opt, profile.max))
     return {name: (lo[name], opt[name], hi[name]) for name in meta.graph.inputs}
 
 
@@ -211,7 +186,7 @@ class PlanSidecar:
         if self.schema_version != SIDECAR_SCHEMA_VERSION:
             raise ValueError(f"schema_version {self.schema_version} != {SIDECAR_SCHEMA_VERSION}")
         parse_version(self.tensorrt_version)
-        _compute_capability(self.compute_capability)
+        parse_compute_capability(self.compute_capability)
         if not 0 <= self.builder_optimization_level <= 5:
             raise ValueError(f"builder_optimization_level {self.builder_optimization_level}")
         if self.exclude_lean_runtime and not self.version_compatible:
@@ -265,7 +240,7 @@ class PlanSidecar:
 
     @property
     def compute_capability_tuple(self) -> tuple[int, int]:
-        return _compute_capability(self.compute_capability)
+        return parse_compute_capability(self.compute_capability)
 
 
 def sidecar_path(plan_path: str | os.PathLike[str]) -> Path:
@@ -421,66 +396,6 @@ def _parse_sidecar(data: object, source: str) -> PlanSidecar:
         raise fail("(values)", str(e)) from None
 
 
-# ---------------------------------------------------------------------------------
-# Compatibility: may this plan run here?
-# ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RuntimeInfo:
-    """The machine about to run a plan: the TensorRT it has and the GPU it runs on."""
-
-    tensorrt_version: str
-    gpu_name: str
-    compute_capability: str  # "8.7"
-    cuda_runtime_version: str = ""
-    lean: bool = False  # only tensorrt_lean (the lean runtime) is installed
-
-
-def _compute_capability(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"(\d+)\.(\d+)", text)
-    if not m:
-        raise ValueError(f"compute capability {text!r} is not MAJOR.MINOR (e.g. '8.7')")
-    return int(m.group(1)), int(m.group(2))
-
-
-def tensorrt_version_problem(
-    built: str, running: str, version_compatible: bool, exclude_lean_runtime: bool,
-    lean: bool,
-) -> str | None:
-    """Why a plan built with TensorRT ``built`` cannot run on ``running``, or None.
-
-    * A plain plan runs only on the exact TensorRT version it was built with.
-    * A version-compatible plan runs on the same or a newer TensorRT of the same major
-      version, and a TensorRT 10 one also on TensorRT 11 (NVIDIA's support matrix); one
-      built with EXCLUDE_LEAN_RUNTIME carries no lean runtime, so it needs the very
-      TensorRT version that built it.
-    * The lean runtime (``tensorrt_lean``) runs version-compatible plans only.
-    """
-    b, r = parse_version(built), parse_version(running)
-    where = f"TensorRT {format_version(b)}"
-    here = f"this is {'tensorrt-lean ' if lean else 'TensorRT '}{format_version(r)}"
-    if lean and not version_compatible:
-        return (f"was built with {where} without --version-compatible, and the lean runtime "
-                f"runs only version-compatible plans ({here})")
-    if not version_compatible:
-        if b != r:
-            return f"was built with {where} but {here}; plans are tied to the TensorRT version"
-        return None
-    if exclude_lean_runtime:
-        if b != r:
-            return (f"was built with {where} --version-compatible --exclude-lean-runtime, so it "
-                    f"needs exactly that version's runtime, but {here}")
-        return None
-    if r < b:
-        return (f"was built with {where} (version-compatible) and runs only on that version "
-                f"or newer, but {here}")
-    if r[0] == b[0] or (b[0], r[0]) == (10, 11):
-        return None
-    return (f"was built with {where} (version-compatible, good for later {b[0]}.x"
-            f"{' and 11.x' if b[0] == 10 else ''}) but {here}")
-
-
 def file_sha256(path: str | os.PathLike[str], chunk: int = 8 * MIB) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -507,68 +422,11 @@ def onnx_hashes(onnx_path: str | os.PathLike[str]) -> tuple[str, dict[str, str]]
     return file_sha256(p), ext
 
 
-def check_compatible(
-    sidecar: PlanSidecar,
-    runtime: RuntimeInfo,
-    plan_path: str | os.PathLike[str],
-    onnx_path: str | os.PathLike[str] | None = None,
-    *,
-    verify_plan_hash: bool = True,
-    check_source: bool = True,
-) -> None:
-    """Raise an ArtifactError saying exactly why ``plan_path`` must be rebuilt, if it must.
-
-    Checked in this order: the plan file is the one the sidecar describes (sha256), the
-    source ONNX (``onnx_path``, else the sidecar's ``onnx_file`` beside the plan, when it
-    is there) has not changed since the build, the GPU, and the TensorRT version.
-    ``verify_plan_hash=False`` skips hashing the plan, ``check_source=False`` the ONNX.
-    """
-    plan = Path(plan_path)
-    name = plan.name
-    source = Path(onnx_path) if onnx_path is not None else plan.parent / sidecar.onnx_file
-    wanted = sidecar
-    if runtime.lean and not sidecar.version_compatible:  # the lean runtime needs a VC plan
-        wanted = dataclasses.replace(sidecar, version_compatible=True)
-    cmd = f"`{rebuild_command(plan, source, wanted)}`"
-    if verify_plan_hash:
-        if not plan.is_file():
-            raise ArtifactError(f"plan file {str(plan)!r} does not exist; build it with {cmd}")
-        if plan.stat().st_size != sidecar.plan_bytes or file_sha256(plan) != sidecar.plan_sha256:
-            raise ArtifactError(
-                f"{name} is not the plan its sidecar {sidecar_path(plan).name} describes "
-                "(sha256 differs: the plan was replaced or is corrupt); rebuild with " + cmd
-            )
-    if check_source and source.is_file():
-        onnx_sha, ext = onnx_hashes(source)
-        changed = [source.name] if onnx_sha != sidecar.onnx_sha256 else []
-        changed += sorted(
-            loc for loc, digest in ext.items()
-            if loc in sidecar.external_data_sha256 and digest != sidecar.external_data_sha256[loc]
-        )
-        if changed:
-            raise ArtifactError(
-                f"{name} is stale: {', '.join(changed)} changed since the plan was built "
-                f"({sidecar.created}); rebuild with {cmd}"
-            )
-    elif check_source and onnx_path is not None:
-        raise ArtifactError(f"model file {str(source)!r} does not exist")
-    built_cc, here_cc = sidecar.compute_capability_tuple, _compute_capability(
-        runtime.compute_capability
-    )
-    if built_cc != here_cc or sidecar.gpu_name != runtime.gpu_name:
-        raise ArtifactError(
-            f"{name} was built for GPU {sidecar.gpu_name!r} (compute "
-            f"{sidecar.compute_capability}) but this is {runtime.gpu_name!r} (compute "
-            f"{runtime.compute_capability}); plans are tied to the GPU: rebuild with {cmd}"
-        )
-    problem = tensorrt_version_problem(
-        sidecar.tensorrt_version, runtime.tensorrt_version, sidecar.version_compatible,
-        sidecar.exclude_lean_runtime, runtime.lean,
-    )
-    if problem is not None:
-        extra = "" if wanted.version_compatible else (
-            " (a plan built with --version-compatible also runs on later TensorRT versions)")
-        raise ArtifactError(f"{name} {problem}: rebuild with {cmd}{extra}")
+def parse_compute_capability(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"(\d+)\.(\d+)", text)
+    if not m:
+        raise ValueError(f"compute capability {text!r} is not MAJOR.MINOR (e.g. '8.7')")
+    return int(m.group(1)), int(m.group(2))
 
 
 def new_sidecar(**fields: Any) -> PlanSidecar:
@@ -600,7 +458,7 @@ def gpu_slug(gpu_name: str) -> str:
 
 
 def timing_cache_key(gpu_name: str, compute_capability: str, tensorrt_version: str) -> str:
-    major, minor = _compute_capability(compute_capability)
+    major, minor = parse_compute_capability(compute_capability)
     trt = format_version(parse_version(tensorrt_version))
     return f"timing-{gpu_slug(gpu_name)}-cc{major}{minor}-trt{trt}.cache"
 

@@ -21,6 +21,8 @@ import pytest
 
 from fewstep.runtime import backends
 from fewstep.runtime.backends import ort as ortb
+from fewstep.runtime.backends import ort_options as orto
+from fewstep.runtime.backends.cuda import CudaGraphFallback
 from fewstep.runtime.backends.oracle import make_oracle
 from fewstep.runtime.errors import ArtifactError, BackendUnavailable
 from fewstep.runtime.meta import ModelMeta
@@ -142,7 +144,7 @@ def test_cuda_graph_bookkeeping_and_fallback_on_cpu_ortvalues(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The CUDA-graph code path with CPU buffers: graph ids, then a failed 'capture'."""
     path, meta, _ = step_graph
-    config = ortb.OrtConfig(backend="ort-cpu", io_binding=True, cuda_graph=True, threads=1)
+    config = orto.OrtConfig(backend="ort-cpu", io_binding=True, cuda_graph=True, threads=1)
     graph = ortb.OrtGraph(str(path), meta, config)
     reference = ortb.open_graph(str(path), "ort-cpu")
     assert graph.cuda_graph
@@ -173,6 +175,43 @@ def test_cuda_graph_bookkeeping_and_fallback_on_cpu_ortvalues(
     assert not graph.cuda_graph
 
 
+@pytest.mark.parametrize("io_binding", [True, False])
+def test_network_run_repeats_the_graph_alone_on_the_given_inputs(
+        step_graph: tuple[Path, ModelMeta, np.ndarray], monkeypatch: pytest.MonkeyPatch,
+        io_binding: bool) -> None:
+    path, meta, _ = step_graph
+    graph = ortb.OrtGraph(str(path), meta, orto.OrtConfig(backend="ort-cpu",
+                                                          io_binding=io_binding, threads=1))
+    feeds = feeds_for(meta, 2)
+    x = feeds["x"]
+    for _ in range(3):  # what 3 launches of a step graph compute: x fed back each time
+        x = graph.run({**feeds, "x": x})
+    session_type = type(graph._session)
+    counted = {"n": 0}
+    real = session_type.run_with_iobinding if io_binding else session_type.run
+
+    def count(self: Any, *args: Any, **kwargs: Any) -> Any:
+        counted["n"] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(session_type, "run_with_iobinding" if io_binding else "run", count)
+    net = graph.network_run(feeds, launches=3)
+    assert net.method.startswith("3 × " + ("run_with_iobinding" if io_binding
+                                           else "InferenceSession.run"))
+    net.call()
+    net.call()
+    assert counted["n"] == 6
+    if io_binding:  # the inputs were uploaded once; after 3 launches x is in the output
+        graph2 = ortb.OrtGraph(str(path), meta, orto.OrtConfig(backend="ort-cpu",
+                                                               io_binding=True, threads=1))
+        graph2.network_run(feeds, launches=3).call()
+        np.testing.assert_allclose(graph2._buffers[2].out.numpy(), x, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="launches=0 must be a whole number >= 1"):
+        graph.network_run(feeds, launches=0)
+    with pytest.raises(ValueError, match="do not match"):
+        graph.network_run({"x": feeds["x"]})
+
+
 def test_cuda_graph_session_failure_falls_back(step_graph: tuple[Path, ModelMeta, np.ndarray],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     path, meta, _ = step_graph
@@ -186,7 +225,7 @@ def test_cuda_graph_session_failure_falls_back(step_graph: tuple[Path, ModelMeta
         return real(self, cuda_graph)
 
     monkeypatch.setattr(ortb.OrtGraph, "_new_session", refuse)
-    config = ortb.OrtConfig(backend="ort-cpu", io_binding=True, cuda_graph=True, threads=1)
+    config = orto.OrtConfig(backend="ort-cpu", io_binding=True, cuda_graph=True, threads=1)
     with pytest.warns(UserWarning, match="CUDA graphs unavailable for model.step.onnx"):
         graph = ortb.OrtGraph(str(path), meta, config)
     assert not graph.cuda_graph
@@ -199,9 +238,10 @@ def test_old_onnxruntime_runs_without_cuda_graphs(step_graph: tuple[Path, ModelM
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     path, meta, _ = step_graph
     monkeypatch.setattr(ort, "__version__", "1.17.3")
-    config = ortb.OrtConfig(backend="ort-cpu", io_binding=True, cuda_graph=True)
-    with pytest.warns(UserWarning, match=r"onnxruntime 1.17.3 captures one CUDA graph per "
-                                         r"session \(gpu_graph_id needs >= 1.18\)"):
+    config = orto.OrtConfig(backend="ort-cpu", io_binding=True, cuda_graph=True)
+    with pytest.warns(CudaGraphFallback, match=r"CUDA graphs unavailable for model.step.onnx "
+                      r"\(onnxruntime 1.17.3 captures one CUDA graph per session; gpu_graph_id "
+                      r"needs >= 1.18\); running without them"):
         graph = ortb.OrtGraph(str(path), meta, config)
     assert not graph.cuda_graph
 
@@ -394,34 +434,34 @@ def test_options_are_validated(tmp_path: Path, meta8: ModelMeta) -> None:
 
 
 def test_cuda_provider_options() -> None:
-    desk = ortb.make_config("ort-cuda", "/m/model.onnx", {}, on_jetson=False)
+    desk = orto.make_config("ort-cuda", "/m/model.onnx", {}, on_jetson=False)
     assert desk.io_binding and desk.cuda_graph and desk.threads is None
-    assert ortb.cuda_provider_options(desk, True) == {"device_id": "0", "enable_cuda_graph": "1"}
-    assert ortb.cuda_provider_options(desk, False) == {"device_id": "0"}
-    off = ortb.make_config("ort-cuda", "/m/model.onnx", {"cuda_graph": False, "device_id": 1},
+    assert orto.cuda_provider_options(desk, True) == {"device_id": "0", "enable_cuda_graph": "1"}
+    assert orto.cuda_provider_options(desk, False) == {"device_id": "0"}
+    off = orto.make_config("ort-cuda", "/m/model.onnx", {"cuda_graph": False, "device_id": 1},
                            on_jetson=False)
     assert not off.cuda_graph and off.device_id == 1
-    jet = ortb.make_config("ort-cuda", "/m/model.onnx", {}, on_jetson=True)
-    opts = ortb.cuda_provider_options(jet, True)
+    jet = orto.make_config("ort-cuda", "/m/model.onnx", {}, on_jetson=True)
+    opts = orto.cuda_provider_options(jet, True)
     assert opts["arena_extend_strategy"] == "kSameAsRequested"
     assert opts["cudnn_conv_algo_search"] == "HEURISTIC"
     from fewstep.runtime import jetson
 
     total = jetson.physical_memory_bytes()
     assert total and int(opts["gpu_mem_limit"]) == total // 2
-    mine = ortb.make_config("ort-cuda", "/m/model.onnx", {"gpu_mem_limit": 1 << 30},
+    mine = orto.make_config("ort-cuda", "/m/model.onnx", {"gpu_mem_limit": 1 << 30},
                             on_jetson=True)
-    assert ortb.cuda_provider_options(mine, True)["gpu_mem_limit"] == str(1 << 30)
+    assert orto.cuda_provider_options(mine, True)["gpu_mem_limit"] == str(1 << 30)
 
 
 def test_tensorrt_provider_options() -> None:
     meta = oo.make_meta("v_prediction", num_classes=4)
     step = meta.for_graph(kind="step")
-    config = ortb.make_config("ort-tensorrt", "/models/m/model.step.onnx",
+    config = orto.make_config("ort-tensorrt", "/models/m/model.step.onnx",
                               {"max_batch": 8, "opt_batch": 4, "fp16": True,
                                "workspace_size": 1 << 30}, on_jetson=False)
     assert config.max_batch == 8 and not config.cuda_graph and config.io_binding
-    opts = ortb.tensorrt_provider_options(step, config)
+    opts = orto.tensorrt_provider_options(step, config)
     cache = str(Path("/models/m/.fewstep-cache/ort-trt"))
     assert opts == {
         "device_id": "0",
@@ -437,18 +477,18 @@ def test_tensorrt_provider_options() -> None:
         "trt_max_workspace_size": str(1 << 30),
     }
     fp16 = step.for_graph(precision="fp16")
-    assert "trt_fp16_enable" not in ortb.tensorrt_provider_options(fp16, config)
+    assert "trt_fp16_enable" not in orto.tensorrt_provider_options(fp16, config)
     sampler = meta.for_graph(kind="sampler", steps=6, spacing="trailing", eta=1.0)
-    default = ortb.make_config("ort-tensorrt", "m.sampler-6-eta1.onnx",
+    default = orto.make_config("ort-tensorrt", "m.sampler-6-eta1.onnx",
                                {"cache_dir": "/c"}, on_jetson=False)
-    s = ortb.tensorrt_provider_options(sampler, default)
+    s = orto.tensorrt_provider_options(sampler, default)
     assert s["trt_profile_max_shapes"] == "x:16x3x8x8,label:16,noise:16x6x3x8x8"
     assert s["trt_engine_cache_path"] == "/c" and "trt_fp16_enable" not in s
-    names = [p for p, _ in ortb.providers_for(sampler, default, cuda_graph=False)]
+    names = [p for p, _ in orto.providers_for(sampler, default, cuda_graph=False)]
     assert names == ["TensorrtExecutionProvider", "CUDAExecutionProvider",
                      "CPUExecutionProvider"]
     with pytest.raises(ValueError, match="opt_batch=9 exceeds max_batch=8"):
-        ortb.make_config("ort-tensorrt", "m.onnx", {"max_batch": 8, "opt_batch": 9})
+        orto.make_config("ort-tensorrt", "m.onnx", {"max_batch": 8, "opt_batch": 9})
 
 
 # ---------------------------------------------------------------------------------
@@ -542,11 +582,11 @@ def test_unchanged_small_inputs_are_not_uploaded_again_but_changed_ones_are(
 
 
 def test_extra_cuda_options_pass_through() -> None:
-    config = ortb.make_config("ort-cuda", "/m/model.onnx",
+    config = orto.make_config("ort-cuda", "/m/model.onnx",
                               {"cuda_options": {"prefer_nhwc": 1}}, on_jetson=False)
-    assert ortb.cuda_provider_options(config, True)["prefer_nhwc"] == "1"
+    assert orto.cuda_provider_options(config, True)["prefer_nhwc"] == "1"
     with pytest.raises(ValueError, match="cuda_options=3 must map CUDA EP option names"):
-        ortb.make_config("ort-cuda", "/m/model.onnx", {"cuda_options": 3}, on_jetson=False)
+        orto.make_config("ort-cuda", "/m/model.onnx", {"cuda_options": 3}, on_jetson=False)
 
 
 def test_bf16_graph_on_the_cpu_provider_is_refused_with_the_fix(tmp_path: Path) -> None:
@@ -578,3 +618,25 @@ def test_cuda_shipped_sampler_marks_nan_images_and_matches_cpu(cuda_graph: bool)
     cpu = ortb.open_graph(str(path), "ort-cpu").run(feeds)
     assert list(images.nonfinite_images(gpu)) == [1] == list(images.nonfinite_images(cpu))
     assert np.abs(gpu[[0, 2]].astype(int) - cpu[[0, 2]].astype(int)).max() <= 1
+
+
+def test_oracle_network_run_is_the_host_computation_repeated(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    meta = oo.make_meta("epsilon", num_classes=2).for_graph(kind="step")
+    graph = make_oracle(meta, oo.pixel_x0(meta, rows=2))
+    assert isinstance(graph, backends.Graph)
+    feeds = feeds_for(meta, 3)
+    runs: list[dict[str, np.ndarray]] = []
+    real = type(graph).run
+
+    def spy(self: Any, f: Any) -> Any:
+        runs.append(dict(f))
+        return real(self, f)
+
+    monkeypatch.setattr(type(graph), "run", spy)
+    net = graph.network_run(feeds, launches=2)
+    assert net.method == "2 × the oracle's host computation (no network)"
+    net.call()
+    assert len(runs) == 2 and all(set(r) == set(meta.graph.inputs) for r in runs)
+    with pytest.raises(ValueError, match="do not match the inputs"):
+        graph.network_run({"x": feeds["x"]})

@@ -12,15 +12,10 @@ import numpy as np
 import onnx_oracle as oo
 import pytest
 
-from fewstep.benchmarks import cli, latency, report, roofline
-from fewstep.benchmarks.latency import (
-    BenchPath,
-    Runner,
-    SuiteConfig,
-    TimingConfig,
-    Workload,
-    new_row,
-)
+from fewstep.benchmarks import cli, latency, probes, report, roofline, stats
+from fewstep.benchmarks.latency import Runner, SuiteConfig, new_row
+from fewstep.benchmarks.paths import BenchPath, Workload
+from fewstep.benchmarks.stats import TimingConfig
 from fewstep.runtime import backends
 
 # ---------------------------------------------------------------------------------
@@ -31,28 +26,28 @@ from fewstep.runtime import backends
 def test_percentiles_and_summary_on_synthetic_timings() -> None:
     values = [float(v) for v in range(1, 101)]  # 1..100 ms, shuffled
     rng = np.random.default_rng(0)
-    s = latency.summarize(list(rng.permutation(values)))
+    s = stats.summarize(list(rng.permutation(values)))
     assert s["p50"] == pytest.approx(50.5)
     assert s["p90"] == pytest.approx(90.1)
     assert s["p99"] == pytest.approx(99.01)
     assert s["mean"] == pytest.approx(50.5)
     assert s["std"] == pytest.approx(np.std(values, ddof=1))
     assert (s["min"], s["max"], s["n"]) == (1.0, 100.0, 100)
-    assert latency.percentile([3.0], 99) == 3.0
+    assert stats.percentile([3.0], 99) == 3.0
     with pytest.raises(ValueError):
-        latency.summarize([])
+        stats.summarize([])
     with pytest.raises(ValueError):
-        latency.summarize([1.0, float("nan")])
+        stats.summarize([1.0, float("nan")])
     with pytest.raises(ValueError):
-        latency.percentile([1.0], 101)
+        stats.percentile([1.0], 101)
 
 
 def test_warmup_is_discarded() -> None:
     samples = [250.0, 40.0, 10.0, 11.0, 9.0]
-    assert latency.discard_warmup(samples, 2) == [10.0, 11.0, 9.0]
-    assert latency.summarize(latency.discard_warmup(samples, 2))["max"] == 11.0
+    assert stats.discard_warmup(samples, 2) == [10.0, 11.0, 9.0]
+    assert stats.summarize(stats.discard_warmup(samples, 2))["max"] == 11.0
     with pytest.raises(ValueError):
-        latency.discard_warmup(samples, 5)
+        stats.discard_warmup(samples, 5)
 
 
 class FakeClock:
@@ -75,7 +70,7 @@ def test_time_calls_discards_warmup_and_adapts_the_count() -> None:
     # A slow first call (allocation, capture), then 1 ms calls: ~1 s of 1 ms calls.
     clock = FakeClock([0.5] + [0.001] * 5000)
     cfg = TimingConfig(warmup=4, iters=50, target_seconds=1.0, warmup_seconds=100)
-    t = latency.time_calls(clock.work, cfg, clock=clock)
+    t = stats.time_calls(clock.work, cfg, clock=clock)
     assert t.warmup_s == pytest.approx([0.5, 0.001, 0.001, 0.001])
     assert len(t.samples_s) == 1000 and not t.reduced
     assert max(t.samples_s) == pytest.approx(0.001)  # the slow call is not a statistic
@@ -84,32 +79,32 @@ def test_time_calls_discards_warmup_and_adapts_the_count() -> None:
     # calls are capped by max_config_seconds.
     clock = FakeClock([2.0])
     cfg = TimingConfig(warmup=10, iters=50, warmup_seconds=1.0, max_config_seconds=20.0)
-    t = latency.time_calls(clock.work, cfg, clock=clock)
+    t = stats.time_calls(clock.work, cfg, clock=clock)
     assert len(t.warmup_s) == 3 and len(t.samples_s) == 10 and t.reduced
     # Past the deadline (the run's time budget) one warm-up call and one sample remain.
     clock = FakeClock([1.0])
     cfg = TimingConfig(warmup=5, iters=50, warmup_seconds=100, max_config_seconds=1000)
-    t = latency.time_calls(clock.work, cfg, clock=clock, deadline=0.5)
+    t = stats.time_calls(clock.work, cfg, clock=clock, deadline=0.5)
     assert len(t.warmup_s) == 1 and len(t.samples_s) == 1 and t.reduced
 
 
 def test_iteration_plan() -> None:
     cfg = TimingConfig(iters=50, max_iters=2000, target_seconds=1.0, max_config_seconds=10.0)
-    assert latency.plan_iterations(0.001, cfg) == (1000, False)
-    assert latency.plan_iterations(1e-6, cfg) == (2000, False)
-    assert latency.plan_iterations(0.05, cfg) == (50, False)
-    assert latency.plan_iterations(0.5, cfg) == (20, True)   # 50 calls would take 25 s
-    assert latency.plan_iterations(30.0, cfg) == (5, True)   # never below the floor
+    assert stats.plan_iterations(0.001, cfg) == (1000, False)
+    assert stats.plan_iterations(1e-6, cfg) == (2000, False)
+    assert stats.plan_iterations(0.05, cfg) == (50, False)
+    assert stats.plan_iterations(0.5, cfg) == (20, True)   # 50 calls would take 25 s
+    assert stats.plan_iterations(30.0, cfg) == (5, True)   # never below the floor
     with pytest.raises(ValueError):
         TimingConfig(iters=0)
 
 
 def test_parity_numbers() -> None:
     a = np.full((2, 4, 4, 3), 100, np.uint8)
-    assert latency.parity(a, a.copy()) == (0, latency.PSNR_IDENTICAL)
+    assert stats.parity(a, a.copy()) == (0, stats.PSNR_IDENTICAL)
     b = a.copy()
     b[0, 0, 0, 0] = 110
-    err, psnr = latency.parity(a, b)
+    err, psnr = stats.parity(a, b)
     mse = 100 / a.size
     assert err == 10 and psnr == pytest.approx(10 * math.log10(255**2 / mse))
 
@@ -332,7 +327,7 @@ def test_runner_statuses_and_budget() -> None:
                       timing=TimingConfig(warmup=1, iters=3, target_seconds=0.001))
     good, bad, sampler = FakePath("good", meta), FakePath("bad", meta, fail=True), FakePath(
         "sampler", meta, only_steps=4)
-    Runner(cfg, "r", latency.Cuda(probe=False), rows.append, log=lambda s: None).run(
+    Runner(cfg, "r", probes.Cuda(probe=False), rows.append, log=lambda s: None).run(
         [(good, work), (bad, work), (sampler, work)])
     assert all(set(r) == set(latency.ROW_FIELDS) for r in rows)
     by = {(r["name"], r["steps"], r["batch"]): r for r in rows}
@@ -352,7 +347,7 @@ def test_runner_statuses_and_budget() -> None:
     rows.clear()
     tight = SuiteConfig(models=(), steps=(1,), batches=(1,), time_budget_s=1e-9,
                         timing=TimingConfig(warmup=1, iters=3, target_seconds=0.001))
-    Runner(tight, "r", latency.Cuda(probe=False), rows.append, log=lambda s: None).run(
+    Runner(tight, "r", probes.Cuda(probe=False), rows.append, log=lambda s: None).run(
         [(FakePath("late", meta), work)])
     assert rows[0]["status"] == "skipped" and "time budget" in rows[0]["reason"]
 

@@ -36,12 +36,12 @@ from fewstep.train.fit import (  # noqa: E402
     METRICS,
     TrainConfig,
     Trainer,
-    _state,
     _StepBatches,
     global_batch,
     sample_draws,
     train,
 )
+from fewstep.train.loop import cpu_state  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 B = 2  # images per process and micro-batch in the 2-process runs
@@ -54,7 +54,7 @@ def free_port() -> int:
 
 
 def state_hash(module: torch.nn.Module) -> str:
-    return ckpt_io.weights_hash(_state(module))
+    return ckpt_io.weights_hash(cpu_state(module))
 
 
 def flat_grads(model: torch.nn.Module) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from fewstep.runtime.errors import ArtifactError
@@ -33,7 +34,7 @@ def test_round_trip_every_graph_kind() -> None:
         assert again.to_json() == meta.to_json()
 
 
-def test_io_names_follow_the_graph() -> None:
+def test_graph_io_names_follow_the_graph() -> None:
     m = make()
     assert m.graph.inputs == ("x", "t", "label") and m.graph.outputs == ("v",)
     s = m.for_graph(kind="sampler", steps=4, spacing="trailing", eta=0.5, guidance=True,
@@ -43,6 +44,32 @@ def test_io_names_follow_the_graph() -> None:
     st = make(num_classes=0, class_names=(), prediction_type="epsilon").for_graph(kind="step")
     assert st.graph.inputs == ("x", "t", "a_t", "a_prev", "eta", "noise")
     assert st.graph.outputs == ("x_prev",)
+
+
+def test_graph_io_shapes_and_dtypes_of_every_graph_kind() -> None:
+    den = make(height=8, width=8, num_classes=4, class_names=()).for_graph(guidance=True)
+    assert den.io.shapes(5) == {"x": (5, 3, 8, 8), "t": (5,), "label": (5,), "guidance": (5,)}
+    assert den.io.inputs["label"].dtype is np.int64
+    assert den.io.inputs["guidance"].dtype is np.float32
+    assert (den.io.output.name, den.io.output.dims) == ("v", (3, 8, 8))
+    step = make(height=8, width=8, num_classes=0, class_names=()).for_graph(kind="step")
+    assert step.io.shapes(2) == {"x": (2, 3, 8, 8), "t": (2,), "a_t": (2,), "a_prev": (2,),
+                                 "eta": (2,), "noise": (2, 3, 8, 8)}
+    assert all(s.dtype is np.float32 for s in step.io.inputs.values())
+    sampler = make(height=8, width=6, num_classes=4, class_names=()).for_graph(
+        kind="sampler", steps=4, spacing="trailing", output_format="uint8")
+    assert sampler.io.shapes(3) == {"x": (3, 3, 8, 6), "label": (3,)}
+    assert sampler.io.output.dtype is np.uint8 and sampler.io.output.shape(3) == (3, 8, 6, 3)
+    assert sampler.io.output.describe() == "uint8 (B, 8, 6, 3)"
+    noisy = make(height=8, width=8, num_classes=0, class_names=()).for_graph(
+        kind="sampler", steps=6, spacing="trailing", eta=1.0)
+    assert noisy.io.shapes(2) == {"x": (2, 3, 8, 8), "noise": (2, 6, 3, 8, 8)}
+    assert noisy.io.output.name == "x0" and noisy.io.output.dtype is np.float32
+    for meta in (den, step, sampler, noisy):  # names recorded in the meta = the contract
+        assert meta.graph.inputs == meta.io.input_names
+        assert meta.graph.outputs == (meta.io.output.name,)
+    with pytest.raises(ValueError, match="batch=0"):
+        den.io.shapes(0)
 
 
 def test_derived() -> None:

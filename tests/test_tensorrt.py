@@ -29,14 +29,12 @@ from fewstep.runtime.meta import META_KEY, GraphInfo, ModelMeta, Schedule
 from fewstep.runtime.plan import (
     BatchProfile,
     PlanSidecar,
-    RuntimeInfo,
-    check_compatible,
     default_profile,
-    input_shapes,
     load_sidecar,
     profile_shapes,
     sidecar_path,
 )
+from fewstep.runtime.plan_check import RuntimeInfo, check_compatible
 
 TRT_SKIP = "TensorRT is not installed (it cannot be installed in this environment)"
 H100 = "NVIDIA H100 80GB HBM3"
@@ -193,21 +191,6 @@ def test_default_profile_scales_with_device_and_image() -> None:
     huge = dataclasses.replace(make_meta(), height=512, width=512)
     assert default_profile(huge) == BatchProfile(1, 1, 1)
     assert default_profile(huge, jetson=True) == BatchProfile(1, 1, 1)
-
-
-def test_input_shapes_of_every_graph_kind() -> None:
-    den = make_meta(num_classes=4, guidance=True)
-    assert input_shapes(den, 5) == {"x": (5, 3, 8, 8), "t": (5,), "label": (5,),
-                                    "guidance": (5,)}
-    step = make_meta().for_graph(kind="step")
-    assert input_shapes(step, 2) == {"x": (2, 3, 8, 8), "t": (2,), "a_t": (2,),
-                                     "a_prev": (2,), "eta": (2,), "noise": (2, 3, 8, 8)}
-    sampler = make_meta(num_classes=4).for_graph(kind="sampler", steps=4, spacing="trailing")
-    assert input_shapes(sampler, 3) == {"x": (3, 3, 8, 8), "label": (3,)}
-    noisy = make_meta().for_graph(kind="sampler", steps=6, spacing="trailing", eta=1.0)
-    assert input_shapes(noisy, 2) == {"x": (2, 3, 8, 8), "noise": (2, 6, 3, 8, 8)}
-    with pytest.raises(ValueError, match="batch=0"):
-        input_shapes(den, 0)
 
 
 def test_profile_shapes_cover_every_input() -> None:
@@ -659,9 +642,10 @@ def test_fewstep_build_command_end_to_end_without_tensorrt(tmp_path: Path) -> No
 
 def test_backend_says_why_it_is_unavailable(no_tensorrt: None) -> None:
     from fewstep.runtime.backends import tensorrt as trt_backend
+    from fewstep.runtime.backends.tensorrt_engine import TRT_MISSING
 
-    assert trt_backend.unavailable_reason("tensorrt") == trt_backend.TRT_MISSING
-    assert backends.availability()["tensorrt"] == trt_backend.TRT_MISSING
+    assert trt_backend.unavailable_reason("tensorrt") == TRT_MISSING
+    assert backends.availability()["tensorrt"] == TRT_MISSING
     with pytest.raises(BackendUnavailable, match="TensorRT is not installed"):
         backends.load("model.plan", "auto")
 
@@ -675,76 +659,21 @@ def test_open_graph_refuses_other_files(tmp_path: Path) -> None:
         trt_backend.open_graph(str(tmp_path / "model.plan"))
 
 
-def test_cuda_check() -> None:
-    from fewstep.runtime.backends.tensorrt import CudaError, cuda_check
+def test_options_are_checked_and_spelt_like_the_other_backends(tmp_path: Path) -> None:
+    from fewstep.runtime.backends import ort_options
+    from fewstep.runtime.backends import tensorrt as trt_backend
 
-    assert cuda_check((0, 5), "x") == 5
-    assert cuda_check((0,), "x") is None
-    assert cuda_check((0, 1, 2), "x") == (1, 2)
-    with pytest.raises(CudaError, match=r"cudaMalloc failed: 2 \(2\)"):
-        cuda_check((2, None), "cudaMalloc")
+    for old in ("device", "cuda_graphs"):
+        with pytest.raises(ValueError, match=rf"option\(s\) {old} not supported by backend "
+                                             r"'tensorrt'; use device_id, cuda_graph"):
+            trt_backend.open_graph(str(tmp_path / "model.plan"), **{old: 0})
+    shared = set(trt_backend.OPTIONS) & set(ort_options.OPTIONS["ort-cuda"])
+    assert shared == {"device_id", "cuda_graph"}
 
 
 # ---------------------------------------------------------------------------------
-# On a GPU: cuda-python plumbing (no TensorRT needed) and real TensorRT plans
+# On a GPU: real TensorRT plans
 # ---------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def cudart() -> Any:
-    from fewstep.runtime.backends.tensorrt import CudaError, cuda_check, import_cudart
-
-    try:
-        rt = import_cudart()
-    except ImportError:
-        pytest.skip("cuda-python is not installed")
-    try:
-        if int(cuda_check(rt.cudaGetDeviceCount(), "cudaGetDeviceCount")) < 1:
-            pytest.skip("no CUDA GPU")
-    except CudaError as e:
-        pytest.skip(f"no CUDA GPU ({e})")
-    return rt
-
-
-@pytest.mark.gpu
-def test_cuda_buffers_and_graph_capture(cudart: Any) -> None:
-    """Pinned/device buffers, async copies and a captured CUDA graph, as the backend uses."""
-    from fewstep.runtime.backends import tensorrt as tb
-
-    info = tb.device_info(cudart)
-    assert info.name and "." in info.compute_capability and info.free_memory > 0
-    stream = tb.cuda_check(cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking), "s")
-    n = 1024
-    src, dst = tb._Pinned(cudart, n * 4), tb._Pinned(cudart, n * 4)
-    dev = tb._Device(cudart, n * 4)
-    h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-    d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-
-    def body() -> None:
-        tb.cuda_check(cudart.cudaMemcpyAsync(dev.ptr, src.ptr, n * 4, h2d, stream), "h2d")
-        tb.cuda_check(cudart.cudaMemcpyAsync(dst.ptr, dev.ptr, n * 4, d2h, stream), "d2h")
-
-    exec_, error = tb.capture_graph(cudart, stream, body)
-    assert error is None and exec_ is not None
-    graph = tb._CapturedGraph(cudart, exec_, None)
-    for k in range(3):  # the graph reads the pinned buffer at launch time
-        src.view(np.dtype(np.float32), (n,))[...] = np.arange(n, dtype=np.float32) + k
-        graph.launch(stream)
-        tb.cuda_check(cudart.cudaStreamSynchronize(stream), "sync")
-        np.testing.assert_array_equal(dst.view(np.dtype(np.float32), (n,)),
-                                      np.arange(n, dtype=np.float32) + k)
-
-    def failing() -> None:
-        raise RuntimeError("enqueue refused")
-
-    exec_, error = tb.capture_graph(cudart, stream, failing)
-    assert exec_ is None and isinstance(error, RuntimeError)
-    body()  # the stream is usable again after a failed capture
-    tb.cuda_check(cudart.cudaStreamSynchronize(stream), "sync")
-    graph.free()
-    for buf in (src, dst, dev):
-        buf.free()
-    tb.cuda_check(cudart.cudaStreamDestroy(stream), "destroy")
 
 
 @pytest.fixture

@@ -63,13 +63,13 @@ from fewstep.runtime.meta import ModelMeta, Schedule
 
 from . import checkpoint as ckpt_io
 from .data import DataError, open_source, to_model_range
-from .fit import (
+from .loop import (
+    Indexed,
+    StopOnInterrupt,
     TrainingDiverged,
-    _collate,
-    _ema_update,
-    _Indexed,
-    _state,
-    _StopOnInterrupt,
+    collate,
+    cpu_state,
+    ema_update,
     pick_device,
     step_seed,
 )
@@ -640,15 +640,15 @@ class Distiller:
         workers = o.workers if o.workers is not None else (
             min(8, os.cpu_count() or 1) if self.device.type == "cuda" else 0)
         loader = torch.utils.data.DataLoader(
-            _Indexed(self.source),
+            Indexed(self.source),
             batch_sampler=_GlobalBatches(offsets[0] + start, g_stop, c.batch_size),
-            num_workers=workers, collate_fn=_collate, pin_memory=self.device.type == "cuda",
+            num_workers=workers, collate_fn=collate, pin_memory=self.device.type == "cuda",
             persistent_workers=False, prefetch_factor=4 if workers else None,
         )
         batches = iter(loader)
         self._announce(r0, start)
         t_run, steps_run = time.perf_counter(), 0
-        with _StopOnInterrupt(self._log) as stop:
+        with StopOnInterrupt(self._log) as stop:
             for r in range(r0, last_round):
                 if offsets[r - r0] >= g_stop:
                     break
@@ -668,7 +668,7 @@ class Distiller:
                                   f"at step {k}; continue with --resume")
                         raise KeyboardInterrupt
                     break
-                teacher_state = _state(ema)
+                teacher_state = cpu_state(ema)
                 done_paths.append(self._finish_round(r, teacher_state, loss, k0, t_round,
                                                      history))
                 if stop.requested:
@@ -699,7 +699,7 @@ class Distiller:
 
     def _train_round(self, r: int, teacher: UNet, student: UNet, ema: UNet,
                      optim: torch.optim.Optimizer, batches: Iterator[Any], k0: int, offset: int,
-                     g_stop: int, history: list[dict[str, Any]], stop: _StopOnInterrupt
+                     g_stop: int, history: list[dict[str, Any]], stop: StopOnInterrupt
                      ) -> tuple[int, float]:
         """Steps k0 … of round r (until its end, g_stop or Ctrl-C); (steps done, last loss)."""
         c, o = self.config, self.opt
@@ -712,7 +712,7 @@ class Distiller:
                 g = offset + k
                 loss = self._step(student, teacher, optim, next(batches), plan, tables, g,
                                   lr_at(c, k, steps_r))
-                _ema_update(ema, student, min(c.ema_decay, (1 + k) / (10 + k)))
+                ema_update(ema, student, min(c.ema_decay, (1 + k) / (10 + k)))
                 k_done, since = k + 1, since + 1
                 if k_done % o.log_every == 0 or k_done == steps_r:
                     now = time.perf_counter()
@@ -762,10 +762,10 @@ class Distiller:
 
     def _save_partial(self, student: torch.nn.Module, ema: UNet, optim: torch.optim.Optimizer,
                       n: int, step: int, steps_r: int, history: list[dict[str, Any]]) -> Path:
-        ema_state = _state(ema)
+        ema_state = cpu_state(ema)
         meta = self._meta(ema_state, n, history, complete=False)
         path = ckpt_io.save(self.out / round_name(n, partial=True), ckpt_io.Checkpoint(
-            meta=meta, unet_config=self.unet_config, ema=ema_state, model=_state(student),
+            meta=meta, unet_config=self.unet_config, ema=ema_state, model=cpu_state(student),
             optimizer=optim.state_dict(), step=step,
             extra={"round_to": n, "round_steps": steps_r}))
         self._write_state(history)

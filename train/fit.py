@@ -47,9 +47,7 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -62,13 +60,21 @@ import torch.nn.functional as F
 
 from fewstep.runtime import __version__, ddim
 from fewstep.runtime import images as imgs
-from fewstep.runtime.errors import ArtifactError, NumericalError
+from fewstep.runtime.errors import ArtifactError
 from fewstep.runtime.fileio import atomic_path
 from fewstep.runtime.meta import ModelMeta, Schedule
 
 from . import checkpoint as ckpt_io
 from . import distributed, reference
 from .data import DataError, ImageSource, open_source
+from .loop import (
+    StopOnInterrupt,
+    TrainingDiverged,
+    cpu_state,
+    ema_update,
+    pick_device,
+    step_seed,
+)
 from .unet import UNet, UNetConfig, count_parameters, preset
 
 CHECKPOINT = "checkpoint.pt"
@@ -135,14 +141,6 @@ class TrainConfig:
         return d
 
 
-class TrainingDiverged(NumericalError, FloatingPointError):
-    """The loss or the weights became NaN/Inf; the last good checkpoint was kept.
-
-    A ``NumericalError`` (``fewstep train`` reports it in one line, exit code 1) and,
-    as before, a ``FloatingPointError``.
-    """
-
-
 @dataclass(frozen=True)
 class RunOptions:
     """How to run: none of these change the result."""
@@ -164,24 +162,6 @@ class RunOptions:
     fp32: bool = False  # no bf16 autocast on CUDA (slower; float rounding differs only)
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but no CUDA GPU is visible to torch; pass --device cpu")
-    if name == "mps" and not (
-        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
-    ):
-        raise ValueError("device='mps' but MPS is not available; pass --device cpu")
-    if name.split(":")[0] not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"device={name!r} is unknown; use auto, cpu, cuda, cuda:N or mps")
-    return torch.device(name)
-
-
 def lr_at(config: TrainConfig, step: int) -> float:
     """Linear warm-up to ``lr``, then cosine decay to 5 % of it at ``steps``."""
     if step < config.warmup_steps:
@@ -189,11 +169,6 @@ def lr_at(config: TrainConfig, step: int) -> float:
     span = max(1, config.steps - config.warmup_steps)
     progress = min(1.0, (step - config.warmup_steps) / span)
     return config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def step_seed(seed: int, step: int, rank: int, micro: int = 0) -> int:
-    """Seed of torch's generator for the UNet's dropout in one micro-batch of one rank."""
-    return (seed * 1_000_003 + step * 7_919 + rank * 104_729 + micro * 15_485_863) % (2**63)
 
 
 def sample_draws(seed: int, index: int, num_train_timesteps: int,
@@ -230,24 +205,6 @@ def build_meta(config: TrainConfig, source: ImageSource, ema: dict[str, torch.Te
         source_hash=ckpt_io.weights_hash(ema),
         fewstep_version=__version__,
     )
-
-
-class _Indexed(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
-    """Global sample index → (image, label) (the distillation loop's data)."""
-
-    def __init__(self, source: ImageSource) -> None:
-        self.source = source
-
-    def __len__(self) -> int:
-        return 2**62
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image, label = self.source.image(int(i))
-        return torch.from_numpy(np.ascontiguousarray(image)), int(label)
-
-
-def _collate(batch: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.stack([b[0] for b in batch]), torch.tensor([b[1] for b in batch])
 
 
 Sample = tuple[torch.Tensor, int, int, bool, torch.Tensor]
@@ -301,24 +258,6 @@ class _StepBatches(torch.utils.data.Sampler[list[int]]):
             for micro in range(acc):
                 lo = self.first + k * per_step + (micro * self.world + self.rank) * b
                 yield list(range(lo, lo + b))
-
-
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    with torch.no_grad():
-        torch._foreach_lerp_(
-            list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - decay
-        )
-        for e, p in zip(ema.buffers(), model.buffers(), strict=True):
-            e.copy_(p)
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    model = getattr(model, "_orig_mod", model)  # torch.compile
-    return getattr(model, "module", model)  # DistributedDataParallel
-
-
-def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").clone() for k, v in _unwrap(model).state_dict().items()}
 
 
 def _ddp_of(model: torch.nn.Module) -> torch.nn.parallel.DistributedDataParallel | None:
@@ -425,11 +364,11 @@ class Trainer:
 
     def _save(self, model: torch.nn.Module, ema: UNet, optim: torch.optim.Optimizer,
               step: int, samples: int) -> Path:
-        ema_state = _state(ema)
+        ema_state = cpu_state(ema)
         w = self.opt.world_size
         meta = build_meta(self.config, self.source, ema_state, w)
         ck = ckpt_io.Checkpoint(
-            meta=meta, unet_config=self.unet_config, ema=ema_state, model=_state(model),
+            meta=meta, unet_config=self.unet_config, ema=ema_state, model=cpu_state(model),
             optimizer=optim.state_dict(), step=step,
             extra={"world_size": w, "global_batch": global_batch(self.config, w),
                    "samples": samples},
@@ -510,11 +449,11 @@ class Trainer:
         first_bad = torch.zeros((), dtype=torch.int64, device=self.device)
         bad_loss = torch.zeros((), device=self.device)
         quiet = self._log if self.main else (lambda msg: None)
-        with _StopOnInterrupt(quiet) as stop:
+        with StopOnInterrupt(quiet) as stop:
             try:
                 for step in range(start, c.steps):
                     total = self._train_step(train_model, optim, batches, step)
-                    _ema_update(ema, model, min(c.ema_decay, (1 + step) / (10 + step)))
+                    ema_update(ema, model, min(c.ema_decay, (1 + step) / (10 + step)))
                     self.samples += g
                     imgs_since += g
                     done = step + 1
@@ -688,35 +627,6 @@ class Trainer:
                 keep.append(ln)
         with atomic_path(path) as tmp:
             tmp.write_text("".join(ln + "\n" for ln in keep))
-
-
-class _StopOnInterrupt:
-    """First Ctrl-C (or SIGTERM, e.g. a cluster's preemption notice): finish the current
-    step, save, stop. A second one: stop at once (the last saved checkpoint stays)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, log: Any) -> None:
-        self.requested = False
-        self._log = log
-        self._old: dict[int, Any] = {}
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        self._log(f"\n{name}: saving after this step (again to stop without saving)")
-
-    def __enter__(self) -> _StopOnInterrupt:
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                self._old[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
 
 
 def train(config: TrainConfig, options: RunOptions) -> Path:

@@ -7,6 +7,16 @@ A backend opens one graph file (ONNX or TensorRT plan) and returns a ``Graph``:
   entry of ``per_step``, feeding each output back as the next ``x``; ``fixed`` inputs
   (labels, guidance) stay the same. GPU backends keep x on the device for the whole
   loop (IO binding / device buffers, CUDA graphs); the host fallback is a plain loop.
+* ``network_run(feeds, launches)``: the network alone, for timing. The inputs are put
+  where the graph reads them (device buffers on a GPU) once; the returned
+  ``NetworkRun.call()`` then runs the graph ``launches`` times (a step graph feeding
+  its output back as x) and returns when the device is done; ``NetworkRun.method`` says
+  in words what was repeated. It stays valid until the graph is closed.
+
+Every graph reads the names, dtypes and shapes of its inputs and output from the graph
+I/O contract, ``meta.io``. Options are spelt the same by every backend: ``device_id``
+(the GPU index) and ``cuda_graph`` (capture and replay CUDA graphs where possible; a
+graph that cannot warns once with ``cuda.CudaGraphFallback`` and runs without).
 
 The loop never knows which backend it drives. Backends are imported lazily, so
 ``import fewstep.runtime`` needs neither onnxruntime nor tensorrt.
@@ -15,7 +25,8 @@ The loop never knows which backend it drives. Backends are imported lazily, so
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -38,6 +49,14 @@ BACKENDS: dict[str, tuple[str, str]] = {
 ALIASES = ("auto", "ort")
 
 
+@dataclass(frozen=True)
+class NetworkRun:
+    """The network alone, ready to repeat (``Graph.network_run``)."""
+
+    call: Callable[[], None]  # runs the graph `launches` times, returns when it is done
+    method: str               # what is repeated, e.g. "4 × execute_async_v3 on ..."
+
+
 @runtime_checkable
 class Graph(Protocol):
     """One loaded graph file."""
@@ -51,12 +70,20 @@ class Graph(Protocol):
 
     def run_loop(self, x: Array, fixed: Feeds, per_step: Sequence[Feeds]) -> Array: ...
 
+    def network_run(self, feeds: Feeds, launches: int = 1) -> NetworkRun: ...
+
 
 def host_loop(graph: Graph, x: Array, fixed: Feeds, per_step: Sequence[Feeds]) -> Array:
     """``run_loop`` for backends that have no device-resident path."""
     for feeds in per_step:
         x = graph.run({"x": x, **fixed, **feeds})
     return x
+
+
+def check_launches(launches: int) -> int:
+    if isinstance(launches, bool) or not isinstance(launches, int) or launches < 1:
+        raise ValueError(f"launches={launches!r} must be a whole number >= 1")
+    return launches
 
 
 def _module(name: str) -> Any:

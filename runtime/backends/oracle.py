@@ -37,7 +37,7 @@ from .. import ddim, sampling
 from ..errors import ArtifactError
 from ..images import to_uint8_nhwc_marked
 from ..meta import ModelMeta
-from . import Array, Feeds, as_float32, host_loop
+from . import Array, Feeds, NetworkRun, as_float32, check_launches, host_loop
 
 ORACLE_SUFFIX: Final = ".oracle.json"
 F32 = NDArray[np.float32]
@@ -143,6 +143,18 @@ class OracleGraph:
         if kind == "step":
             return self._step(x, feeds, labels, guidance)
         return self._sampler(x, feeds, labels, guidance)
+
+    def network_run(self, feeds: Feeds, launches: int = 1) -> NetworkRun:
+        """The oracle has no network: ``call()`` is ``run(feeds)`` ``launches`` times."""
+        check_launches(launches)
+        self._check(feeds)
+        prepared = dict(feeds)
+
+        def call() -> None:
+            for _ in range(launches):
+                self.run(prepared)
+
+        return NetworkRun(call, f"{launches} × the oracle's host computation (no network)")
 
     def run_loop(self, x: Array, fixed: Feeds, per_step: Sequence[Feeds]) -> Array:
         if self.meta.graph.kind != "step":

@@ -8,7 +8,7 @@ non-batch dimension. A disagreement is an ``ArtifactError``, never a guess.
 CPU (``ort-cpu``): graph optimisation level ALL, ``intra_op_num_threads`` =
 ``os.cpu_count()`` unless ``threads=`` says otherwise; ``run_loop`` is the host loop.
 
-CUDA (``ort-cuda``, the fast path of DESIGN rule 5): IO binding. For every batch size
+CUDA (``ort-cuda``, the fast path: state stays on the GPU): IO binding. For every batch size
 the graph sees, its inputs and its output live in device ``OrtValue`` buffers that
 are allocated once and reused; host arrays are copied in with
 ``OrtValue.update_inplace``. A step graph's ``run_loop`` ping-pongs x between two
@@ -19,7 +19,8 @@ and brings only the final x back. CUDA graphs (provider option
 its own captured graph, told apart by the run option ``gpu_graph_id`` (ONNX Runtime
 >= 1.18; older versions capture one graph per session, so they run without). If a
 session cannot use CUDA graphs (some node not on the CUDA EP, or capture fails) the
-graph warns once and runs without them; ``cuda_graph=False`` turns them off.
+graph warns once (``cuda.warn_no_cuda_graph``, as every backend does) and runs without
+them; ``cuda_graph=False`` turns them off.
 
 TensorRT (``ort-tensorrt``): engine and timing caches in ``cache_dir`` (default
 ``<model folder>/.fewstep-cache/ort-trt/``), an optimisation profile for batch sizes
@@ -41,9 +42,7 @@ and CUDA graphs are not, so each graph serialises its bound runs with a lock.
 
 from __future__ import annotations
 
-import os
 import threading
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,27 +50,20 @@ from typing import Any, Final
 
 import numpy as np
 
-from .. import jetson
 from ..artifact import read_onnx_meta
 from ..errors import ArtifactError, BackendUnavailable
-from ..meta import ModelMeta
-from . import Array, Feeds, host_loop
+from ..meta import ModelMeta, TensorSpec
+from . import Array, Feeds, NetworkRun, check_launches, host_loop
+from .cuda import warn_no_cuda_graph
+from .ort_options import OrtConfig, make_config, providers_for
 
 PROVIDERS: Final = {
     "ort-cpu": "CPUExecutionProvider",
     "ort-cuda": "CUDAExecutionProvider",
     "ort-tensorrt": "TensorrtExecutionProvider",
 }
-OPTIONS: Final = {
-    "ort-cpu": ("threads", "io_binding"),
-    "ort-cuda": ("device_id", "cuda_graph", "gpu_mem_limit", "threads", "io_binding",
-                 "cuda_options"),
-    "ort-tensorrt": ("device_id", "fp16", "cache_dir", "workspace_size", "max_batch",
-                     "opt_batch", "gpu_mem_limit", "threads", "io_binding"),
-}
 CUDA_GRAPH_IDS_SINCE: Final = (1, 18)  # the run option "gpu_graph_id"
 SMALL_INPUT: Final = 4096  # elements: inputs this small are compared before uploading
-DEFAULT_TRT_MAX_BATCH: Final = 16
 ORT_TYPES: Final = {"tensor(float)": np.float32, "tensor(int64)": np.int64,
                     "tensor(uint8)": np.uint8}
 
@@ -124,40 +116,8 @@ def unavailable_reason(name: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------------
-# What the metadata says each input and output must look like
+# The session against the graph I/O contract (``ModelMeta.io``)
 # ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: type[np.generic]
-    dims: tuple[int, ...]  # without the batch axis
-
-    def describe(self) -> str:
-        dims = ", ".join(["B", *map(str, self.dims)])
-        return f"{np.dtype(self.dtype).name} ({dims})"
-
-
-def io_specs(meta: ModelMeta) -> tuple[dict[str, TensorSpec], TensorSpec]:
-    """(inputs by name, the output) that a graph with this metadata must have."""
-    g = meta.graph
-    chw = meta.image_shape
-    dims: dict[str, tuple[int, ...]] = {"x": chw}
-    if g.kind == "step":
-        dims["noise"] = chw
-    elif g.kind == "sampler":
-        dims["noise"] = (g.steps, *chw)
-    inputs = {
-        name: TensorSpec(name, np.int64 if name == "label" else np.float32, dims.get(name, ()))
-        for name in g.inputs
-    }
-    out_name = g.outputs[0]
-    if out_name == "image":
-        output = TensorSpec(out_name, np.uint8, (meta.height, meta.width, meta.channels))
-    else:
-        output = TensorSpec(out_name, np.float32, chw)
-    return inputs, output
 
 
 def _ort_shape(shape: Sequence[Any]) -> str:
@@ -166,7 +126,7 @@ def _ort_shape(shape: Sequence[Any]) -> str:
 
 def verify_session(session: Any, meta: ModelMeta, path: str) -> None:
     """ArtifactError unless the session's inputs/outputs are what the metadata says."""
-    ins, out = io_specs(meta)
+    ins, out = meta.io.inputs, meta.io.output
     fix = "re-export it with `fewstep export` (the file was edited or made by another tool)"
     got_in = [i.name for i in session.get_inputs()]
     got_out = [o.name for o in session.get_outputs()]
@@ -196,146 +156,6 @@ def verify_session(session: Any, meta: ModelMeta, path: str) -> None:
                 f"{path}: metadata says {arg.name!r} is {spec.describe()} (batch dynamic) but "
                 f"the graph has {arg.type} {_ort_shape(shape)}; {fix}"
             )
-
-
-# ---------------------------------------------------------------------------------
-# Options
-# ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class OrtConfig:
-    """Resolved options of one graph (see the module docstring)."""
-
-    backend: str
-    threads: int | None = None
-    io_binding: bool = False
-    device_id: int = 0
-    cuda_graph: bool = False
-    gpu_mem_limit: int | None = None
-    fp16: bool = False
-    cache_dir: str = ""
-    workspace_size: int | None = None
-    max_batch: int | None = None
-    opt_batch: int | None = None
-    jetson: bool = False
-    cuda_options: tuple[tuple[str, str], ...] = ()  # more CUDA EP options, as given
-
-
-def _int_option(name: str, value: Any, low: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name}={value!r} must be a whole number >= {low}")
-    return int(value)
-
-
-def _bool_option(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name}={value!r} must be True or False")
-    return value
-
-
-def make_config(name: str, path: str, options: Mapping[str, Any],
-                on_jetson: bool | None = None) -> OrtConfig:
-    """Validate ``options`` for backend ``name`` and fill in the defaults."""
-    unknown = sorted(set(options) - set(OPTIONS[name]))
-    if unknown:
-        raise ValueError(
-            f"option(s) {', '.join(unknown)} not supported by backend {name!r}; "
-            f"use {', '.join(OPTIONS[name])}"
-        )
-    o = dict(options)
-    on_jetson = jetson.is_jetson() if on_jetson is None else on_jetson
-    gpu = name != "ort-cpu"
-    threads = o.get("threads")
-    if threads is None and not gpu:
-        threads = os.cpu_count() or 1
-    limit = o.get("gpu_mem_limit")
-    if limit is None and gpu and on_jetson:
-        total = jetson.physical_memory_bytes()
-        limit = total // 2 if total else None
-    max_batch = opt_batch = None
-    cache_dir = ""
-    if name == "ort-tensorrt":
-        max_batch = _int_option("max_batch", o.get("max_batch", DEFAULT_TRT_MAX_BATCH), 1)
-        opt_batch = _int_option("opt_batch", o.get("opt_batch", max_batch), 1)
-        if opt_batch > max_batch:
-            raise ValueError(f"opt_batch={opt_batch} exceeds max_batch={max_batch}; "
-                             "pass opt_batch <= max_batch")
-        cache_dir = str(o.get("cache_dir") or Path(path).parent / ".fewstep-cache" / "ort-trt")
-    extra = o.get("cuda_options") or {}
-    if not isinstance(extra, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, (str, int)) for k, v in extra.items()
-    ):
-        raise ValueError(f"cuda_options={extra!r} must map CUDA EP option names to values, "
-                         "e.g. {'prefer_nhwc': '1'}")
-    return OrtConfig(
-        cuda_options=tuple(sorted((k, str(v)) for k, v in extra.items())),
-        backend=name,
-        threads=None if threads is None else _int_option("threads", threads, 1),
-        io_binding=_bool_option("io_binding", o.get("io_binding", gpu)),
-        device_id=_int_option("device_id", o.get("device_id", 0)),
-        cuda_graph=name == "ort-cuda" and _bool_option("cuda_graph", o.get("cuda_graph", True)),
-        gpu_mem_limit=None if limit is None else _int_option("gpu_mem_limit", limit, 1),
-        fp16=_bool_option("fp16", o.get("fp16", False)),
-        cache_dir=cache_dir,
-        workspace_size=(None if o.get("workspace_size") is None
-                        else _int_option("workspace_size", o["workspace_size"], 1)),
-        max_batch=max_batch,
-        opt_batch=opt_batch,
-        jetson=on_jetson,
-    )
-
-
-def cuda_provider_options(config: OrtConfig, cuda_graph: bool) -> dict[str, str]:
-    """CUDAExecutionProvider options (documented names; all values as strings)."""
-    opts = {"device_id": str(config.device_id)}
-    if cuda_graph:
-        opts["enable_cuda_graph"] = "1"
-    if config.jetson:
-        opts["arena_extend_strategy"] = "kSameAsRequested"
-        opts["cudnn_conv_algo_search"] = "HEURISTIC"
-    if config.gpu_mem_limit is not None:
-        opts["gpu_mem_limit"] = str(config.gpu_mem_limit)
-    opts.update(dict(config.cuda_options))  # e.g. prefer_nhwc, cudnn_conv_algo_search
-    return opts
-
-
-def _profile(meta: ModelMeta, batch: int) -> str:
-    ins, _ = io_specs(meta)
-    return ",".join(f"{n}:" + "x".join(map(str, (batch, *s.dims))) for n, s in ins.items())
-
-
-def tensorrt_provider_options(meta: ModelMeta, config: OrtConfig) -> dict[str, str]:
-    """TensorrtExecutionProvider options: caches, workspace, fp16, batch profile."""
-    assert config.max_batch is not None and config.opt_batch is not None
-    opts = {
-        "device_id": str(config.device_id),
-        "trt_engine_cache_enable": "1",
-        "trt_engine_cache_path": config.cache_dir,
-        "trt_timing_cache_enable": "1",
-        "trt_timing_cache_path": config.cache_dir,
-        # Explicit profile for every (dynamic-batch) input: min 1, opt, max.
-        "trt_profile_min_shapes": _profile(meta, 1),
-        "trt_profile_opt_shapes": _profile(meta, config.opt_batch),
-        "trt_profile_max_shapes": _profile(meta, config.max_batch),
-    }
-    if config.fp16 and meta.graph.precision == "fp32":
-        opts["trt_fp16_enable"] = "1"
-    if config.workspace_size is not None:
-        opts["trt_max_workspace_size"] = str(config.workspace_size)
-    return opts
-
-
-def providers_for(meta: ModelMeta, config: OrtConfig,
-                  cuda_graph: bool) -> list[tuple[str, dict[str, str]]]:
-    """The ``providers=`` list of the InferenceSession, in priority order."""
-    cpu: tuple[str, dict[str, str]] = ("CPUExecutionProvider", {})
-    if config.backend == "ort-cpu":
-        return [cpu]
-    cuda = ("CUDAExecutionProvider", cuda_provider_options(config, cuda_graph))
-    if config.backend == "ort-cuda":
-        return [cuda, cpu]
-    return [("TensorrtExecutionProvider", tensorrt_provider_options(meta, config)), cuda, cpu]
 
 
 # ---------------------------------------------------------------------------------
@@ -385,12 +205,12 @@ class OrtGraph:
         self.backend = config.backend
         self.config = config
         self.max_batch: int | None = config.max_batch
-        self.inputs, self.output = io_specs(meta)
+        self.inputs, self.output = meta.io.inputs, meta.io.output
         self._lock = threading.Lock()
         self._buffers: dict[int, _Buffers] = {}
         self._next_graph_id = 1
         self._device = "cpu" if config.backend == "ort-cpu" else "cuda"
-        self.cuda_graph = config.cuda_graph and self._cuda_graphs_supported()
+        self.cuda_graph = config.cuda_graph and self._cuda_graph_supported()
         self._session = self._open_session()
 
     def __repr__(self) -> str:
@@ -398,14 +218,11 @@ class OrtGraph:
 
     # -- session --------------------------------------------------------------------
 
-    def _cuda_graphs_supported(self) -> bool:
+    def _cuda_graph_supported(self) -> bool:
         version = _import_ort().__version__
         if _version(version) < CUDA_GRAPH_IDS_SINCE:
-            warnings.warn(
-                f"onnxruntime {version} captures one CUDA graph per session (gpu_graph_id "
-                f"needs >= 1.18); running {Path(self.path).name} without CUDA graphs",
-                stacklevel=3,
-            )
+            warn_no_cuda_graph(self.path, f"onnxruntime {version} captures one CUDA graph per "
+                               "session; gpu_graph_id needs >= 1.18", stacklevel=4)
             return False
         return True
 
@@ -457,10 +274,7 @@ class OrtGraph:
         return session
 
     def _warn_no_cuda_graph(self, e: BaseException) -> None:
-        warnings.warn(
-            f"CUDA graphs unavailable for {Path(self.path).name} ({_first_line(e)}); "
-            "running without them", stacklevel=4,
-        )
+        warn_no_cuda_graph(self.path, e, stacklevel=5)
         self.cuda_graph = False
         self._buffers.clear()
 
@@ -512,6 +326,53 @@ class OrtGraph:
                 return self._bound_run(batch, arrays)
             except _CaptureFailed:
                 return self._bound_run(batch, arrays)
+
+    def network_run(self, feeds: Feeds, launches: int = 1) -> NetworkRun:
+        """The session alone on ``feeds``: see ``backends.Graph.network_run``."""
+        check_launches(launches)
+        if "x" not in feeds:
+            raise ValueError(f"feeds {sorted(feeds)} lack 'x'; pass {list(self.meta.graph.inputs)}")
+        batch = int(np.shape(feeds["x"])[0]) if np.ndim(feeds["x"]) else None
+        arrays = self._feeds(feeds, list(self.inputs), batch)
+        if not self.config.io_binding:
+            names = [self.output.name]
+
+            def host() -> None:
+                for _ in range(launches):
+                    self._session.run(names, arrays)
+
+            return NetworkRun(host, f"{launches} × InferenceSession.run on prepared host arrays")
+        assert batch is not None
+        parities = [i % 2 if self.meta.graph.kind == "step" else 0 for i in range(launches)]
+
+        def ready() -> _Buffers:
+            buffers = self._buffers.get(batch)
+            if buffers is None:  # first use, or dropped when CUDA graphs were turned off
+                buffers = self._allocate(batch)
+                for name, arr in arrays.items():
+                    buffers.upload(name, arr)
+            return buffers
+
+        def launch() -> None:
+            buffers = ready()
+            for parity in parities:
+                self._launch(buffers, parity)
+            buffers.bound[0][0].synchronize_outputs()
+
+        def bound() -> None:
+            with self._lock:
+                try:
+                    launch()
+                except _CaptureFailed:
+                    launch()
+
+        with self._lock:
+            buffers = ready()
+            for name, arr in arrays.items():
+                buffers.upload(name, arr)
+        what = "CUDA graph replays" if self.cuda_graph else "runs"
+        return NetworkRun(bound, f"{launches} × run_with_iobinding ({what}) on the graph's "
+                                 "device OrtValues, then IOBinding.synchronize_outputs")
 
     def run_loop(self, x: Array, fixed: Feeds, per_step: Sequence[Feeds]) -> Array:
         if self.meta.graph.kind != "step":

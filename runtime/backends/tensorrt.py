@@ -1,11 +1,10 @@
 """The ``tensorrt`` backend: a TensorRT plan + its sidecar, driven with cuda-python.
 
-Opening a plan reads ``model.plan.json`` and refuses a plan built for another GPU or
-TensorRT version, a replaced plan file or a stale one (``plan.check_compatible``), then
-deserializes it (with ``tensorrt``, or ``tensorrt_lean`` when only the lean runtime is
-installed and the plan is version-compatible) and allocates, once, a device buffer for
-every I/O tensor at the profile's largest batch, pinned host staging buffers and a
-stream.
+Opening a plan reads ``model.plan.json``, refuses a plan built for another GPU or
+TensorRT version, a replaced or a stale one (``plan_check.check_compatible``), then
+deserializes it (``tensorrt``, or ``tensorrt_lean`` for a version-compatible plan) and
+allocates once, at the profile's largest batch, device and pinned host buffers for every
+I/O tensor (``tensorrt_engine.engine_io``, checked against ``meta.io``) and a stream.
 
 * ``run(feeds)``: inputs are copied into pinned staging, then H2D, ``execute_async_v3``,
   D2H on one stream. The first call at a batch size runs plainly (the warm-up TensorRT
@@ -24,9 +23,6 @@ imports anywhere (``backends.availability()`` asks it why it is unusable).
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import importlib
-import sys
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,200 +33,32 @@ import numpy as np
 
 from ..errors import ArtifactError, BackendUnavailable
 from ..meta import ModelMeta
-from ..plan import (
-    BatchProfile,
-    PlanSidecar,
-    RuntimeInfo,
-    check_compatible,
-    input_shapes,
-    load_sidecar,
-    parse_version,
-)
-from . import Array, Feeds, host_loop
+from ..plan import BatchProfile, PlanSidecar, load_sidecar
+from ..plan_check import RuntimeInfo, check_compatible
+from . import Array, Feeds, NetworkRun, check_launches, cuda, host_loop
+from .tensorrt_engine import engine_io, import_tensorrt, make_logger, tensorrt_problem
 
-TRT_MISSING = (
-    "TensorRT is not installed: pip install 'fewstep[tensorrt]' (x86-64) "
-    "or use JetPack's tensorrt on Jetson"
-)
-CUDA_PYTHON_MISSING = (
-    "cuda-python is not installed: pip install 'fewstep[tensorrt]' (or pip install cuda-python)"
-)
-MIN_TRT_MAJOR = 10
+OPTIONS = ("device_id", "cuda_graph", "verbose", "check_source")
 MAX_CAPTURED_BATCHES = 4  # CUDA graphs (one execution context each) kept per plan
 MAX_CAPTURED_LOOPS = 2
 
 
-# ---------------------------------------------------------------------------------
-# Importing TensorRT and cuda-python
-# ---------------------------------------------------------------------------------
-
-
-def import_tensorrt(allow_lean: bool = True) -> tuple[Any, bool]:
-    """(the tensorrt module, True if it is the lean runtime ``tensorrt_lean``)."""
-    try:
-        import tensorrt
-
-        return tensorrt, False
-    except ImportError:
-        if not allow_lean:
-            raise
-    return importlib.import_module("tensorrt_lean"), True
-
-
-def import_cudart() -> Any:
-    """cuda-python's runtime API: ``cuda.bindings.runtime`` (>= 12.6) or ``cuda.cudart``."""
-    try:
-        from cuda.bindings import runtime as cudart
-    except ImportError:
-        from cuda import cudart
-    return cudart
-
-
-class CudaError(RuntimeError):
-    """A CUDA runtime call failed."""
-
-
-def cuda_check(result: Any, what: str) -> Any:
-    """Every cuda-python call returns (error, *values): raise unless error is cudaSuccess."""
-    err, values = result[0], tuple(result[1:])
-    if int(err) != 0:
-        name = getattr(err, "name", str(err))
-        raise CudaError(f"{what} failed: {name} ({int(err)})")
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else values
-
-
-@dataclass(frozen=True)
-class DeviceInfo:
-    index: int
-    name: str
-    compute_capability: str  # "9.0"
-    integrated: bool  # Jetson: GPU memory is the CPU's memory
-    total_memory: int
-    free_memory: int
-    cuda_runtime_version: str  # "12.6"
-
-
-def device_info(cudart: Any, index: int | None = None) -> DeviceInfo:
-    """The current (or given) GPU, via cudaGetDeviceProperties and cudaMemGetInfo."""
-    if index is None:
-        index = int(cuda_check(cudart.cudaGetDevice(), "cudaGetDevice"))
-    else:
-        cuda_check(cudart.cudaSetDevice(index), f"cudaSetDevice({index})")
-    prop = cuda_check(cudart.cudaGetDeviceProperties(index), "cudaGetDeviceProperties")
-    raw = prop.name
-    name = (raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw))
-    name = name.split("\x00", 1)[0].strip()
-    free, total = cuda_check(cudart.cudaMemGetInfo(), "cudaMemGetInfo")
-    version = int(cuda_check(cudart.cudaRuntimeGetVersion(), "cudaRuntimeGetVersion"))
-    return DeviceInfo(
-        index=index,
-        name=name,
-        compute_capability=f"{int(prop.major)}.{int(prop.minor)}",
-        integrated=bool(int(prop.integrated)),
-        total_memory=int(total),
-        free_memory=int(free),
-        cuda_runtime_version=f"{version // 1000}.{(version % 1000) // 10}",
-    )
-
-
 def unavailable_reason(name: str = "tensorrt") -> str | None:
     """None when plans can run here, else why not (TensorRT, cuda-python or a GPU missing)."""
+    problem = tensorrt_problem()
+    if problem is not None:
+        return problem
     try:
-        trt, _lean = import_tensorrt()
+        cudart = cuda.import_cudart()
     except ImportError:
-        return TRT_MISSING
-    except Exception as e:  # a broken install: missing libnvinfer and the like
-        return f"TensorRT does not load ({type(e).__name__}: {e}); reinstall it"
-    version = getattr(trt, "__version__", "0")
+        return cuda.CUDA_PYTHON_MISSING
     try:
-        major = parse_version(version)[0]
-    except ValueError:
-        return f"TensorRT reports version {version!r}; fewstep needs TensorRT 10.x or 11.x"
-    if major < MIN_TRT_MAJOR:
-        return (f"TensorRT {version} is too old; fewstep needs TensorRT 10.x or 11.x: "
-                "pip install -U 'fewstep[tensorrt]' (JetPack 6 ships 10.x)")
-    try:
-        cudart = import_cudart()
-    except ImportError:
-        return CUDA_PYTHON_MISSING
-    try:
-        count = int(cuda_check(cudart.cudaGetDeviceCount(), "cudaGetDeviceCount"))
-    except CudaError as e:
+        count = cuda.device_count(cudart)
+    except cuda.CudaError as e:
         return f"no usable CUDA GPU ({e})"
     if count < 1:
         return "no CUDA GPU is visible (CUDA_VISIBLE_DEVICES?)"
     return None
-
-
-# ---------------------------------------------------------------------------------
-# Logging
-# ---------------------------------------------------------------------------------
-
-
-def make_logger(trt: Any, verbose: bool = False, keep: int = 20) -> Any:
-    """A TensorRT logger printing warnings and errors to stderr and keeping the last errors."""
-    severity = trt.ILogger.Severity
-
-    class _Logger(trt.ILogger):  # type: ignore[misc]
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-            self.threshold = severity.VERBOSE if verbose else severity.WARNING
-
-        def log(self, sev: Any, msg: str) -> None:
-            if sev in (severity.ERROR, severity.INTERNAL_ERROR):
-                self.errors = [*self.errors[-(keep - 1):], str(msg)]
-            if int(sev) <= int(self.threshold):
-                tag = {severity.INTERNAL_ERROR: "internal error", severity.ERROR: "error",
-                       severity.WARNING: "warning", severity.INFO: "info"}.get(sev, "verbose")
-                print(f"[TensorRT {tag}] {msg}", file=sys.stderr)
-
-    return _Logger()
-
-
-# ---------------------------------------------------------------------------------
-# Device and pinned buffers
-# ---------------------------------------------------------------------------------
-
-
-class _Pinned:
-    """Page-locked host memory (cudaMallocHost) viewed as numpy."""
-
-    def __init__(self, cudart: Any, nbytes: int) -> None:
-        self.cudart = cudart
-        self.nbytes = max(1, nbytes)
-        self.ptr: int | None = int(cuda_check(cudart.cudaMallocHost(self.nbytes), "cudaMallocHost"))
-
-    def view(self, dtype: np.dtype[Any], shape: tuple[int, ...], offset: int = 0) -> Array:
-        assert self.ptr is not None
-        count = int(np.prod(shape, dtype=np.int64))
-        assert offset + count * dtype.itemsize <= self.nbytes
-        raw = (ctypes.c_ubyte * (count * dtype.itemsize)).from_address(self.ptr + offset)
-        flat: Array = np.frombuffer(memoryview(raw), dtype=np.uint8)
-        return flat.view(dtype).reshape(shape)
-
-    def free(self) -> None:
-        if self.ptr is not None:
-            with contextlib.suppress(Exception):
-                self.cudart.cudaFreeHost(self.ptr)
-            self.ptr = None
-
-
-class _Device:
-    """Device memory (cudaMalloc)."""
-
-    def __init__(self, cudart: Any, nbytes: int) -> None:
-        self.cudart = cudart
-        self.nbytes = max(1, nbytes)
-        self.ptr: int | None = int(cuda_check(cudart.cudaMalloc(self.nbytes), "cudaMalloc"))
-
-    def free(self) -> None:
-        if self.ptr is not None:
-            with contextlib.suppress(Exception):
-                self.cudart.cudaFree(self.ptr)
-            self.ptr = None
 
 
 @dataclass
@@ -239,73 +67,12 @@ class _Tensor:
     is_input: bool
     dtype: np.dtype[Any]
     max_shape: tuple[int, ...]
-    device: _Device
-    host: _Pinned
-
-    @property
-    def max_nbytes(self) -> int:
-        return int(np.prod(self.max_shape, dtype=np.int64)) * self.dtype.itemsize
+    device: cuda.DeviceBuffer
+    host: cuda.PinnedBuffer
 
 
-class _CapturedGraph:
-    """One instantiated CUDA graph (cudaGraphExec_t) and the execution context it uses."""
-
-    def __init__(self, cudart: Any, exec_: Any, context: Any) -> None:
-        self.cudart = cudart
-        self.exec_: Any = exec_
-        self.context: Any = context  # kept alive (and at fixed shapes) for the graph
-
-    def launch(self, stream: Any) -> None:
-        cuda_check(self.cudart.cudaGraphLaunch(self.exec_, stream), "cudaGraphLaunch")
-
-    def free(self) -> None:
-        if self.exec_ is not None:
-            with contextlib.suppress(Exception):
-                self.cudart.cudaGraphExecDestroy(self.exec_)
-            self.exec_ = None
-        self.context = None
-
-
-def capture_graph(cudart: Any, stream: Any,
-                  body: Callable[[], None]) -> tuple[Any, Exception | None]:
-    """Capture ``body``'s work on ``stream`` into an instantiated CUDA graph.
-
-    Returns (cudaGraphExec_t, None), or (None, the error) when capture or instantiation
-    failed; the stream is then out of capture mode and CUDA's error state is cleared.
-    The caller does TensorRT's warm-up first: one enqueue after the input shapes are set
-    (the trtexec pattern: enqueue, synchronize, begin capture, enqueue, end capture).
-    """
-    mode = cudart.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
-    try:
-        cuda_check(cudart.cudaStreamBeginCapture(stream, mode), "cudaStreamBeginCapture")
-    except CudaError as e:
-        cudart.cudaGetLastError()
-        return None, e
-    try:
-        body()
-    except Exception as e:
-        result = cudart.cudaStreamEndCapture(stream)
-        if int(result[0]) == 0 and result[1] is not None:
-            cudart.cudaGraphDestroy(result[1])
-        cudart.cudaGetLastError()
-        return None, e
-    try:
-        graph = cuda_check(cudart.cudaStreamEndCapture(stream), "cudaStreamEndCapture")
-    except CudaError as e:
-        cudart.cudaGetLastError()
-        return None, e
-    try:
-        exec_ = cuda_check(cudart.cudaGraphInstantiateWithFlags(graph, 0),
-                           "cudaGraphInstantiateWithFlags")
-    except CudaError as e:
-        cudart.cudaGetLastError()
-        return None, e
-    finally:
-        cudart.cudaGraphDestroy(graph)
-    return exec_, None
-
-
-_Staging = dict[str, tuple[_Pinned, _Device]]  # per-step input -> (all steps' host, device)
+# per-step input -> (all steps' host staging, all steps' device copy)
+_Staging = dict[str, tuple[cuda.PinnedBuffer, cuda.DeviceBuffer]]
 _LoopKey = tuple[int, int, tuple[str, ...]]  # (batch, steps, the per-step input names)
 
 
@@ -319,9 +86,8 @@ class TensorRTGraph:
 
     backend = "tensorrt"
 
-    def __init__(self, plan_path: str, *, device: int | None = None,
-                 cuda_graphs: bool = True, verbose: bool = False,
-                 check_source: bool = True) -> None:
+    def __init__(self, plan_path: str, *, device_id: int | None = None, cuda_graph: bool = True,
+                 verbose: bool = False, check_source: bool = True) -> None:
         self.path = str(plan_path)
         self._lock = threading.Lock()
         self._released = False
@@ -331,22 +97,23 @@ class TensorRTGraph:
         self._runtime: Any = None
         self._stream: Any = None
         self._tensors: dict[str, _Tensor] = {}
-        self._graphs: dict[int, _CapturedGraph] = {}
-        self._loop_graphs: dict[_LoopKey, _CapturedGraph] = {}
+        self._graphs: dict[int, cuda.CapturedGraph] = {}
+        self._loop_graphs: dict[_LoopKey, cuda.CapturedGraph] = {}
         self._staging: dict[_LoopKey, _Staging] = {}
         self._seen: set[int] = set()
         self._seen_loops: set[_LoopKey] = set()
+        self._prepared: int | None = None  # the batch network_run left the context at
 
         self.sidecar: PlanSidecar = load_sidecar(plan_path)
         self.meta: ModelMeta = self.sidecar.meta
         self.profile: BatchProfile = self.sidecar.profile
         self.max_batch: int | None = self.profile.max
-        self.cuda_graphs = cuda_graphs
+        self.cuda_graph = cuda_graph
 
         trt, lean = import_tensorrt()
-        cudart = import_cudart()
+        cudart = cuda.import_cudart()
         self._trt, self._cudart = trt, cudart
-        dev = device_info(cudart, device)
+        dev = cuda.device_info(cudart, device_id)
         here = RuntimeInfo(
             tensorrt_version=str(trt.__version__), gpu_name=dev.name,
             compute_capability=dev.compute_capability,
@@ -367,10 +134,7 @@ class TensorRTGraph:
                     f"TensorRT {trt.__version__} could not deserialize {Path(plan_path).name} "
                     f"({self._errors()}); rebuild it with `fewstep build`"
                 )
-            self._stream = cuda_check(
-                cudart.cudaStreamCreateWithFlags(cudart.cudaStreamNonBlocking),
-                "cudaStreamCreateWithFlags",
-            )
+            self._stream = cuda.new_stream(cudart)
             self._context = self._new_context()
             self._allocate()
         except BaseException:
@@ -394,38 +158,13 @@ class TensorRTGraph:
 
     def _allocate(self) -> None:
         """One device + one pinned buffer per I/O tensor, sized for the profile's max batch."""
-        trt, engine, ctx = self._trt, self._engine, self._context
-        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        g = self.meta.graph
-        if sorted(inputs) != sorted(g.inputs) or outputs != list(g.outputs):
-            raise ArtifactError(
-                f"{self.path} has inputs {sorted(inputs)} -> {outputs}, but its sidecar says "
-                f"{sorted(g.inputs)} -> {list(g.outputs)}; rebuild it with `fewstep build`"
-            )
-        max_in = input_shapes(self.meta, self.profile.max)
-        for name in inputs:
-            hi = tuple(int(d) for d in engine.get_tensor_profile_shape(name, 0)[2])
-            if hi != max_in[name]:
-                raise ArtifactError(
-                    f"{self.path}: input {name!r} has max shape {hi} in the plan but "
-                    f"{max_in[name]} by its sidecar; rebuild it with `fewstep build`"
-                )
-            self._set_shape(ctx, name, hi)
-        for name in names:
-            dtype = np.dtype(trt.nptype(engine.get_tensor_dtype(name)))
-            shape = max_in.get(name) or tuple(int(d) for d in ctx.get_tensor_shape(name))
-            if any(d < 0 for d in shape):
-                raise ArtifactError(
-                    f"{self.path}: output {name!r} has a data-dependent shape {shape}; "
-                    "fewstep plans have static output shapes per batch"
-                )
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            self._tensors[name] = _Tensor(name, name in inputs, dtype, shape,
-                                          _Device(self._cudart, nbytes),
-                                          _Pinned(self._cudart, nbytes))
-        self._bind(ctx)
+        for t in engine_io(self._trt, self._engine, self._context, self.meta, self.profile.max,
+                           self.path, self._errors):
+            nbytes = int(np.prod(t.max_shape, dtype=np.int64)) * t.dtype.itemsize
+            self._tensors[t.name] = _Tensor(t.name, t.is_input, t.dtype, t.max_shape,
+                                            cuda.DeviceBuffer(self._cudart, nbytes),
+                                            cuda.PinnedBuffer(self._cudart, nbytes))
+        self._bind(self._context)
 
     def _bind(self, ctx: Any, overrides: dict[str, int] | None = None) -> None:
         for name, t in self._tensors.items():
@@ -442,7 +181,7 @@ class TensorRTGraph:
             )
 
     def _set_batch(self, ctx: Any, batch: int) -> None:
-        for name, shape in input_shapes(self.meta, batch).items():
+        for name, shape in self.meta.io.shapes(batch).items():
             self._set_shape(ctx, name, shape)
 
     def _errors(self) -> str:
@@ -462,11 +201,12 @@ class TensorRTGraph:
                 self._stage(name, feeds[name], batch)
             out = self._tensors[g.outputs[0]]
             graph = self._graphs.get(batch)
-            if graph is None and self.cuda_graphs and batch in self._seen:
+            if graph is None and self.cuda_graph and batch in self._seen:
                 graph = self._capture_run(batch)
             if graph is not None:
                 graph.launch(self._stream)
             else:
+                self._prepared = None
                 self._set_batch(self._context, batch)
                 self._bind(self._context)
                 self._copies_in(batch, g.inputs)
@@ -498,7 +238,8 @@ class TensorRTGraph:
                 staging = {}
                 for name in step_names:
                     n = steps * self._nbytes(name, batch)
-                    staging[name] = (_Pinned(self._cudart, n), _Device(self._cudart, n))
+                    staging[name] = (cuda.PinnedBuffer(self._cudart, n),
+                                     cuda.DeviceBuffer(self._cudart, n))
                 if not temporary:
                     self._staging[key] = staging
             try:
@@ -511,13 +252,14 @@ class TensorRTGraph:
                         staging[name][0].view(arr.dtype, arr.shape,
                                               i * self._nbytes(name, batch))[...] = arr
                 loop = self._loop_graphs.get(key)
-                if loop is None and self.cuda_graphs and key in self._seen_loops and (
+                if loop is None and self.cuda_graph and key in self._seen_loops and (
                     not temporary
                 ):
                     loop = self._capture_loop(key, step_names, tuple(fixed), staging)
                 if loop is not None:
                     loop.launch(self._stream)
                 else:
+                    self._prepared = None
                     self._device_loop(self._context, batch, steps, step_names, tuple(fixed),
                                       staging)
                     self._bind(self._context)
@@ -528,6 +270,40 @@ class TensorRTGraph:
                 if temporary:
                     self._sync()
                     _free_staging(staging)
+
+    def network_run(self, feeds: Feeds, launches: int = 1) -> NetworkRun:
+        """The engine alone on ``feeds``: see ``backends.Graph.network_run``.
+
+        The inputs are copied to the plan's device buffers once; each call sets the
+        shapes and addresses again only if ``run``/``run_loop`` changed them meanwhile.
+        """
+        check_launches(launches)
+        g = self.meta.graph
+        with self._lock:
+            self._check_open()
+            batch = self._validate(feeds, g.inputs)
+            for name in g.inputs:
+                self._stage(name, feeds[name], batch)
+            self._set_batch(self._context, batch)
+            self._bind(self._context)
+            self._copies_in(batch, g.inputs)
+            self._sync()
+            self._prepared = batch
+        ctx = self._context
+
+        def call() -> None:
+            with self._lock:
+                self._check_open()
+                if self._prepared != batch:
+                    self._set_batch(ctx, batch)
+                    self._bind(ctx)
+                    self._prepared = batch
+                for _ in range(launches):
+                    self._enqueue(ctx)
+                self._sync()
+
+        return NetworkRun(call, f"{launches} × execute_async_v3 on the plan's device buffers, "
+                                "then cudaStreamSynchronize")
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -556,47 +332,44 @@ class TensorRTGraph:
         return batch
 
     def _checked(self, name: str, value: Any, batch: int) -> Array:
-        want = input_shapes(self.meta, batch)[name]
+        want = self.meta.io.inputs[name].shape(batch)
         arr = np.asarray(value)
         if arr.shape != want:
             raise ValueError(f"input {name!r} has shape {arr.shape}, expected {want}")
         return np.ascontiguousarray(arr, dtype=self._tensors[name].dtype)
 
     def _nbytes(self, name: str, batch: int) -> int:
-        count = int(np.prod(input_shapes(self.meta, batch)[name], dtype=np.int64))
+        count = int(np.prod(self.meta.io.inputs[name].shape(batch), dtype=np.int64))
         return count * self._tensors[name].dtype.itemsize
 
     def _stage(self, name: str, value: Any, batch: int) -> None:
         arr = self._checked(name, value, batch)
         self._tensors[name].host.view(arr.dtype, arr.shape)[...] = arr
 
-    def _memcpy(self, dst: int, src: int, nbytes: int, kind: Any) -> None:
-        cuda_check(self._cudart.cudaMemcpyAsync(dst, src, nbytes, kind, self._stream),
-                   "cudaMemcpyAsync")
+    def _memcpy(self, dst: int, src: int, nbytes: int, to_device: bool) -> None:
+        cuda.copy_async(self._cudart, self._stream, dst, src, nbytes, to_device)
 
     def _copies_in(self, batch: int, names: Sequence[str]) -> None:
-        h2d = self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         for name in names:
             t = self._tensors[name]
             assert t.device.ptr is not None and t.host.ptr is not None
-            self._memcpy(t.device.ptr, t.host.ptr, self._nbytes(name, batch), h2d)
+            self._memcpy(t.device.ptr, t.host.ptr, self._nbytes(name, batch), True)
 
     @staticmethod
     def _out_shape(t: _Tensor, batch: int) -> tuple[int, ...]:
         return (batch, *t.max_shape[1:])
 
     def _copy_out(self, t: _Tensor, batch: int, src: int | None = None) -> None:
-        d2h = self._cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
         nbytes = int(np.prod(self._out_shape(t, batch), dtype=np.int64)) * t.dtype.itemsize
         assert t.host.ptr is not None and t.device.ptr is not None
-        self._memcpy(t.host.ptr, src if src is not None else t.device.ptr, nbytes, d2h)
+        self._memcpy(t.host.ptr, src if src is not None else t.device.ptr, nbytes, False)
 
     def _enqueue(self, ctx: Any) -> None:
         if not ctx.execute_async_v3(int(self._stream)):
             raise RuntimeError(f"TensorRT execute_async_v3 failed: {self._errors()}")
 
     def _sync(self) -> None:
-        cuda_check(self._cudart.cudaStreamSynchronize(self._stream), "cudaStreamSynchronize")
+        cuda.synchronize(self._cudart, self._stream)
 
     def _result(self, t: _Tensor, batch: int) -> Array:
         return np.array(t.host.view(t.dtype, self._out_shape(t, batch)), copy=True)
@@ -604,18 +377,17 @@ class TensorRTGraph:
     # -- CUDA graphs -----------------------------------------------------------------------
 
     def _capture(self, body: Callable[[], None]) -> Any:
-        """``capture_graph`` on this plan's stream; None (and no more graphs) on failure."""
-        exec_, error = capture_graph(self._cudart, self._stream, body)
+        """``cuda.capture_graph`` on this plan's stream; None (and no more graphs) on failure."""
+        exec_, error = cuda.capture_graph(self._cudart, self._stream, body)
         if error is not None:
             return self._no_graphs(error)
         return exec_
 
     def _no_graphs(self, why: Exception) -> None:
-        self.cuda_graphs = False
-        print(f"fewstep: CUDA graph capture failed for {Path(self.path).name} ({why}); "
-              "running it without CUDA graphs", file=sys.stderr)
+        self.cuda_graph = False
+        cuda.warn_no_cuda_graph(self.path, why, stacklevel=5)
 
-    def _capture_run(self, batch: int) -> _CapturedGraph | None:
+    def _capture_run(self, batch: int) -> cuda.CapturedGraph | None:
         if len(self._graphs) >= MAX_CAPTURED_BATCHES:
             return None
         ctx = self._new_context()  # its shapes stay at `batch` for the graph's lifetime
@@ -634,7 +406,7 @@ class TensorRTGraph:
         if exec_ is None:
             self._drop_context(ctx)
             return None
-        self._graphs[batch] = graph = _CapturedGraph(self._cudart, exec_, ctx)
+        self._graphs[batch] = graph = cuda.CapturedGraph(self._cudart, exec_, ctx)
         return graph
 
     # -- the device-resident loop ----------------------------------------------------------
@@ -643,7 +415,6 @@ class TensorRTGraph:
                      fixed_names: Sequence[str], staging: _Staging) -> None:
         """H2D of x, fixed and every step's inputs; the steps with x ping-ponging between
         the x and output buffers (step i reads buffer i % 2); D2H of the final x."""
-        h2d = self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
         out_name = self.meta.graph.outputs[0]
         xt, out = self._tensors["x"], self._tensors[out_name]
         assert xt.device.ptr is not None and out.device.ptr is not None
@@ -652,7 +423,7 @@ class TensorRTGraph:
         for name in step_names:
             host, dev = staging[name]
             assert host.ptr is not None and dev.ptr is not None
-            self._memcpy(dev.ptr, host.ptr, steps * self._nbytes(name, batch), h2d)
+            self._memcpy(dev.ptr, host.ptr, steps * self._nbytes(name, batch), True)
         buffers = (xt.device.ptr, out.device.ptr)
         for i in range(steps):
             addresses = {"x": buffers[i % 2], out_name: buffers[(i + 1) % 2]}
@@ -666,7 +437,7 @@ class TensorRTGraph:
         self._copy_out(final, batch, src=buffers[steps % 2])
 
     def _capture_loop(self, key: _LoopKey, step_names: Sequence[str],
-                      fixed_names: Sequence[str], staging: _Staging) -> _CapturedGraph | None:
+                      fixed_names: Sequence[str], staging: _Staging) -> cuda.CapturedGraph | None:
         batch, steps, _ = key
         ctx = self._new_context()
         self._set_batch(ctx, batch)
@@ -679,7 +450,7 @@ class TensorRTGraph:
         if exec_ is None:
             self._drop_context(ctx)
             return None
-        self._loop_graphs[key] = graph = _CapturedGraph(self._cudart, exec_, ctx)
+        self._loop_graphs[key] = graph = cuda.CapturedGraph(self._cudart, exec_, ctx)
         return graph
 
     # -- lifetime ----------------------------------------------------------------------------
@@ -692,7 +463,7 @@ class TensorRTGraph:
             self._released = True
             if self._stream is not None:
                 with contextlib.suppress(Exception):
-                    self._cudart.cudaStreamSynchronize(self._stream)
+                    self._sync()
             for graph in [*self._graphs.values(), *self._loop_graphs.values()]:
                 graph.free()
             for staging in self._staging.values():
@@ -707,8 +478,7 @@ class TensorRTGraph:
                 t.host.free()
             self._tensors = {}
             if self._stream is not None:
-                with contextlib.suppress(Exception):
-                    self._cudart.cudaStreamDestroy(self._stream)
+                cuda.destroy_stream(self._cudart, self._stream)
                 self._stream = None
 
     def __del__(self) -> None:
@@ -731,10 +501,15 @@ def _free_staging(staging: _Staging) -> None:
 def open_graph(path: str, name: str = "tensorrt", **options: Any) -> TensorRTGraph:
     """Open a ``.plan`` (with its ``.plan.json`` sidecar) for the ``tensorrt`` backend.
 
-    Options: ``device`` (GPU index), ``cuda_graphs`` (default True), ``verbose``.
+    Options: ``device_id`` (GPU index), ``cuda_graph`` (default True), ``verbose``,
+    ``check_source`` (compare the source ONNX's hashes with the sidecar; default True).
     """
     if name != "tensorrt":
         raise ValueError(f"backend {name!r} is not the tensorrt backend")
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"option(s) {', '.join(unknown)} not supported by backend {name!r}; "
+                         f"use {', '.join(OPTIONS)}")
     if not str(path).endswith(".plan"):
         raise ArtifactError(
             f"{path!r} is not a TensorRT plan (.plan); build one with "

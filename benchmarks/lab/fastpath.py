@@ -1,7 +1,7 @@
-"""The fast-path experiments of issue 5: one lever at a time, batch 1, 4 steps, on a GPU.
+"""Fast-path experiments: one lever at a time, batch 1, 4 steps, on a GPU (lab script).
 
-    python -m fewstep.benchmarks.fastpath --fp32 FP32.onnx --fp16 FP16.onnx --out fastpath.json
-    python -m fewstep.benchmarks.fastpath --before OLD.onnx --after NEW.onnx --out levers.json
+    python benchmarks/lab/fastpath.py --fp32 FP32.onnx --fp16 FP16.onnx --out fastpath.json
+    python benchmarks/lab/fastpath.py --before OLD.onnx --after NEW.onnx --out levers.json
 
 Every variant runs the default model's 4-step generation end to end (host noise in,
 uint8 image out) through ``Pipeline.generate(1, 4)`` after a warm-up, timed with
@@ -179,7 +179,7 @@ def body(args: argparse.Namespace) -> int:
     out = check_writable_target(args.out)
     import onnxruntime as ort
 
-    from .envinfo import collect
+    from fewstep.benchmarks.envinfo import collect
 
     if args.before and args.after:
         rows = run_before_after(args.before, args.after, args.steps, args.iters)
@@ -203,4 +203,4 @@ def body(args: argparse.Namespace) -> int:
 main = clitools.main_of(build_parser, body)
 
 if __name__ == "__main__":
-    sys.exit(main(prog="python -m fewstep.benchmarks.fastpath"))
+    sys.exit(main(prog="python benchmarks/lab/fastpath.py"))

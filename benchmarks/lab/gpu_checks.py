@@ -1,6 +1,6 @@
 """GPU checks of the runtime: ONNX Runtime CUDA (IO binding + CUDA graphs) vs CPU images.
 
-    python -m fewstep.benchmarks.gpu_checks MODEL.onnx [MODEL.onnx ...] --out checks.json
+    python benchmarks/lab/gpu_checks.py MODEL.onnx [MODEL.onnx ...] --out checks.json
 
 For every artifact and every graph path it has (fused sampler, fused step loop, denoiser
 with the update on the host), generate the same images with ``ort-cpu`` and ``ort-cuda``
@@ -105,4 +105,4 @@ def body(args: argparse.Namespace) -> int:
 main = clitools.main_of(build_parser, body)
 
 if __name__ == "__main__":
-    sys.exit(main(prog="python -m fewstep.benchmarks.gpu_checks"))
+    sys.exit(main(prog="python benchmarks/lab/gpu_checks.py"))

@@ -1,6 +1,6 @@
 """Where one generation's GPU time goes: device kernels per generation, their time, by kind.
 
-    python -m fewstep.benchmarks.kernels --model model.onnx --checkpoint CKPT --out kernels.json
+    python benchmarks/lab/kernels.py --model model.onnx --checkpoint CKPT --out kernels.json
 
 Runs the same generation (batch 1, 4 steps by default, the model's guidance and spacing,
 host noise in, uint8 image out) through fewstep's fused sampler graph on ONNX Runtime's
@@ -16,7 +16,7 @@ graphs), and for each:
 * the kernels grouped by kind (convolution, matrix product, normalisation, softmax,
   elementwise/fused, copy, memset, other) and the top kernels by time.
 
-The point is the issue-5 question "why is ONNX Runtime slower than torch.compile here":
+The question it answers: "why is ONNX Runtime slower than torch.compile here":
 how many kernels each launches for the same work, and how long they take. CUPTI reports
 the kernels inside CUDA graph replays too; if a row shows none, the profiler could not
 see into the graph and only its wall time counts.
@@ -120,10 +120,9 @@ def paths(model: Path, checkpoint: Path, steps: int, batch: int,
           modes: list[str]) -> list[tuple[str, Any]]:
     """(name, BenchPath) for every path this script profiles, built from the bench suite's
     own classes so that the work is exactly what `fewstep bench` times."""
+    from fewstep.benchmarks import baselines as bl
+    from fewstep.benchmarks.paths import FewstepPath, Workload, discover
     from fewstep.runtime.sampling import DEFAULT_SPACING
-
-    from . import baselines as bl
-    from .latency import Cuda, FewstepPath, Workload, discover
 
     art = discover(model)
     meta = art.meta
@@ -133,12 +132,11 @@ def paths(model: Path, checkpoint: Path, steps: int, batch: int,
         raise ValueError("torch sees no CUDA GPU: this profile needs one")
     g = 2.0 if meta.conditional and art.meta.graph.guidance else None  # fewstep bench's default
     work = Workload(meta, meta.distilled_spacing or DEFAULT_SPACING, g)
-    cuda = Cuda(probe=True)
     out: list[tuple[str, Any]] = [
         ("fewstep ort-cuda sampler fp32, CUDA graph",
-         FewstepPath(art, "ort-cuda", "sampler", work, cuda, {})),
+         FewstepPath(art, "ort-cuda", "sampler", work, {})),
         ("fewstep ort-cuda sampler fp32, no CUDA graph",
-         FewstepPath(art, "ort-cuda", "sampler", work, cuda, {"cuda_graph": False})),
+         FewstepPath(art, "ort-cuda", "sampler", work, {"cuda_graph": False})),
         ("torch eager fp32", bl.TorchEagerPath(src, work, "fp32")),
     ]
     for mode in modes:
@@ -217,7 +215,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 def body(args: argparse.Namespace) -> int:
     out = check_writable_target(args.out)
-    from .envinfo import collect
+    from fewstep.benchmarks.envinfo import collect
 
     rows = run(args.model, args.checkpoint, args.steps, args.batch, args.iters,
                args.profiled, list(args.modes))
@@ -231,4 +229,4 @@ def body(args: argparse.Namespace) -> int:
 main = clitools.main_of(build_parser, body)
 
 if __name__ == "__main__":
-    sys.exit(main(prog="python -m fewstep.benchmarks.kernels"))
+    sys.exit(main(prog="python benchmarks/lab/kernels.py"))

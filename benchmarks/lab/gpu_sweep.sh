@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The full GPU sweep of `fewstep bench` (issue 5) as ONE command, sized for a machine
+# The full GPU sweep of `fewstep bench` as ONE command, sized for a machine
 # that allows ~9 minutes per command (1 NVIDIA GPU, 16 CPU cores, no network).
 #
-#   bash benchmarks/gpu_sweep.sh OUT CHECKPOINT MODEL.onnx [MODEL2.onnx ...]
+#   bash benchmarks/lab/gpu_sweep.sh OUT CHECKPOINT MODEL.onnx [MODEL2.onnx ...]
 #
 #   OUT         output folder: results.jsonl, report.md, *.png, bench.log
 #   CHECKPOINT  the training checkpoint the models were exported from (torch baselines,
@@ -40,7 +40,7 @@ if [ $# -lt 3 ]; then
   sed -n '2,16p' "$0" >&2
   exit 2
 fi
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 out=$1
 ckpt=$2
 shift 2

@@ -1,0 +1,307 @@
+"""The paths under test: what every benchmarked path provides, and fewstep's own.
+
+A ``BenchPath`` is one thing to time (a fewstep graph on a backend, or a baseline in
+``baselines.py``); ``FewstepPath`` is a ``Pipeline`` forced onto one graph kind of one
+artifact, with the network alone timed through ``Graph.network_run``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+
+from fewstep.runtime import artifact, backends, sampling
+from fewstep.runtime import noise as host_noise
+from fewstep.runtime.errors import ArtifactError
+from fewstep.runtime.meta import ModelMeta
+
+FEWSTEP_BACKENDS: Final = ("ort-cpu", "ort-cuda", "ort-tensorrt", "tensorrt")
+GRAPH_KINDS: Final = ("denoiser", "step", "sampler")
+SEEDS: Final = 4              # timed calls rotate over seeds 0..SEEDS-1
+
+
+# ---------------------------------------------------------------------------------
+# What every benchmarked path provides
+# ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Workload:
+    """What every path generates: the model, sampler settings, labels, guidance."""
+
+    meta: ModelMeta
+    spacing: str
+    guidance: float | None
+    eta: float = 0.0
+
+    def plan(self, steps: int) -> sampling.SamplingPlan:
+        return sampling.SamplingPlan.create(self.meta, steps, self.spacing, self.eta)
+
+    def labels(self, n: int) -> np.ndarray | None:
+        return sampling.resolve_labels(self.meta, n, None)  # type: ignore[no-any-return]
+
+    def noise(self, seed: int, n: int) -> np.ndarray:
+        x_T, _ = host_noise.generation_noise(seed, range(n), self.meta.image_shape, 0)
+        return x_T
+
+
+class BenchPath:
+    """One thing to time (a fewstep graph on a backend, or a baseline)."""
+
+    name = ""
+    family = "fewstep"     # or "baseline"
+    path = ""              # "fewstep", "torch-eager", "torch-compile", "ort-steps"
+    backend = ""
+    graph: str | None = None
+    mode: str | None = None
+    precision = "fp32"
+    device = "cpu"         # "cpu" or "cuda"
+    model = ""
+    memory = "device-wide"  # or "torch"
+
+    def unavailable(self) -> str | None:
+        """Why this path cannot run at all here (one 'unavailable' row), or None."""
+        return None
+
+    def supports(self, steps: int, batch: int) -> str | None:
+        """Why this configuration does not exist (an 'n/a' row), or None."""
+        return None
+
+    def load(self, steps: int, batch: int) -> float | None:
+        """Load what (steps, batch) needs; seconds spent, or None if already loaded."""
+        return None
+
+    def load_key(self, steps: int) -> Any:
+        """Which loaded object (steps, batch) uses: its load time is the row's load_ms."""
+        return None
+
+    def call(self, steps: int, batch: int) -> Callable[[int], np.ndarray]:
+        """The end-to-end call: i → (batch, H, W, C) uint8 on the host (seed i % SEEDS)."""
+        raise NotImplementedError
+
+    def verify(self, steps: int) -> None:
+        """After the first call: raise if the path did not run what its name says."""
+        return None
+
+    def network(self, steps: int, batch: int) -> tuple[Callable[[int], Any] | None, str]:
+        """(network-only call, how it is measured) or (None, why not)."""
+        return None, "not measured for this path"
+
+    def close(self) -> None:
+        return None
+
+
+# ---------------------------------------------------------------------------------
+# fewstep's own paths: a Pipeline forced onto one graph kind
+# ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Artifact:
+    """The graph files of one exported model (``--model``), by kind and file type."""
+
+    path: Path
+    meta: ModelMeta
+    label: str  # "fp32", or "fp32 [stem]" where two artifacts share a precision
+    files: dict[str, list[tuple[Path, ModelMeta]]] = field(default_factory=dict)
+
+    @property
+    def precision(self) -> str:
+        return self.meta.graph.precision
+
+    def graphs(self, kind: str, ext: str) -> list[tuple[Path, ModelMeta]]:
+        return [(p, m) for p, m in self.files.get(ext, []) if m.graph.kind == kind]
+
+    def denoiser_onnx(self) -> Path | None:
+        found = self.graphs("denoiser", ".onnx")
+        return found[0][0] if found else None
+
+
+def discover(model: Path) -> Artifact:
+    """Every graph (ONNX and TensorRT plans) of the artifact ``model`` belongs to."""
+    if not model.is_file():
+        raise ArtifactError(
+            f"model file {str(model)!r} does not exist; pass --model PATH to a model.onnx "
+            "made by `fewstep export`"
+        )
+    ext = ".plan" if model.name.endswith(".plan") else ".onnx"
+    if ext == ".onnx" and not model.name.endswith(".onnx"):
+        raise ArtifactError(
+            f"--model {str(model)!r} is neither a .onnx nor a .plan file; pass a model.onnx "
+            "made by `fewstep export`"
+        )
+    stem = artifact.base_stem(model, ext)
+    files: dict[str, list[tuple[Path, ModelMeta]]] = {}
+    for e in (".onnx", ".plan"):
+        found = []
+        for f in artifact.siblings(model.parent / f"{stem}{e}", e):
+            if not f.is_file():
+                continue
+            try:
+                if e == ".onnx":
+                    meta = artifact.read_onnx_meta(f)
+                else:
+                    from fewstep.runtime.plan import load_sidecar
+
+                    meta = load_sidecar(f).meta
+            except (ArtifactError, ValueError, OSError) as err:
+                if f == model:
+                    raise
+                warnings.warn(f"ignoring {f}: {err}", stacklevel=2)
+                continue
+            found.append((f, meta))
+        files[e] = found
+    main = next((m for p, m in files[ext] if p == model), None)
+    assert main is not None
+    return Artifact(model, main, main.graph.precision, files)
+
+
+def check_same_model(arts: Sequence[Artifact]) -> None:
+    a = arts[0].meta
+    for other in arts[1:]:
+        b = other.meta
+        for what, x, y in (("source_hash", a.source_hash, b.source_hash),
+                           ("image shape", a.image_shape, b.image_shape),
+                           ("schedule", a.schedule, b.schedule),
+                           ("prediction type", a.prediction_type, b.prediction_type),
+                           ("classes", a.num_classes, b.num_classes)):
+            if x != y:
+                raise ArtifactError(
+                    f"--model {other.path} is another model than {arts[0].path}: its {what} "
+                    f"differs ({y!r} vs {x!r}); pass artifacts exported from one checkpoint"
+                )
+
+
+def label_artifacts(arts: Sequence[Artifact]) -> None:
+    """Precision as the label; add the file stem where two artifacts share a precision."""
+    for a in arts:
+        twins = [b for b in arts if b.precision == a.precision]
+        a.label = a.precision if len(twins) == 1 else f"{a.precision} [{a.path.stem}]"
+
+
+class FewstepPath(BenchPath):
+    """``Pipeline.from_graphs`` over one graph of one kind: the graph choice is forced."""
+
+    family = "fewstep"
+    path = "fewstep"
+
+    def __init__(self, art: Artifact, backend: str, kind: str, work: Workload,
+                 options: dict[str, Any]) -> None:
+        self.art, self.backend, self.graph, self.work = art, backend, kind, work
+        self.kind = kind
+        self.name = f"fewstep {backend} {kind} {art.label}"
+        self.precision = art.precision
+        self.device = "cpu" if backend == "ort-cpu" else "cuda"
+        self.ext = ".plan" if backend == "tensorrt" else ".onnx"
+        self.files = art.graphs(kind, self.ext)
+        self.model = str(self.files[0][0]) if self.files else str(art.path)
+        self.options = options
+        self._pipes: dict[Path, Any] = {}
+
+    def unavailable(self) -> str | None:
+        reason = backends.availability().get(self.backend)
+        if reason:
+            return reason
+        if not self.files:
+            what = "TensorRT plan" if self.ext == ".plan" else "ONNX graph"
+            fix = ("build it with `fewstep build`" if self.ext == ".plan"
+                   else f"export it with `fewstep export --fused {self.kind}`"
+                   if self.kind != "denoiser" else "re-export the model")
+            return f"{self.art.path.name} has no {self.kind} {what}; {fix}"
+        if self.work.guidance is not None and not self.files[0][1].graph.guidance:
+            return (f"the {self.kind} graph was exported without --guidance but the benchmark "
+                    f"uses guidance={self.work.guidance}")
+        return None
+
+    def _file(self, steps: int) -> Path | None:
+        if self.kind != "sampler":
+            return self.files[0][0]
+        for p, m in self.files:
+            g = m.graph
+            if g.steps == steps and g.spacing == self.work.spacing and abs(g.eta) < 1e-12:
+                return p
+        return None
+
+    def supports(self, steps: int, batch: int) -> str | None:
+        if self._file(steps) is None:
+            have = sorted({m.graph.steps for _, m in self.files})
+            return (f"no sampler graph for {steps} steps (the artifact has one for "
+                    f"{', '.join(map(str, have)) or 'none'})")
+        return None
+
+    def load(self, steps: int, batch: int) -> float | None:
+        file = self._file(steps)
+        assert file is not None
+        if file in self._pipes:
+            return None
+        from fewstep.runtime.pipeline import Pipeline
+
+        t0 = time.perf_counter()
+        graph = backends.load(str(file), self.backend, **self.options)
+        self._pipes[file] = Pipeline.from_graphs([graph])
+        return time.perf_counter() - t0
+
+    def _pipe(self, steps: int) -> Any:
+        file = self._file(steps)
+        assert file is not None
+        return self._pipes[file]
+
+    def call(self, steps: int, batch: int) -> Callable[[int], np.ndarray]:
+        pipe = self._pipe(steps)
+        g = self.work.guidance
+        spacing = self.work.spacing
+
+        def run(i: int) -> np.ndarray:
+            out: np.ndarray = pipe.generate(batch, steps, seed=i % SEEDS, guidance=g,
+                                            spacing=spacing, batch_size=batch)
+            return out
+
+        return run
+
+    def load_key(self, steps: int) -> Any:
+        return self._file(steps)
+
+    def verify(self, steps: int) -> None:
+        info = self._pipe(steps).last_info
+        took = None if info is None else info.path
+        if took != self.kind:
+            raise RuntimeError(f"the pipeline ran its {took} path, not {self.kind}")
+
+    def host_feeds(self, steps: int, batch: int) -> dict[str, np.ndarray]:
+        """Real inputs of the graph at step 0 (x = seed-0 noise), like the pipeline's,
+        shaped and typed by the graph I/O contract."""
+        meta = self._pipe(steps).graphs[0].meta
+        plan = self.work.plan(steps)
+        values: dict[str, Any] = {
+            "x": self.work.noise(0, batch), "t": plan.timesteps[0], "a_t": plan.a_t[0],
+            "a_prev": plan.a_prev[0], "eta": plan.eta, "noise": 0.0,
+            "label": self.work.labels(batch),
+            "guidance": 1.0 if self.work.guidance is None else self.work.guidance,
+        }
+        out = {}
+        for name, spec in meta.io.inputs.items():
+            out[name] = np.empty(spec.shape(batch), spec.dtype)
+            out[name][...] = values[name]
+        return out
+
+    def network(self, steps: int, batch: int) -> tuple[Callable[[int], Any] | None, str]:
+        graph = self._pipe(steps).graphs[0]
+        launches = 1 if self.kind == "sampler" else steps
+        net = graph.network_run(self.host_feeds(steps, batch), launches)
+        return (lambda _: net.call()), net.method
+
+    def close(self) -> None:
+        for pipe in self._pipes.values():
+            for g in pipe.graphs:
+                closer = getattr(g, "close", None)
+                if callable(closer):
+                    with contextlib.suppress(Exception):
+                        closer()
+        self._pipes.clear()
