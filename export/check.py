@@ -103,6 +103,19 @@ def unsupported_reason(error: Exception, precision: str, provider: str) -> str |
     return f"ONNX Runtime {ort.__version__} {where} has no {dtype} kernel for {what}"
 
 
+def _load_error(path: Path, provider: str, error: Exception) -> ArtifactError:
+    """ONNX Runtime could not open a graph (damaged weights, a foreign or edited file)."""
+    import onnxruntime as ort
+
+    first = next((ln.strip() for ln in str(error).splitlines() if ln.strip()),
+                 type(error).__name__)
+    return ArtifactError(
+        f"ONNX Runtime {ort.__version__} ({PROVIDERS[provider]}) cannot load {path.name}: "
+        f"{first[:300]}; the file or its weights are damaged or were edited: re-export the "
+        "model with `fewstep export`"
+    )
+
+
 def _to_255(x: NDArray[Any]) -> NDArray[np.float64]:
     """Final samples in model range → unrounded 0..255 values (B, H, W, C)."""
     pixels = (np.clip(x.astype(np.float64), -1.0, 1.0) + 1.0) * 127.5
@@ -221,7 +234,7 @@ def check_artifact(
             except Exception as e:  # onnxruntime raises its own (pybind) exception types
                 reason = unsupported_reason(e, g.precision, provider)
                 if reason is None:
-                    raise
+                    raise _load_error(path, provider, e) from None
                 whats = (["network output, random inputs"] if g.kind == "denoiser" else [])
                 rows += [ParityRow(path.name, g.kind, g.precision, provider, what, math.nan,
                                    math.nan, gate, skipped=reason)

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from . import artifact, clitools
+from .errors import inert
 
+MAX_LINE = 4000  # characters of one line of the report (a long class list is elided)
 TRAIN_HIGHLIGHTS = ("data", "preset", "image_size", "steps", "batch_size", "lr",
                     "ema_decay", "cfg_dropout", "seed")
 
@@ -152,7 +154,9 @@ def render(info: dict[str, Any]) -> str:
         lines.append(f"  Jetson       {j['model']}, L4T {j['l4t_release'] or '?'}")
         lines.append(f"  power mode   {j['power_mode'] or 'unknown (nvpmodel -q failed)'}")
         lines.append(f"  clocks       {j['clocks'] or 'unknown (jetson_clocks --show needs root)'}")
-    return "\n".join(lines)
+    # Class names, versions, training settings and file names come from the files: shown
+    # with every unprintable character escaped, so none can act on the terminal.
+    return "\n".join(inert(line, limit=MAX_LINE) for line in lines)
 
 
 def body(args: argparse.Namespace) -> int:

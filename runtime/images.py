@@ -24,6 +24,8 @@ from .fileio import atomic_path
 
 GRID_PAD: Final = 2
 MAX_SCALE_GUESS: Final = 64  # enlargements tried when asking whether an image is a grid
+MAX_INPUT_PIXELS: Final = 50_000_000  # an init image or mask, checked before decoding
+MAX_INPUT_BYTES: Final = 256 * 1024**2  # its file, checked before reading
 MAX_GRID_PIXELS: Final = 100_000_000  # 100 megapixels: ~300 MB as RGB, ~1 GB while saving
 # Largest width or height some formats can store (Pillow would fail or shrink the image).
 MAX_SIDE: Final = {"JPEG": 65_500, "WEBP": 16_383, "GIF": 65_535, "ICO": 256, "ICNS": 1024}
@@ -145,22 +147,51 @@ def save_image(array: NDArray[np.uint8], path: str | os.PathLike[str], scale: in
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             img.save(f, format=fmt, **extra)
     except (OSError, ValueError, KeyError) as e:
-        if isinstance(e, OSError) and e.filename:  # the file system, not the encoder
-            raise
-        raise ValueError(f"Pillow cannot write {os.fspath(path)!r} as {fmt} ({e}); write a "
-                         ".png instead") from None
+        if isinstance(e, OSError) and (e.filename or e.errno):  # the file system (a full
+            raise  # disk, a read-only mount): the CLI names it and the fix; not the encoder
+        other = "; write a .png instead" if fmt != "PNG" else ""
+        raise ValueError(f"Pillow cannot write {os.fspath(path)!r} as {fmt} ({e}){other}"
+                         ) from None
+
+
+class _TooLarge(ValueError):
+    """An input image over ``MAX_INPUT_PIXELS`` (found from its header, before decoding)."""
 
 
 def _open(path: str | os.PathLike[str]) -> Any:
-    """An image file as a loaded PIL image, or a ValueError naming the file."""
+    """An image file as a loaded PIL image, or a ValueError naming the file; its size in
+    bytes and in pixels is checked before it is decoded."""
     from PIL import Image, UnidentifiedImageError
 
+    name = os.fspath(path)
     try:
-        with Image.open(path) as im:
+        size_bytes = os.stat(path).st_size
+    except OSError as e:
+        raise ValueError(f"cannot read image {name!r}: {e.strerror}") from None
+    if size_bytes > MAX_INPUT_BYTES:
+        raise ValueError(f"image {name!r} is {size_bytes:,} bytes, over the limit of "
+                         f"{MAX_INPUT_BYTES:,} for an input image; pass a smaller image")
+    try:
+        with warnings.catch_warnings():
+            # Pillow's own bomb warning: the size is checked below, before decoding.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path)
+        with opened as im:
+            w, h = im.size
+            if w * h > MAX_INPUT_PIXELS:
+                raise _TooLarge(f"image {name!r} is {w}x{h} pixels, over the limit of "
+                                 f"{MAX_INPUT_PIXELS:,} for an input image; pass a smaller "
+                                 "image")
             im.load()
             return im.copy()
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
-        raise ValueError(f"cannot read image {os.fspath(path)!r}: {e}") from None
+    except Image.DecompressionBombError:
+        raise ValueError(f"image {name!r} declares more pixels than Pillow decodes "
+                         f"(a decompression bomb?); the limit for an input image is "
+                         f"{MAX_INPUT_PIXELS:,} pixels: pass a smaller image") from None
+    except _TooLarge:
+        raise
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise ValueError(f"cannot read image {name!r}: {e}") from None
 
 
 def _to_mode(im: Any, channels: int) -> Any:

@@ -41,7 +41,7 @@ from . import artifact, backends, ddim, sampling
 from . import noise as host_noise
 from .backends import Array, Graph
 from .clitools import plural
-from .errors import ArtifactError, NumericalError
+from .errors import ArtifactError, NumericalError, inert
 from .fileio import check_writable_target
 from .images import (
     grid,
@@ -211,7 +211,7 @@ class Pipeline:
         main = backends.load(name, concrete, **backend_options)
         art = artifact.Artifact.open(p)
         for bad in art.rejected:
-            warnings.warn(f"ignoring {bad.path}: {bad.problem}", stacklevel=2)
+            warnings.warn(inert(f"ignoring {bad.path}: {bad.problem}", 2000), stacklevel=2)
 
         def opener(file: str) -> Callable[[], Graph]:
             return lambda: backends.load(file, concrete, **backend_options)
@@ -277,7 +277,7 @@ class Pipeline:
                     entry.graph = entry.opener()
                 except ArtifactError as e:
                     entry.failed = True
-                    warnings.warn(f"ignoring {entry.path}: {e}", stacklevel=4)
+                    warnings.warn(inert(f"ignoring {entry.path}: {e}", 2000), stacklevel=4)
             return entry.graph
 
     # -- choosing a graph ---------------------------------------------------------------
