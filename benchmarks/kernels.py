@@ -120,7 +120,7 @@ def paths(model: Path, checkpoint: Path, steps: int, batch: int,
           modes: list[str]) -> list[tuple[str, Any]]:
     """(name, BenchPath) for every path this script profiles, built from the bench suite's
     own classes so that the work is exactly what `fewstep bench` times."""
-    from fewstep.runtime.sampling import DEFAULT_SPACING
+    from fewstep.runtime.sampling import default_spacing
 
     from . import baselines as bl
     from .latency import Cuda, FewstepPath, Workload, discover
@@ -132,7 +132,7 @@ def paths(model: Path, checkpoint: Path, steps: int, batch: int,
     if not src.cuda:
         raise ValueError("torch sees no CUDA GPU: this profile needs one")
     g = 2.0 if meta.conditional and art.meta.graph.guidance else None  # fewstep bench's default
-    work = Workload(meta, meta.distilled_spacing or DEFAULT_SPACING, g)
+    work = Workload(meta, default_spacing(meta), g)
     cuda = Cuda(probe=True)
     out: list[tuple[str, Any]] = [
         ("fewstep ort-cuda sampler fp32, CUDA graph",
