@@ -29,7 +29,7 @@ from fewstep.runtime.clitools import Progress
 from fewstep.runtime.fileio import fsync_file
 from fewstep.runtime.meta import META_KEY, ModelMeta
 from fewstep.runtime.plan import file_lock
-from fewstep.runtime.sampling import DEFAULT_SPACING, SamplingPlan
+from fewstep.runtime.sampling import SamplingPlan, default_spacing
 
 from .graphs import DenoiserGraph, SamplerGraph, StepGraph
 
@@ -104,7 +104,7 @@ def check_options_against(meta: ModelMeta, options: ExportOptions) -> None:
 
 
 def _spacing(meta: ModelMeta) -> str:
-    return meta.distilled_spacing or DEFAULT_SPACING
+    return default_spacing(meta)
 
 
 # ---------------------------------------------------------------------------------

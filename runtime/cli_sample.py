@@ -60,7 +60,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                         "strong for these models; needs a graph exported with --guidance)")
     p.add_argument("--spacing", choices=ddim.SPACINGS, default=None,
                    help="timestep spacing (default: the model's distilled spacing, else "
-                        "trailing)")
+                        "its schedule's: trailing for fewstep's own models)")
     p.add_argument("--init-image", type=Path, default=None,
                    help="start from this image (img2img); another size is resized to the "
                         "model's, with a warning (pass a single image, not a grid)")

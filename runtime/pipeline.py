@@ -117,7 +117,7 @@ def default_steps(meta: ModelMeta, graphs: list[dict[str, Any]], spacing: str | 
     first), else ``sampling.FALLBACK_STEPS``. ``graphs``: ``graph_summary`` dicts."""
     if meta.distilled_steps:
         return meta.distilled_steps[-1]
-    spacing = spacing or meta.distilled_spacing or sampling.DEFAULT_SPACING
+    spacing = spacing or sampling.default_spacing(meta)
     samplers = [g for g in graphs if g.get("kind") == "sampler"]
     if not samplers:
         return sampling.FALLBACK_STEPS
@@ -396,11 +396,11 @@ class Pipeline:
         ``labels``: None (cycle the classes), a class index or name for all, or one per
         image. ``guidance``: classifier-free guidance scale (needs a graph exported
         with --guidance; None = the conditional model). ``spacing``: default the
-        model's distilled spacing, else trailing. ``init_image`` + ``strength`` < 1:
-        img2img; ``mask`` (1 = regenerate, 0 = keep): inpainting; each a file path, a PIL
-        image or an array of any size (another size is resized, with a warning; see
-        ``images.init_images`` and ``images.masks``). ``progress(done,
-        total)`` is called after each batch.
+        model's distilled spacing, else its schedule's (trailing for fewstep's own
+        models). ``init_image`` + ``strength`` < 1: img2img; ``mask`` (1 = regenerate, 0 =
+        keep): inpainting; each a file path, a PIL image or an array of any size (another
+        size is resized, with a warning; see ``images.init_images`` and ``images.masks``).
+        ``progress(done, total)`` is called after each batch.
         """
         out: U8 = self._generate(n, steps, eta, seed, labels, guidance, spacing, init_image,
                                  strength, mask, batch_size, progress, want_float=False)
@@ -441,8 +441,7 @@ class Pipeline:
         seed = host_noise.check_seed(seed)
         if steps is None:
             steps = self.default_steps(spacing, eta)
-        spacing = spacing if spacing is not None else (
-            meta.distilled_spacing or sampling.DEFAULT_SPACING)
+        spacing = spacing if spacing is not None else sampling.default_spacing(meta)
         self._check_steps(steps)
         plan = self._plan(steps, spacing, eta, strength)
         if init_image is None and mask is not None:
