@@ -30,10 +30,16 @@ labels L and guidance G gets the images ``Pipeline.generate(n, steps, eta, S, L,
 returns (up to ONNX Runtime's float rounding on another device). Triton's dynamic
 batcher hands several requests to ``execute`` at once: their rows run through the
 graph together, grouped by (steps, eta), at most ``max_batch_size`` rows per run.
+
+Tensors cross into and out of the backend through DLPack, not ``as_numpy()`` /
+``Tensor(name, array)``: those go through the pybind11 NumPy API the backend stub was
+compiled with, and a stub built against NumPy 1.x misreads NumPy 2 arrays (inputs
+arrive with wrong values, outputs with zero bytes). DLPack reads the same under both.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -179,16 +185,22 @@ def check_request(graph: Graph, request: Mapping[str, Array | None],
         if not meta.graph.guidance:
             raise ValueError("guidance needs a graph exported with --guidance; leave it out")
         guidance = guidance.astype(np.float32)
-        if not np.all(np.isfinite(guidance) & (guidance >= 0) & (guidance <= 50)):
-            raise ValueError("guidance must be in [0, 50] (1 = no guidance)")
+        bad_g = guidance[~(np.isfinite(guidance) & (guidance >= 0) & (guidance <= 50))]
+        if bad_g.size:
+            raise ValueError(f"guidance {float(bad_g[0])} is outside [0, 50]; pass a finite "
+                             "scale (1 = no guidance)")
     steps = (np.full(n, defaults.steps, np.int64) if cols["steps"] is None
              else cols["steps"].astype(np.int64))
     T = meta.schedule.num_train_timesteps
-    if np.any((steps < 1) | (steps > T)):
-        raise ValueError(f"steps must be in 1..{T} (num_train_timesteps of the model)")
+    bad_s = steps[(steps < 1) | (steps > T)]
+    if bad_s.size:
+        raise ValueError(f"steps {int(bad_s[0])} is outside 1..{T} (num_train_timesteps of "
+                         f"the model); pass steps in 1..{T}")
     eta = np.zeros(n, np.float32) if cols["eta"] is None else cols["eta"].astype(np.float32)
-    if not np.all((eta >= 0) & (eta <= 1)):
-        raise ValueError("eta must be in [0, 1] (0 = deterministic DDIM)")
+    bad_e = eta[~((eta >= 0) & (eta <= 1))]
+    if bad_e.size:
+        raise ValueError(f"eta {float(bad_e[0])} is outside [0, 1]; pass 0 (deterministic "
+                         "DDIM) ... 1")
     return {"seed": seeds, "label": labels, "guidance": guidance, "steps": steps, "eta": eta}
 
 
@@ -236,6 +248,37 @@ def run_requests(graph: Graph, requests: Sequence[Mapping[str, Array | None]],
     return results
 
 
+_DLTENSOR: Any = b"dltensor"  # module constants: a capsule keeps a pointer to its name
+_USED_DLTENSOR: Any = b"used_dltensor"
+_capsule_get = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+    ("PyCapsule_GetPointer", ctypes.pythonapi))
+_capsule_rename = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.py_object, ctypes.c_char_p)(
+    ("PyCapsule_SetName", ctypes.pythonapi))
+_capsule_new = ctypes.PYFUNCTYPE(ctypes.py_object, ctypes.c_void_p, ctypes.c_char_p,
+                                 ctypes.c_void_p)(("PyCapsule_New", ctypes.pythonapi))
+
+
+def dlpack_capsule(array: Array) -> Any:
+    """A DLPack capsule of ``array`` (C-contiguous) that the backend takes over.
+
+    The backend marks a capsule it consumed with a name NumPy's capsule destructor does
+    not know ("used_dlpack"), so NumPy's own capsule would report an error for every
+    response. The managed tensor goes into a capsule without a destructor instead, and
+    NumPy's capsule is marked used, as the DLPack protocol asks of a consumer. The
+    backend calls the tensor's deleter when it has copied the data, which releases the
+    array.
+    """
+    own = np.ascontiguousarray(array).__dlpack__()
+    pointer = _capsule_get(own, _DLTENSOR)
+    _capsule_rename(own, _USED_DLTENSOR)
+    return _capsule_new(pointer, _DLTENSOR, None)
+
+
+def input_array(tensor: Any) -> Array:
+    """A request input as a NumPy array (a copy: the request's memory is the server's)."""
+    return np.array(np.from_dlpack(tensor))
+
+
 def graph_backend(kind: str, device_id: int, backend: str,
                   path: str) -> tuple[str, dict[str, Any]]:
     """The fewstep backend name and options for a Triton instance of ``kind``.
@@ -275,7 +318,7 @@ class TritonPythonModel:
             feeds: dict[str, Array | None] = {}
             for name in INPUTS:
                 tensor = pb_utils.get_input_tensor_by_name(request, name)
-                feeds[name] = None if tensor is None else tensor.as_numpy()
+                feeds[name] = None if tensor is None else input_array(tensor)
             arrays.append(feeds)
         responses = []
         for result in run_requests(self.graph, arrays, self.defaults, self.max_batch):
@@ -284,7 +327,8 @@ class TritonPythonModel:
                     output_tensors=[], error=pb_utils.TritonError(str(result))))
             else:
                 responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[pb_utils.Tensor(OUTPUT, result)]))
+                    output_tensors=[pb_utils.Tensor.from_dlpack(OUTPUT,
+                                                                dlpack_capsule(result))]))
         return responses
 
     def finalize(self) -> None:
