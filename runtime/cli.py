@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "check": ("fewstep.export.cli_check", "parity gate: ONNX vs the PyTorch reference [torch]"),
     "build": ("fewstep.export.cli_build", "ONNX -> TensorRT plan + sidecar [tensorrt]"),
     "bench": ("fewstep.benchmarks.cli", "latency benchmark suite"),
+    "serve": ("fewstep.export.serve", "run a Triton repository's Python models [serve]"),
     "distill": ("fewstep.train.cli_distill", "progressive distillation to few steps [torch]"),
     "eval": ("fewstep.train.cli_eval", "sample quality: feature-space Frechet distance [torch]"),
 }

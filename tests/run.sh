@@ -16,7 +16,14 @@ py="$venv/bin/python"
 "$py" -m pip install -q --upgrade pip
 # The CPU build of PyTorch, pinned: an unpinned torch pulls a multi-GB CUDA build.
 "$py" -m pip install -q "torch==2.13.0"
-"$py" -m pip install -q -e ".[train,export,bench,triton,dev]"
+"$py" -m pip install -q -e ".[train,export,bench,triton,serve,dev]"
+# The Triton server that tests/test_serve.py runs: a binary inside this wheel (Linux
+# x86-64 only; elsewhere those tests skip with the reason). --no-deps: see pyproject's
+# serve extra.
+if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then
+  "$py" -m pip install -q --no-deps "nvidia-pytriton==0.7.0" \
+    || echo "nvidia-pytriton did not install (it needs glibc >= 2.35): test_serve.py skips"
+fi
 
 echo "== ruff"
 "$venv/bin/ruff" check .
