@@ -30,12 +30,39 @@ Timesteps run from T-1 down to 0; a sampler visits ``timesteps(T, steps, spacing
 in order and the *previous* timestep of entry i is entry i+1 (never ``t - T // steps``,
 which is wrong for trailing and linspace spacing). After the last entry comes the
 final alpha: 1.0 with ``set_alpha_to_one`` (the clean image), else alphas_cumprod[0].
+
+Relation to diffusers' ``DDIMScheduler`` / ``DDPMScheduler`` (the options of their
+configs that fewstep reproduces: ``num_train_timesteps``, ``beta_schedule``,
+``beta_start``/``beta_end``, ``trained_betas``, ``rescale_betas_zero_snr``,
+``prediction_type``, ``timestep_spacing``, ``steps_offset``, ``set_alpha_to_one``,
+``clip_sample``/``clip_sample_range``):
+
+* The tables are the same formulas in float64; diffusers keeps them in float32 (they
+  agree to float32 rounding: relative 1e-6, 4e-5 where ᾱ nears zero terminal SNR).
+* ``timesteps`` returns what ``set_timesteps(steps)`` gives, for every spacing; like
+  diffusers, ``steps_offset`` shifts leading spacing only. One exception: for some
+  step counts (T=100 with 29 or 31 trailing steps) diffusers' trailing sequence has a
+  ``steps + 1``-th entry, -1, whose step would read ᾱ_{T-1} (pure noise) at the very
+  end; fewstep stops after ``steps`` entries.
+* ``DDIMScheduler.step`` takes the previous timestep as ``t - T // steps``. That is the
+  next entry of the sequence for leading spacing, but not for trailing or linspace
+  spacing whenever ``T / steps`` is not a whole number (T=1000, 3 trailing steps visit
+  999, 666, 332; diffusers steps 666 → 333 instead of 666 → 332 and 332 → final alpha
+  — the last image sits at another noise level than the one it was asked for), nor for
+  leading spacing with ``steps_offset >= T // steps``, where diffusers' last step lands
+  at ``alphas_cumprod[steps_offset - T // steps]`` instead of the final alpha. fewstep
+  always takes the next entry, then the final alpha: what
+  ``DDPMScheduler.previous_timestep`` returns (diffusers' DDPM has no
+  ``set_alpha_to_one``: its final alpha is always 1.0). Wherever the two previous
+  timesteps coincide, ``step`` equals ``DDIMScheduler.step`` (also for eta > 0: σ_t is
+  the same formula, and ε is the network's, as with ``use_clipped_model_output=False``).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Sequence
 from typing import Any, Final, Literal
 
 import numpy as np
@@ -128,24 +155,60 @@ def rescale_zero_terminal_snr(betas: F64) -> F64:
     return 1.0 - alphas
 
 
+def check_trained_betas(trained_betas: Sequence[float], num_train_timesteps: int) -> F64:
+    """``trained_betas`` as float64 after checking it: one β per training timestep, each
+    a finite number in (0, 1)."""
+    n = _positive_int("num_train_timesteps", num_train_timesteps)
+    if len(trained_betas) != n:
+        raise ValueError(
+            f"trained_betas has {len(trained_betas)} values for num_train_timesteps={n}; "
+            f"pass one beta per training timestep ({n} values)"
+        )
+    if not all(
+        not isinstance(b, (bool, np.bool_)) and isinstance(b, (int, float, np.number))
+        for b in trained_betas
+    ):
+        raise ValueError("trained_betas must be a list of numbers; pass e.g. [0.0001, ...]")
+    betas = np.asarray(trained_betas, dtype=np.float64)
+    inside = np.isfinite(betas) & (betas > 0) & (betas < 1)
+    if not np.all(inside):
+        i = int(np.argmin(inside))
+        raise ValueError(
+            f"trained_betas[{i}]={float(betas[i])!r} is not in (0, 1); every beta must be a "
+            "finite number with 0 < beta < 1"
+        )
+    return betas
+
+
 def alphas_cumprod(
     beta_schedule: str = "linear",
     num_train_timesteps: int = 1000,
     beta_start: float = 1e-4,
     beta_end: float = 0.02,
     rescale_zero_snr: bool = False,
+    trained_betas: Sequence[float] | None = None,
 ) -> F64:
-    """ᾱ_t for t = 0..T-1, float64, strictly decreasing (computed once, copied out)."""
+    """ᾱ_t for t = 0..T-1, float64, strictly decreasing (computed once, copied out).
+
+    ``trained_betas`` (one β per timestep), when given, replaces the named schedule
+    and its ``beta_start``/``beta_end``, as in diffusers.
+    """
+    trained = None if trained_betas is None else tuple(
+        check_trained_betas(trained_betas, num_train_timesteps).tolist())
     table = _alphas_cumprod(str(beta_schedule), int(num_train_timesteps), float(beta_start),
-                            float(beta_end), bool(rescale_zero_snr))
+                            float(beta_end), bool(rescale_zero_snr), trained)
     return np.array(table, dtype=np.float64)  # a copy: callers may modify theirs
 
 
 @functools.lru_cache(maxsize=32)
 def _alphas_cumprod(beta_schedule: str, num_train_timesteps: int, beta_start: float,
-                    beta_end: float, rescale_zero_snr: bool) -> F64:
+                    beta_end: float, rescale_zero_snr: bool,
+                    trained_betas: tuple[float, ...] | None) -> F64:
     # Cached: the cosine table is a 1000-step Python loop, and every generate() asks.
-    betas = betas_for(beta_schedule, num_train_timesteps, beta_start, beta_end)
+    if trained_betas is not None:  # checked by the caller
+        betas = np.array(trained_betas, dtype=np.float64)
+    else:
+        betas = betas_for(beta_schedule, num_train_timesteps, beta_start, beta_end)
     if rescale_zero_snr:
         betas = rescale_zero_terminal_snr(betas)
     table = np.cumprod(1.0 - betas).astype(np.float64)
@@ -168,6 +231,7 @@ def timesteps(
 
     ``leading``  (DDIM paper, diffusers' default): ``arange(steps) * (T // steps) + steps_offset``
     ``trailing`` (Lin et al. 2024, table 2): ``round(T - i * T / steps) - 1``; starts at T-1
+    (ties rounded as diffusers' float arithmetic rounds them)
     ``linspace``: ``round(linspace(0, T-1, steps))``; starts at T-1, ends at 0
     """
     t_max = _positive_int("num_train_timesteps", num_train_timesteps)
@@ -196,7 +260,10 @@ def timesteps(
                 f"with steps={n}; pass 0 <= steps_offset <= {t_max - 1 - int(ts[0] - steps_offset)}"
             )
     elif spacing == "trailing":
-        ts = np.round(t_max - np.arange(n, dtype=np.float64) * (t_max / n)).astype(np.int64) - 1
+        # diffusers' arithmetic to the bit: where T * i / steps is a tie (k + 0.5), the
+        # rounding error of arange's float step decides, as it does in diffusers. arange
+        # can also overshoot by one entry (a last "timestep" -1 in diffusers): dropped.
+        ts = (np.round(np.arange(t_max, 0, -(t_max / n))).astype(np.int64) - 1)[:n]
     else:
         ts = np.round(np.linspace(0.0, t_max - 1, n, dtype=np.float64))[::-1].astype(np.int64)
     assert np.all(np.diff(ts) < 0) and ts[-1] >= 0 and ts[0] <= t_max - 1, ts

@@ -314,3 +314,42 @@ def test_zero_terminal_snr_with_one_timestep_is_refused() -> None:
         ddim.alphas_cumprod("linear", 1, rescale_zero_snr=True)
     ac = ddim.alphas_cumprod("linear", 2, rescale_zero_snr=True)
     assert np.all(np.isfinite(ac)) and ac[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_trained_betas_replace_the_named_schedule() -> None:
+    betas = np.linspace(2e-4, 0.03, 50)
+    ac = ddim.alphas_cumprod("squaredcos_cap_v2", 50, trained_betas=betas.tolist())
+    assert ac.dtype == np.float64
+    np.testing.assert_array_equal(ac, np.cumprod(1.0 - betas))
+    ac[0] = 5.0  # a copy: the cached table is not touched
+    assert ddim.alphas_cumprod("linear", 50, trained_betas=tuple(betas))[0] == 1.0 - betas[0]
+    rescaled = ddim.alphas_cumprod(num_train_timesteps=50, trained_betas=betas,
+                                   rescale_zero_snr=True)
+    assert rescaled[-1] == 0.0 and rescaled[0] == pytest.approx(1.0 - betas[0])
+
+
+@pytest.mark.parametrize(
+    ("betas", "message"),
+    [
+        ([0.01] * 9, "trained_betas has 9 values for num_train_timesteps=10; pass one beta per "
+         "training timestep (10 values)"),
+        ([0.01] * 9 + [1.0], "trained_betas[9]=1.0 is not in (0, 1)"),
+        ([0.0] + [0.01] * 9, "trained_betas[0]=0.0 is not in (0, 1)"),
+        ([float("nan")] * 10, "trained_betas[0]=nan is not in (0, 1)"),
+        (["0.1"] * 10, "trained_betas must be a list of numbers"),
+        ([True] * 10, "trained_betas must be a list of numbers"),
+    ],
+)
+def test_trained_betas_are_checked(betas: list, message: str) -> None:
+    with pytest.raises(ValueError) as e:
+        ddim.alphas_cumprod(num_train_timesteps=10, trained_betas=betas)
+    assert message in str(e.value)
+
+
+def test_trailing_spacing_rounds_ties_and_stops_at_steps_entries() -> None:
+    # T * i / steps = 12.5 at i = 3: the float step of arange (diffusers' arithmetic)
+    # rounds it to 13, so the 4th timestep is 100 - 13 - 1 = 86.
+    assert ddim.timesteps(100, 24, "trailing")[3] == 86
+    # np.arange(100, 0, -100 / 29) has 30 entries (the last ~1e-14 → -1): 29 are kept.
+    ts = ddim.timesteps(100, 29, "trailing")
+    assert len(ts) == 29 and ts[-1] == 2
