@@ -25,8 +25,12 @@ from numpy.typing import NDArray
 from . import ddim
 from .errors import ArtifactError
 
-SCHEMA_VERSION: Final = 1
+# 2: the schedule records trained_betas and timestep_spacing; a version-1 document reads
+# as version 2 with no trained betas and trailing spacing (what version 1 meant).
+SCHEMA_VERSION: Final = 2
 META_KEY: Final = "fewstep.meta"
+DEFAULT_SPACING: Final = "trailing"
+MAX_TRAIN_TIMESTEPS: Final = 100_000
 
 GRAPH_KINDS: Final = ("denoiser", "step", "sampler")
 PRECISIONS: Final = ("fp32", "fp16", "bf16")
@@ -46,7 +50,14 @@ def _check_choice(where: str, value: object, allowed: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class Schedule:
-    """The forward process the model was trained with, and the sampler's fixed choices."""
+    """The forward process the model was trained with, and the sampler's fixed choices.
+
+    ``trained_betas`` (one β per timestep), when not empty, replaces ``beta_schedule``,
+    ``beta_start`` and ``beta_end`` (which are then not used). ``clip_sample_range``
+    None means no clipping of the predicted x0. ``steps_offset`` shifts leading spacing
+    only. ``timestep_spacing`` is the spacing a sampler uses when none is asked for:
+    trailing for fewstep's own models, the scheduler's for an imported one.
+    """
 
     beta_schedule: str = "linear"
     num_train_timesteps: int = 1000
@@ -56,16 +67,26 @@ class Schedule:
     set_alpha_to_one: bool = True
     clip_sample_range: float | None = 1.0
     steps_offset: int = 0
+    trained_betas: tuple[float, ...] = ()
+    timestep_spacing: str = DEFAULT_SPACING
 
     def __post_init__(self) -> None:
         _check_choice("schedule.beta_schedule", self.beta_schedule, ddim.BETA_SCHEDULES)
-        if not 1 <= self.num_train_timesteps <= 100_000:
+        _check_choice("schedule.timestep_spacing", self.timestep_spacing, ddim.SPACINGS)
+        if not 1 <= self.num_train_timesteps <= MAX_TRAIN_TIMESTEPS:
             raise _fail(
                 "schedule.num_train_timesteps",
-                f"{_short(self.num_train_timesteps)} not in 1..100000",
+                f"{_short(self.num_train_timesteps)} not in 1..{MAX_TRAIN_TIMESTEPS}",
             )
-        if not (0 < self.beta_start <= self.beta_end < 1):
-            raise _fail("schedule.beta_start/beta_end", f"{self.beta_start}/{self.beta_end}")
+        uses_range = not self.trained_betas and self.beta_schedule != "squaredcos_cap_v2"
+        if uses_range and not (0 < self.beta_start <= self.beta_end < 1):
+            raise _fail("schedule.beta_start/beta_end", f"{self.beta_start}/{self.beta_end} "
+                        "must satisfy 0 < beta_start <= beta_end < 1")
+        if self.trained_betas:
+            try:
+                ddim.check_trained_betas(self.trained_betas, self.num_train_timesteps)
+            except ValueError as e:
+                raise _fail("schedule.trained_betas", str(e)) from None
         if self.clip_sample_range is not None and not (
             math.isfinite(self.clip_sample_range) and self.clip_sample_range > 0
         ):
@@ -80,14 +101,17 @@ class Schedule:
             self.beta_start,
             self.beta_end,
             self.rescale_zero_terminal_snr,
+            self.trained_betas or None,
         )
 
-    def timesteps(self, steps: int, spacing: str) -> NDArray[np.int64]:
+    def timesteps(self, steps: int, spacing: str | None = None) -> NDArray[np.int64]:
+        """The timesteps of a ``steps``-step sampler; ``spacing`` None = ``timestep_spacing``."""
+        spacing = self.timestep_spacing if spacing is None else spacing
         offset = self.steps_offset if spacing == "leading" else 0
         return ddim.timesteps(self.num_train_timesteps, steps, spacing, offset)
 
     def step_alphas(
-        self, steps: int, spacing: str
+        self, steps: int, spacing: str | None = None
     ) -> tuple[NDArray[np.int64], NDArray[np.float64], NDArray[np.float64]]:
         """(timesteps, a_t, a_prev) for a ``steps``-step sampler."""
         ts = self.timesteps(steps, spacing)
@@ -386,7 +410,11 @@ def _parse(data: object) -> ModelMeta:
     _no_extra(data, top, "")
 
     s = _get(data, "schedule", dict, "")
-    _no_extra(s, {f.name for f in dataclasses.fields(Schedule)}, "schedule")
+    added_in_2 = {"trained_betas", "timestep_spacing"} if version < 2 else set()
+    _no_extra(s, {f.name for f in dataclasses.fields(Schedule)} - added_in_2, "schedule")
+    trained = _get(s, "trained_betas", list, "schedule.", [])
+    if not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in trained):
+        raise _fail("schedule.trained_betas", "must be a list of numbers")
     schedule = Schedule(
         beta_schedule=_get(s, "beta_schedule", str, "schedule."),
         num_train_timesteps=_get(s, "num_train_timesteps", int, "schedule."),
@@ -396,6 +424,8 @@ def _parse(data: object) -> ModelMeta:
         set_alpha_to_one=_get(s, "set_alpha_to_one", bool, "schedule."),
         clip_sample_range=_get(s, "clip_sample_range", (float, type(None)), "schedule."),
         steps_offset=_get(s, "steps_offset", int, "schedule.", 0),
+        trained_betas=tuple(float(b) for b in trained),
+        timestep_spacing=_get(s, "timestep_spacing", str, "schedule.", DEFAULT_SPACING),
     )
     g = _get(data, "graph", dict, "")
     _no_extra(g, {f.name for f in dataclasses.fields(GraphInfo)}, "graph")
@@ -427,5 +457,5 @@ def _parse(data: object) -> ModelMeta:
         train_config=_get(data, "train_config", dict, "", {}),
         source_hash=_get(data, "source_hash", str, "", ""),
         fewstep_version=_get(data, "fewstep_version", str, "", ""),
-        schema_version=version,
+        schema_version=SCHEMA_VERSION,  # an older document is read as its current equivalent
     )

@@ -15,11 +15,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import ddim
+from .meta import DEFAULT_SPACING as DEFAULT_SPACING  # re-exported: callers import it here
 from .meta import ModelMeta
 
 A = Any  # a numpy array or a torch tensor (see ddim.py)
 
-DEFAULT_SPACING = "trailing"
+
+def default_spacing(meta: ModelMeta) -> str:
+    """The spacing a sampler of this model uses when none is asked for: the one it was
+    distilled for, else its schedule's (trailing for fewstep's own models, the
+    scheduler's for an imported one)."""
+    return meta.distilled_spacing or meta.schedule.timestep_spacing
 
 
 @dataclass(frozen=True)
@@ -45,11 +51,13 @@ class SamplingPlan:
         cls,
         meta: ModelMeta,
         steps: int,
-        spacing: str = DEFAULT_SPACING,
+        spacing: str | None = None,
         eta: float = 0.0,
         strength: float = 1.0,
     ) -> SamplingPlan:
         """Validate the sampler arguments against ``meta`` and fix the loop.
+
+        ``spacing`` None is ``default_spacing(meta)``.
 
         ``strength`` < 1 (img2img) skips the first steps: the loop starts at step
         ``steps - round(steps * strength)`` and runs at least one step.
@@ -62,7 +70,8 @@ class SamplingPlan:
             or not 0.0 < strength <= 1.0
         ):
             raise ValueError(f"strength={strength!r} must be in (0, 1]; 1 = ignore the image")
-        ts, a_t, a_prev = meta.schedule.step_alphas(steps, spacing)
+        ts, a_t, a_prev = meta.schedule.step_alphas(
+            steps, default_spacing(meta) if spacing is None else spacing)
         run = max(1, round(len(ts) * strength))
         return cls(
             timesteps=tuple(int(t) for t in ts),

@@ -25,7 +25,7 @@ from fewstep.runtime.backends import ort_options as orto
 from fewstep.runtime.backends.cuda import CudaGraphFallback
 from fewstep.runtime.backends.oracle import make_oracle
 from fewstep.runtime.errors import ArtifactError, BackendUnavailable
-from fewstep.runtime.meta import ModelMeta
+from fewstep.runtime.meta import SCHEMA_VERSION, ModelMeta
 from fewstep.runtime.pipeline import Pipeline
 
 HAS_CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -342,10 +342,10 @@ def test_fixed_batch_is_refused(tmp_path: Path, meta8: ModelMeta) -> None:
         (lambda p, m: oo.write(p, m, oo.pixel_x0(m), metadata=""),
          "has no fewstep metadata (metadata_props['fewstep.meta']); it was not exported by "
          "fewstep: export it with `fewstep export CHECKPOINT`"),
-        (lambda p, m: oo.write(p, m, oo.pixel_x0(m),
-                               metadata=m.to_json().replace('"schema_version": 1',
-                                                            '"schema_version": 2')),
-         "metadata schema version 2 is newer than this fewstep supports (1); upgrade fewstep"),
+        (lambda p, m: oo.write(p, m, oo.pixel_x0(m), metadata=m.to_json().replace(
+            f'"schema_version": {SCHEMA_VERSION}', f'"schema_version": {SCHEMA_VERSION + 1}')),
+         f"metadata schema version {SCHEMA_VERSION + 1} is newer than this fewstep supports "
+         f"({SCHEMA_VERSION}); upgrade fewstep"),
         (lambda p, m: oo.write(p, m, oo.pixel_x0(m), metadata="{not json"),
          "fewstep metadata is not valid JSON"),
         (lambda p, m: oo.write(p, m, oo.pixel_x0(m), unknown_op=True),

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from fewstep.runtime.errors import ArtifactError
-from fewstep.runtime.meta import SCHEMA_VERSION, GraphInfo, ModelMeta, Schedule
+from fewstep.runtime.meta import META_KEY, SCHEMA_VERSION, GraphInfo, ModelMeta, Schedule
 
 
 def make(**kw: object) -> ModelMeta:
@@ -121,3 +122,78 @@ def test_epsilon_with_zero_terminal_snr_is_refused() -> None:
 def test_guidance_needs_classes() -> None:
     with pytest.raises(ArtifactError, match="guidance needs a class-conditional model"):
         make(num_classes=0, class_names=(), graph=GraphInfo(guidance=True))
+
+
+def test_schedule_round_trip_with_trained_betas_and_spacing() -> None:
+    betas = tuple(float(b) for b in (0.001 * (i + 1) for i in range(100)))
+    schedule = Schedule(num_train_timesteps=100, trained_betas=betas,
+                        timestep_spacing="leading", steps_offset=1, clip_sample_range=None,
+                        set_alpha_to_one=False, beta_start=0.0, beta_end=0.0)
+    meta = make(schedule=schedule)
+    again = ModelMeta.from_json(meta.to_json())
+    assert again == meta and again.schedule.trained_betas == betas
+    assert json.loads(meta.to_json())["schema_version"] == SCHEMA_VERSION == 2
+    # trained betas replace the named schedule (whose beta range is then not checked)
+    assert again.schedule.alphas_cumprod()[-1] == pytest.approx(np.prod(1 - np.array(betas)))
+    ts, _, a_prev = again.schedule.step_alphas(4)  # the schedule's own spacing: leading
+    assert ts.tolist() == [76, 51, 26, 1]
+    assert a_prev[-1] == again.schedule.alphas_cumprod()[0]  # set_alpha_to_one=False
+
+
+def version_1_document() -> dict:
+    """What fewstep wrote before the schedule recorded trained betas and spacing."""
+    d = json.loads(make().to_json())
+    del d["schedule"]["trained_betas"], d["schedule"]["timestep_spacing"]
+    d["schema_version"] = 1
+    return d
+
+
+def test_version_1_metadata_reads_as_trailing_spacing_without_trained_betas() -> None:
+    meta = ModelMeta.from_json(json.dumps(version_1_document()))
+    assert meta == make()  # read as its current equivalent
+    assert meta.schema_version == SCHEMA_VERSION
+    assert meta.schedule.timestep_spacing == "trailing" and meta.schedule.trained_betas == ()
+    late = version_1_document()
+    late["schedule"]["timestep_spacing"] = "leading"
+    with pytest.raises(ArtifactError, match=r"schedule: unknown keys \['timestep_spacing'\]"):
+        ModelMeta.from_json(json.dumps(late))
+
+
+def test_shipped_version_1_models_load_unchanged() -> None:
+    from fewstep.runtime import artifact, sampling
+    from fewstep.runtime.models import __file__ as models_init
+
+    folder = Path(models_init).parent
+    onnx_files = sorted(folder.glob("landscapes*.onnx"))
+    assert len(onnx_files) == 3
+    for path in onnx_files:
+        raw = json.loads(artifact.read_onnx_header(path).metadata[META_KEY])
+        assert raw["schema_version"] == 1 and "timestep_spacing" not in raw["schedule"]
+        meta = artifact.read_onnx_meta(path)
+        assert meta.schedule == Schedule(**raw["schedule"])  # every recorded field as written
+        assert meta.schedule.timestep_spacing == "trailing"
+        plan = sampling.SamplingPlan.create(meta, 4)
+        assert plan.timesteps == (999, 749, 499, 249)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"timestep_spacing": "middle"}, "schedule.timestep_spacing: 'middle' is not one of"),
+        ({"timestep_spacing": 3}, "schedule.timestep_spacing: 3 is not str"),
+        ({"trained_betas": [0.1] * 7}, "trained_betas has 7 values for num_train_timesteps=1000"),
+        ({"trained_betas": ["0.1"]}, "schedule.trained_betas: must be a list of numbers"),
+        ({"trained_betas": [True]}, "schedule.trained_betas: must be a list of numbers"),
+        ({"trained_betas": 0.1}, "schedule.trained_betas: 0.1 is not list"),
+        ({"num_train_timesteps": 2, "trained_betas": [0.1, 1.5]},
+         "trained_betas[1]=1.5 is not in (0, 1)"),
+        ({"num_train_timesteps": 1, "trained_betas": [10**400]}, "fewstep metadata is malformed"),
+        ({"beta_start": 0.0}, "schedule.beta_start/beta_end: 0.0/0.02 must satisfy"),
+    ],
+)
+def test_bad_schedules_are_one_artifact_error(changes: dict, message: str) -> None:
+    d = json.loads(make().to_json())
+    d["schedule"].update(changes)
+    with pytest.raises(ArtifactError) as e:
+        ModelMeta.from_json(json.dumps(d), source="model.onnx")
+    assert str(e.value).startswith("model.onnx: ") and message in str(e.value), str(e.value)
