@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fewstep.runtime import backends, clitools
-from fewstep.runtime.sampling import DEFAULT_SPACING
+from fewstep.runtime.sampling import default_spacing
 
 from . import envinfo, report
 from .latency import BASELINES, DEFAULT_BATCHES, DEFAULT_STEPS, Runner, SuiteConfig, unique
@@ -288,7 +288,7 @@ def _workload(cfg: SuiteConfig, arts: Sequence[Artifact]) -> Workload:
                              f"{arts[0].path.name}; pass --steps <= {T}")
     guided = any(m.graph.guidance for a in arts for files in a.files.values() for _, m in files)
     g = cfg.guidance if (meta.conditional and guided) else None
-    return Workload(meta, meta.distilled_spacing or DEFAULT_SPACING, g)
+    return Workload(meta, default_spacing(meta), g)
 
 
 def run(cfg: SuiteConfig, out: Path, log: Callable[[str], None] | None = None,

@@ -196,11 +196,11 @@ def check_artifact(
         if g.kind == "sampler":
             plan = SamplingPlan.create(meta, g.steps, g.spacing, g.eta)
         else:
-            plan = SamplingPlan.create(meta, steps, sampling.DEFAULT_SPACING,
+            plan = SamplingPlan.create(meta, steps, sampling.default_spacing(meta),
                                        eta if g.kind == "step" else 0.0)
         case = _Case(meta, n, seed, plan, guide)
         ref = reference.sample(model, meta, n, plan.steps, eta=plan.eta, seed=seed,
-                               guidance=guide, spacing=g.spacing or sampling.DEFAULT_SPACING)
+                               guidance=guide, spacing=g.spacing or sampling.default_spacing(meta))
         ref_255 = _to_255(ref)
         final_what = f"final images, {plan.steps} steps, eta {plan.eta:g}"
         for provider in providers:

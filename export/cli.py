@@ -39,8 +39,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="step count of a fused sampler graph (repeatable; default 4, or the "
                         "distilled step count)")
     p.add_argument("--spacing", choices=["leading", "trailing", "linspace"], default=None,
-                   help="timestep spacing baked into sampler graphs (default: trailing, or "
-                        "the spacing the model was distilled for); needs --fused sampler")
+                   help="timestep spacing baked into sampler graphs (default: the spacing "
+                        "the model was distilled for, else its schedule's: trailing for "
+                        "fewstep's own models); needs --fused sampler")
     p.add_argument("--eta", type=float, default=None,
                    help="eta baked into sampler graphs (> 0 adds a noise input; default 0); "
                         "needs --fused sampler")

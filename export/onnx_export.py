@@ -26,7 +26,7 @@ from onnx import numpy_helper
 
 from fewstep.runtime import artifact
 from fewstep.runtime.meta import META_KEY, ModelMeta
-from fewstep.runtime.sampling import DEFAULT_SPACING, SamplingPlan
+from fewstep.runtime.sampling import SamplingPlan, default_spacing
 
 from .graphs import DenoiserGraph, SamplerGraph, StepGraph
 
@@ -101,7 +101,7 @@ def check_options_against(meta: ModelMeta, options: ExportOptions) -> None:
 
 
 def _spacing(meta: ModelMeta) -> str:
-    return meta.distilled_spacing or DEFAULT_SPACING
+    return default_spacing(meta)
 
 
 # ---------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ from fewstep.runtime.errors import ArtifactError
 from fewstep.runtime.fileio import staging_dir
 from fewstep.runtime.meta import ModelMeta
 from fewstep.runtime.pipeline import mismatch
-from fewstep.runtime.sampling import DEFAULT_SPACING
+from fewstep.runtime.sampling import default_spacing
 
 VERSION: Final = "1"
 MARKER: Final = "fewstep-triton.json"
@@ -380,7 +380,7 @@ def plan_repository(onnx_path: str | os.PathLike[str], options: TritonOptions | 
                    TensorConfig("eta", "TYPE_FP32", (1,), optional=True)]
         steps = o.default_steps or (main.distilled_steps[-1] if main.distilled_steps else 4)
         params = {"graph": path.name, "default_steps": str(steps),
-                  "spacing": main.distilled_spacing or DEFAULT_SPACING, "backend": "auto"}
+                  "spacing": default_spacing(main), "backend": "auto"}
         about = (f"fewstep DDIM loop over {path.name} ({meta.graph.kind} graph): one row per "
                  f"image; needs fewstep + onnxruntime in Triton's Python environment")
         entries.append(ModelEntry(

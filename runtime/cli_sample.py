@@ -53,7 +53,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="classifier-free guidance scale (needs a graph exported with --guidance)")
     p.add_argument("--spacing", choices=ddim.SPACINGS, default=None,
                    help="timestep spacing (default: the model's distilled spacing, else "
-                        "trailing)")
+                        "its schedule's: trailing for fewstep's own models)")
     p.add_argument("--init-image", type=Path, default=None,
                    help="start from this image (img2img)")
     p.add_argument("--strength", type=float, default=None,
@@ -102,7 +102,7 @@ def default_steps(meta: ModelMeta, graphs: list[dict[str, Any]], spacing: str | 
     this spacing and eta first, fewest steps first), else ``FALLBACK_STEPS``."""
     if meta.distilled_steps:
         return meta.distilled_steps[-1]
-    spacing = spacing or meta.distilled_spacing or sampling.DEFAULT_SPACING
+    spacing = spacing or sampling.default_spacing(meta)
     samplers = [g for g in graphs if g.get("kind") == "sampler"]
     if not samplers:
         return FALLBACK_STEPS

@@ -454,9 +454,9 @@ class Pipeline:
         ``labels``: None (cycle the classes), a class index or name for all, or one per
         image. ``guidance``: classifier-free guidance scale (needs a graph exported
         with --guidance; None = the conditional model). ``spacing``: default the
-        model's distilled spacing, else trailing. ``init_image`` + ``strength`` < 1:
-        img2img; ``mask`` (1 = regenerate, 0 = keep): inpainting. ``progress(done,
-        total)`` is called after each batch.
+        model's distilled spacing, else its schedule's (trailing for fewstep's own
+        models). ``init_image`` + ``strength`` < 1: img2img; ``mask`` (1 = regenerate,
+        0 = keep): inpainting. ``progress(done, total)`` is called after each batch.
         """
         out: U8 = self._generate(n, steps, eta, seed, labels, guidance, spacing, init_image,
                                  strength, mask, batch_size, progress, want_float=False)
@@ -495,8 +495,7 @@ class Pipeline:
         meta = self.meta
         n = _check_n(n)
         seed = host_noise.check_seed(seed)
-        spacing = spacing if spacing is not None else (
-            meta.distilled_spacing or sampling.DEFAULT_SPACING)
+        spacing = spacing if spacing is not None else sampling.default_spacing(meta)
         self._check_steps(steps)
         plan = self._plan(steps, spacing, eta, strength)
         if init_image is None and mask is not None:

@@ -475,3 +475,56 @@ def test_config_file_size_and_kind_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError) as e:
         dc.load_scheduler_config(odd)
     assert "\n" not in str(e.value) and "odd\\nname.json" in str(e.value)
+
+
+@pytest.mark.slow
+def test_exported_step_and_sampler_graphs_follow_a_diffusers_schedule() -> None:
+    """The traced graphs take the schedule's options (clip range, final alpha, spacing
+    and offset) from ddim.py: their loops equal diffusers' (float32 graphs)."""
+    ort = pytest.importorskip("onnxruntime")
+    from fewstep.export import onnx_export
+
+    class Toy(torch.nn.Module):
+        def forward(self, x: Any, t: Any, label: Any = None) -> Any:
+            return model_output(x, t.reshape(-1, 1, 1, 1))
+
+    sched = scheduler(num_train_timesteps=100, steps_offset=1, set_alpha_to_one=False,
+                      clip_sample_range=0.5, prediction_type="v_prediction",
+                      beta_schedule="squaredcos_cap_v2")  # leading spacing: diffusers'
+    meta = meta_of(sched)
+    use_float64_tables(sched, meta.schedule)
+    steps = 7
+    x_T = np.random.default_rng(0).standard_normal(SHAPE)
+    ref = diffusers_loop(sched, steps, x_T, next_entry=False)  # leading: same previous t
+    options = onnx_export.ExportOptions(fused=("step", "sampler"), sampler_steps=(steps,),
+                                        sampler_output="float")
+    sessions = {}
+    for kind, module, gmeta in onnx_export.graph_modules(Toy(), meta, options):
+        if kind == "denoiser":  # no schedule inside
+            continue
+        model = onnx_export.trace(module, gmeta, options.target_opset)
+        sessions[kind] = ort.InferenceSession(model.SerializeToString(),
+                                              providers=["CPUExecutionProvider"])
+        if kind == "sampler":
+            assert gmeta.graph.spacing == "leading"  # the schedule's default spacing
+    x32 = x_T.astype(np.float32)
+    (sampled,) = sessions["sampler"].run(None, {"x": x32})
+    assert_close(sampled, ref, TORCH_RTOL, "sampler graph")
+    plan = sampling.SamplingPlan.create(meta, steps)
+    assert plan.timesteps == (85, 71, 57, 43, 29, 15, 1)
+    assert plan.a_prev[-1] == meta.schedule.alphas_cumprod()[0]  # set_alpha_to_one=false
+    x = x32
+    b = SHAPE[0]
+    for i, t in enumerate(plan.timesteps):
+        (x,) = sessions["step"].run(None, {
+            "x": x, "t": np.full(b, t, np.float32),
+            "a_t": np.full(b, plan.a_t[i], np.float32),
+            "a_prev": np.full(b, plan.a_prev[i], np.float32),
+            "eta": np.zeros(b, np.float32), "noise": np.zeros(SHAPE, np.float32)})
+    assert_close(x, ref, TORCH_RTOL, "step graph")
+    # the clip range is in the graphs: without it the loop ends elsewhere
+    unclipped = scheduler(num_train_timesteps=100, steps_offset=1, set_alpha_to_one=False,
+                          clip_sample=False, prediction_type="v_prediction",
+                          beta_schedule="squaredcos_cap_v2")
+    use_float64_tables(unclipped, meta.schedule)
+    assert np.max(np.abs(diffusers_loop(unclipped, steps, x_T, next_entry=False) - ref)) > 1e-2

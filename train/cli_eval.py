@@ -55,7 +55,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="classifier-free guidance for checkpoints that are not distilled "
                         "(distilled ones are sampled as distilled: guidance 1)")
     p.add_argument("--spacing", choices=["leading", "trailing", "linspace"], default=None,
-                   help="timestep spacing (default: the distilled spacing, else trailing)")
+                   help="timestep spacing (default: the distilled spacing, else the "
+                        "schedule's: trailing for fewstep's own models)")
     p.add_argument("--classifier", type=Path, default=None,
                    help="classifier file: loaded if it exists, else trained and saved there "
                         "(default: OUT's folder/classifier-<data>-<size>px.pt)")
@@ -116,14 +117,14 @@ def environment(device: Any) -> dict[str, Any]:
 
 
 def _plan_jobs(args: argparse.Namespace, loaded: list[tuple[Path, Any]]) -> list[Job]:
-    from fewstep.runtime.sampling import DEFAULT_SPACING, SamplingPlan, check_guidance
+    from fewstep.runtime.sampling import SamplingPlan, check_guidance, default_spacing
 
     jobs = []
     for path, ck in loaded:
         meta = ck.meta
         distilled = bool(meta.distilled_steps)
         counts = ((*meta.distilled_steps, *args.student_steps) if distilled else args.steps)
-        spacing = args.spacing or meta.distilled_spacing or DEFAULT_SPACING
+        spacing = args.spacing or default_spacing(meta)
         guidance = None if distilled else check_guidance(meta, args.guidance)
         for steps in dict.fromkeys(counts):
             SamplingPlan.create(meta, steps, spacing)  # refuse bad step counts before any work

@@ -122,7 +122,7 @@ def paths(model: Path, checkpoint: Path, steps: int, batch: int,
     own classes so that the work is exactly what `fewstep bench` times."""
     from fewstep.benchmarks import baselines as bl
     from fewstep.benchmarks.paths import FewstepPath, Workload, discover
-    from fewstep.runtime.sampling import DEFAULT_SPACING
+    from fewstep.runtime.sampling import default_spacing
 
     art = discover(model)
     meta = art.meta
@@ -131,7 +131,7 @@ def paths(model: Path, checkpoint: Path, steps: int, batch: int,
     if not src.cuda:
         raise ValueError("torch sees no CUDA GPU: this profile needs one")
     g = 2.0 if meta.conditional and art.meta.graph.guidance else None  # fewstep bench's default
-    work = Workload(meta, meta.distilled_spacing or DEFAULT_SPACING, g)
+    work = Workload(meta, default_spacing(meta), g)
     out: list[tuple[str, Any]] = [
         ("fewstep ort-cuda sampler fp32, CUDA graph",
          FewstepPath(art, "ort-cuda", "sampler", work, {})),
