@@ -26,6 +26,7 @@ from numpy.typing import NDArray
 
 from fewstep.runtime import artifact, images, sampling
 from fewstep.runtime import noise as host_noise
+from fewstep.runtime.clitools import Progress, plural
 from fewstep.runtime.meta import ModelMeta
 from fewstep.runtime.sampling import SamplingPlan
 from fewstep.train import reference
@@ -177,8 +178,10 @@ def check_artifact(
     seed: int = 0,
     guidance: float = 2.0,
     gates: dict[str, float] | None = None,
+    progress: Progress | None = None,
 ) -> list[ParityRow]:
-    """Parity rows for every graph of the artifact at ``onnx_path``."""
+    """Parity rows for every graph of the artifact at ``onnx_path`` (``progress``: one stage
+    per graph)."""
     gates = {**DEFAULT_GATES, **(gates or {})}
     providers = providers or available_providers()
     model = model.float().eval()
@@ -191,6 +194,8 @@ def check_artifact(
                 f"({meta.source_hash[:19]} vs {source_meta.source_hash[:19]}); "
                 "check it against the checkpoint it came from"
             )
+        if progress is not None:
+            progress.stage(f"gate {path.name}")
         g = meta.graph
         guide = guidance if g.guidance else None
         if g.kind == "sampler":
@@ -202,7 +207,7 @@ def check_artifact(
         ref = reference.sample(model, meta, n, plan.steps, eta=plan.eta, seed=seed,
                                guidance=guide, spacing=g.spacing or sampling.DEFAULT_SPACING)
         ref_255 = _to_255(ref)
-        final_what = f"final images, {plan.steps} steps, eta {plan.eta:g}"
+        final_what = f"final images, {plural(plan.steps, 'step')}, eta {plan.eta:g}"
         for provider in providers:
             gate = gates[g.precision]
             try:
@@ -228,6 +233,8 @@ def check_artifact(
                 path.name, g.kind, g.precision, provider, final_what,
                 float(np.max(np.abs(actual - expect))), psnr(expect, actual), gate,
             ))
+        if progress is not None:
+            progress.advance()
     return rows
 
 

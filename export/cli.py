@@ -97,24 +97,28 @@ def body(args: argparse.Namespace) -> int:
     onnx_export.check_options_against(meta, options)
     model = ck.build_model()
     stem = out.name[: -len(".onnx")]
-    with staging_dir(out.parent, f"export-{stem}") as staging:
-        files, reports = onnx_export.export_to_folder(model, meta, staging, stem, options)
+    stages = onnx_export.graph_count(options) * (2 if args.no_check else 3)
+    with staging_dir(out.parent, f"export-{stem}") as staging, clitools.Progress(
+            stages, "export", unit="stage") as progress:
+        # On a terminal a bar: each graph traced, checked (onnx.checker), gated.
+        files, reports = onnx_export.export_to_folder(model, meta, staging, stem, options,
+                                                      progress)
         for r in reports:
             islands = ""
             if r.fp32_islands:
                 ops = ", ".join(f"{k} x{v}" for k, v in r.fp32_islands.items())
                 islands = f"; fp32 islands: {sum(r.fp32_islands.values())} nodes ({ops})"
-            print(f"  {r.path.name}: {r.nodes} nodes, {r.seconds:.1f} s{islands}",
-                  file=sys.stderr)
+            progress.line(f"  {r.path.name}: {r.nodes} nodes, {r.seconds:.1f} s{islands}")
             for line in onnx_export.describe_islands(r.fp32_nodes,
                                                      first=None if args.verbose else 3):
-                print(f"    fp32 {line}", file=sys.stderr)
+                progress.line(f"    fp32 {line}")
         if not args.no_check:
             rows = check.check_artifact(
                 staging / out.name, model, meta, n=args.check_n, eta=eta,
                 gates={"fp32": args.min_psnr_fp32, "fp16": args.min_psnr_fp16,
-                       "bf16": args.min_psnr_bf16},
+                       "bf16": args.min_psnr_bf16}, progress=progress,
             )
+            progress.close()
             print(check.table(rows), file=sys.stderr)
             print(check.summary(rows), file=sys.stderr)
             failed = [r for r in rows if r.failed]
@@ -133,6 +137,7 @@ def body(args: argparse.Namespace) -> int:
                 print(f"warning: the {args.precision} graphs were written without a parity "
                       f"check on {', '.join(skipped)} (reasons above); {fix}",
                       file=sys.stderr)
+        progress.close()
         final = onnx_export.place(files, out.parent, stem, meta.source_hash)
     for path in final:
         if path.suffix == ".onnx":

@@ -50,12 +50,14 @@ def body(args: argparse.Namespace) -> int:
             if p not in have:
                 raise ValueError(f"--providers {p!r} is not available here (have: {have})")
     ck = ckpt_io.load(args.against)
-    rows = check.check_artifact(
-        args.model, ck.build_model(), ck.meta, providers=providers, n=args.n,
-        steps=args.steps, eta=args.eta, seed=args.seed,
-        gates={"fp32": args.min_psnr_fp32, "fp16": args.min_psnr_fp16,
-               "bf16": args.min_psnr_bf16},
-    )
+    graphs = len(artifact.siblings(args.model))
+    with clitools.Progress(graphs, "check", unit="graph") as progress:  # a bar on a terminal
+        rows = check.check_artifact(
+            args.model, ck.build_model(), ck.meta, providers=providers, n=args.n,
+            steps=args.steps, eta=args.eta, seed=args.seed,
+            gates={"fp32": args.min_psnr_fp32, "fp16": args.min_psnr_fp16,
+                   "bf16": args.min_psnr_bf16}, progress=progress,
+        )
     print(check.table(rows))
     verdict = check.summary(rows)
     if any(r.failed for r in rows) or any(r.skipped for r in rows):

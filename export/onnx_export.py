@@ -25,6 +25,7 @@ import torch
 from onnx import numpy_helper
 
 from fewstep.runtime import artifact
+from fewstep.runtime.clitools import Progress
 from fewstep.runtime.meta import META_KEY, ModelMeta
 from fewstep.runtime.sampling import DEFAULT_SPACING, SamplingPlan
 
@@ -275,8 +276,9 @@ def _externalise(models: list[onnx.ModelProto], location: str) -> bytes:
 
 
 def write_graphs(graphs: dict[str, onnx.ModelProto], folder: Path, stem: str,
-                 shared: bool) -> list[Path]:
-    """Write ``graphs`` (file name → model) into ``folder``; check each file fully."""
+                 shared: bool, progress: Progress | None = None) -> list[Path]:
+    """Write ``graphs`` (file name → model) into ``folder``; check each file fully
+    (``progress``: one stage per graph)."""
     written = []
     models = list(graphs.values())
     if shared:
@@ -292,9 +294,13 @@ def write_graphs(graphs: dict[str, onnx.ModelProto], folder: Path, stem: str,
             written.append(folder / location)
     for name, model in graphs.items():
         path = folder / name
+        if progress is not None:
+            progress.stage(f"check {name}")
         onnx.save_model(model, path)
         onnx.checker.check_model(str(path), full_check=True)
         written.append(path)
+        if progress is not None:
+            progress.advance()
     return written
 
 
@@ -362,9 +368,18 @@ def graph_modules(
             yield "sampler", SamplerGraph(denoiser, plan, uint8), smeta
 
 
+def graph_count(options: ExportOptions) -> int:
+    """How many graphs ``graph_modules`` gives for ``options``."""
+    return (1 + ("step" in options.fused)
+            + (len(options.sampler_steps) if "sampler" in options.fused else 0))
+
+
 def export_to_folder(unet: torch.nn.Module, meta: ModelMeta, folder: Path, stem: str,
-                     options: ExportOptions) -> tuple[list[Path], list[GraphReport]]:
-    """Trace every asked-for graph and write them (checked) into ``folder``."""
+                     options: ExportOptions, progress: Progress | None = None
+                     ) -> tuple[list[Path], list[GraphReport]]:
+    """Trace every asked-for graph and write them (checked) into ``folder``.
+
+    ``progress``: two stages per graph (traced, checked) and the log lines."""
     check_options_against(meta, options)
     graphs: dict[str, onnx.ModelProto] = {}
     reports = []
@@ -372,7 +387,10 @@ def export_to_folder(unet: torch.nn.Module, meta: ModelMeta, folder: Path, stem:
         name = artifact.graph_path(folder / f"{stem}.onnx", kind, gmeta.graph.steps,
                                    gmeta.graph.eta).name
         t0 = time.perf_counter()
-        _log(f"exporting {name} ({kind}, {options.precision})")
+        (progress.line if progress is not None else _log)(
+            f"exporting {name} ({kind}, {options.precision})")
+        if progress is not None:
+            progress.stage(f"trace {name}")
         scopes: dict[str, str] = {}
         model = trace(module, gmeta, options.target_opset, scopes)
         nodes = fp32_island_nodes(model, scopes) if options.precision != "fp32" else {}
@@ -380,5 +398,7 @@ def export_to_folder(unet: torch.nn.Module, meta: ModelMeta, folder: Path, stem:
         reports.append(GraphReport(folder / name, gmeta, len(model.graph.node), islands,
                                    time.perf_counter() - t0, nodes))
         graphs[name] = model
-    files = write_graphs(graphs, folder, stem, options.shared_weights)
+        if progress is not None:
+            progress.advance()
+    files = write_graphs(graphs, folder, stem, options.shared_weights, progress)
     return files, reports

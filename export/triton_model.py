@@ -46,6 +46,7 @@ from numpy.typing import NDArray
 from fewstep.runtime import backends, sampling
 from fewstep.runtime import noise as host_noise
 from fewstep.runtime.backends import Array, Graph
+from fewstep.runtime.clitools import plural
 from fewstep.runtime.errors import ArtifactError, NumericalError
 from fewstep.runtime.images import to_uint8_nhwc
 from fewstep.runtime.sampling import SamplingPlan
@@ -127,8 +128,8 @@ def generate_rows(graph: Graph, seeds: Sequence[int], indices: Sequence[int],
 
         y = np.asarray(sampling.run_loop(plan, denoise, x_T, step_noise), dtype=np.float32)
     if not np.all(np.isfinite(y)):
-        raise NumericalError(f"{Path(graph.path).name} produced NaN/Inf in {plan.steps} steps; "
-                             "export with --precision fp32")
+        raise NumericalError(f"{Path(graph.path).name} produced NaN/Inf in "
+                             f"{plural(plan.steps, 'step')}; export with --precision fp32")
     return to_uint8_nhwc(y)
 
 

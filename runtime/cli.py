@@ -48,14 +48,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     name = args[0]
     if name not in COMMANDS:
-        print(f"fewstep: error: unknown command {name!r}; use one of {', '.join(COMMANDS)}",
+        print(f"error: unknown command {name!r}; use one of {', '.join(COMMANDS)}",
               file=sys.stderr)
         return 2
     try:
         module = importlib.import_module(COMMANDS[name][0])
     except ModuleNotFoundError as e:
         top = (e.name or "").split(".")[0]
-        print(f"fewstep {name}: error: needs the {top!r} package, which is not installed; "
+        print(f"error: fewstep {name} needs the {top!r} package, which is not installed; "
               f"see pip install 'fewstep[...]' in the README", file=sys.stderr)
         return 2
     result: int = module.main(args[1:], prog=f"fewstep {name}")

@@ -151,26 +151,30 @@ def render(info: dict[str, Any]) -> str:
         f"image        {c}x{h}x{w} (C x H x W)",
         f"classes      {classes}",
         f"precision    {m['precision']}",
-        "distilled    " + (f"{', '.join(map(str, m['distilled_steps']))} steps "
+        "distilled    " + (f"{', '.join(map(str, m['distilled_steps']))} "
+                            f"{'step' if m['distilled_steps'] == [1] else 'steps'} "
                             f"({m['distilled_spacing']})" if m["distilled_steps"] else "no"),
         f"source       {m['source_hash'] or '-'} (fewstep {m['fewstep_version'] or '?'})",
     ]
     if m["train_config"]:
         lines.append("training     " + ", ".join(f"{k}={v}" for k, v in m["train_config"].items()))
     lines += ["", "graphs"]
+    # Columns: file, kind, precision, size (right-aligned), then the sampler's details.
+    width = max([32] + [len(r["file"]) for r in info["graphs"]]
+                + [len(loc) for loc in info["shared_files"]])
     for row in info["graphs"]:
         if "error" in row:
-            lines.append(f"  {row['file']:<32} unreadable: {row['error']}")
+            lines.append(f"  {row['file']:<{width}}  unreadable: {row['error']}")
             continue
         detail = ""
         if row["kind"] == "sampler":
-            detail = (f" steps={row['steps']} spacing={row['spacing']} eta={row['eta']:g} "
+            detail = (f"  steps={row['steps']} spacing={row['spacing']} eta={row['eta']:g} "
                       f"-> {row['output_format']}")
-        guidance = " +guidance" if row["guidance"] else ""
-        lines.append(f"  {row['file']:<32} {row['kind']:<9} {row['precision']}{guidance}{detail}"
-                     f"  {_size(row['size_bytes'])}")
+        precision = row["precision"] + (" +guidance" if row["guidance"] else "")
+        lines.append(f"  {row['file']:<{width}}  {row['kind']:<9} {precision:<14} "
+                     f"{_size(row['size_bytes']):>10}{detail}")
     for loc, size in info["shared_files"].items():
-        lines.append(f"  {loc:<32} weights   {_size(size)}")
+        lines.append(f"  {loc:<{width}}  {'weights':<9} {'':<14} {_size(size):>10}")
     lines += ["", "backends"]
     for name, reason in info["backends"].items():
         lines.append(f"  {name:<13} " + ("available" if reason is None else f"no: {reason}"))

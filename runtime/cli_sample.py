@@ -1,17 +1,21 @@
-"""Generate images with an exported model and save them as one image grid.
+"""Generate images with an exported model and save them as a grid or one file each.
 
 Runs with numpy and ONNX Runtime (or TensorRT for a .plan); no PyTorch. The model
 defaults to the one shipped with fewstep; --steps defaults to the step count the
-model was distilled for. Progress (backend, graph, time) goes to stderr; the path
-of the written grid alone goes to stdout. The grid's format follows the --out
-extension (.png, .jpg, .webp, .bmp, ...). Images are the same for the same --seed
+model was distilled for. --out writes one image: a grid with a white frame, or with
+--n 1 the plain image; its format follows the extension (.png, .jpg, .webp, .bmp,
+...). --out-dir writes one PNG per image instead (SEED-INDEX.png). Progress
+(backend, graph, time; a progress bar on a terminal) goes to stderr; the paths
+written, one a line, alone go to stdout. Images are the same for the same --seed
 whatever --batch-size or backend. img2img: --init-image with --strength < 1;
-inpainting: also --mask (white = regenerate, black = keep).
+inpainting: also --mask (white = regenerate, black = keep). An init image or mask
+of another size than the model's is resized, with a warning saying so.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -24,8 +28,8 @@ from . import artifact, clitools, ddim, fileio, images, sampling
 from .meta import ModelMeta
 
 DEFAULT_STRENGTH = 0.75
-FALLBACK_STEPS = 4  # when the model records no distilled steps and has no sampler graph
 MAX_N = 10_000  # images per run: one grid; more is a batch job (call Pipeline.generate)
+PROGRESS_DELAY = 1.0  # seconds of sampling before a progress bar appears on a terminal
 MAX_SCALE = 64  # grid enlargement; the grid itself is also capped (images.MAX_GRID_PIXELS)
 
 
@@ -41,7 +45,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None,
                    help="DDIM steps (default: the step count the model was distilled for, "
                         "else that of its fused sampler graph, else "
-                        f"{FALLBACK_STEPS})")
+                        f"{sampling.FALLBACK_STEPS})")
     p.add_argument("--eta", type=float, default=0.0,
                    help="0 = deterministic DDIM, 1 = DDPM-like ancestral noise")
     p.add_argument("--seed", type=clitools.nonneg_int, default=0,
@@ -50,17 +54,22 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="class names or indices: one for all images, or one per image "
                         "(default: cycle through the classes)")
     p.add_argument("--guidance", type=float, default=None,
-                   help="classifier-free guidance scale (needs a graph exported with --guidance)")
+                   help="classifier-free guidance scale, 0 to 50 (default: none, the plain "
+                        "conditional model, the same as 1; 0 = unconditional; above 1 pushes "
+                        "images further toward their label; diffusers' usual 7.5 is far too "
+                        "strong for these models; needs a graph exported with --guidance)")
     p.add_argument("--spacing", choices=ddim.SPACINGS, default=None,
                    help="timestep spacing (default: the model's distilled spacing, else "
                         "trailing)")
     p.add_argument("--init-image", type=Path, default=None,
-                   help="start from this image (img2img)")
+                   help="start from this image (img2img); another size is resized to the "
+                        "model's, with a warning (pass a single image, not a grid)")
     p.add_argument("--strength", type=float, default=None,
                    help=f"img2img strength in (0, 1]; 1 ignores the image (default "
                         f"{DEFAULT_STRENGTH} with --init-image)")
     p.add_argument("--mask", type=Path, default=None,
-                   help="inpainting mask (white = regenerate, black = keep the init image)")
+                   help="inpainting mask (white = regenerate, black = keep the init image); "
+                        "another size is resized to the model's, with a warning")
     p.add_argument("--batch-size", type=clitools.positive_int, default=None,
                    help="images per graph call (default: 16, or the graph's limit)")
     p.add_argument("--nrow", type=clitools.positive_int, default=None,
@@ -68,12 +77,17 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                         "cycle through the classes, else a square grid)")
     p.add_argument("--scale", type=clitools.bounded_int(1, MAX_SCALE, "the largest enlargement"),
                    default=4,
-                   help=f"enlarge the grid this many times (nearest neighbour), at most "
-                        f"{MAX_SCALE}; the grid may have at most "
+                   help=f"enlarge the images this many times (nearest neighbour), at most "
+                        f"{MAX_SCALE}; a written image may have at most "
                         f"{images.MAX_GRID_PIXELS // 1_000_000} megapixels")
-    p.add_argument("--out", type=Path, required=True,
-                   help="the grid to write; its extension picks the format (.png, .jpg, "
-                        ".webp, .bmp, ... any Pillow writes)")
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out", type=Path, default=None,
+                     help="the image to write: a grid, or with --n 1 the image alone; its "
+                          "extension picks the format (.png, .jpg, .webp, .bmp, ... any "
+                          "Pillow writes)")
+    out.add_argument("--out-dir", type=Path, default=None,
+                     help="write each image to its own PNG file in this folder (made if "
+                          "missing), named SEED-INDEX.png: image i of --seed S is S-000i.png")
     return p
 
 
@@ -95,28 +109,13 @@ def one_line_warnings(stream: TextIO) -> Iterator[None]:
         warnings.showwarning = previous
 
 
-def default_steps(meta: ModelMeta, graphs: list[dict[str, Any]], spacing: str | None,
-                  eta: float) -> int:
-    """--steps when not given: the model's distilled step count (the last recorded, as
-    `fewstep export` picks it), else the steps of its fused sampler graph (one baked for
-    this spacing and eta first, fewest steps first), else ``FALLBACK_STEPS``."""
-    if meta.distilled_steps:
-        return meta.distilled_steps[-1]
-    spacing = spacing or meta.distilled_spacing or sampling.DEFAULT_SPACING
-    samplers = [g for g in graphs if g.get("kind") == "sampler"]
-    if not samplers:
-        return FALLBACK_STEPS
-    best = min(samplers, key=lambda g: (g.get("spacing") != spacing or
-                                         abs(float(g.get("eta", 0.0)) - eta) > 1e-9,
-                                         int(g["steps"])))
-    return int(best["steps"])
-
-
-def check_grid(meta: ModelMeta, n: int, nrow: int | None, scale: int, fmt: str) -> None:
-    """A ValueError naming --n/--scale and the fix when the grid would be too large (to
-    hold in memory, or for the --out format), before any image is generated."""
+def check_grid(meta: ModelMeta, n: int, nrow: int | None, scale: int, fmt: str,
+               pad: int = images.GRID_PAD) -> None:
+    """A ValueError naming --n/--scale and the fix when the grid (``pad`` 0: one image)
+    would be too large (to hold in memory, or for the format), before any image is
+    generated."""
     _, h, w = meta.image_shape
-    gh, gw = images.grid_size(n, h, w, nrow)
+    gh, gw = images.grid_size(n, h, w, nrow, pad)
     side = images.MAX_SIDE.get(fmt)
     if gh * gw * scale * scale <= images.MAX_GRID_PIXELS and (
             side is None or max(gh, gw) * scale <= side):
@@ -133,16 +132,44 @@ def check_grid(meta: ModelMeta, n: int, nrow: int | None, scale: int, fmt: str) 
         fix = f"pass --scale {fits} or less, or a smaller --n"
     else:
         fix = "pass a smaller --n" + (" or write a .png" if side is not None else "")
-    raise ValueError(f"--n {n} images of {w}x{h} at --scale {scale} make a {gw * scale}x"
-                     f"{gh * scale} grid, over {limit}; {fix}")
+    what = f"--n {n} images of {w}x{h}" if pad else f"an image of {w}x{h}"
+    raise ValueError(f"{what} at --scale {scale} make{'' if pad else 's'} a {gw * scale}x"
+                     f"{gh * scale} {'grid' if pad else 'image'}, over {limit}; {fix}")
+
+
+def check_out_dir(folder: Path) -> Path:
+    """``--out-dir``: an existing writable folder, or one that can be made in one; a
+    ValueError naming what is wrong otherwise. Nothing is created here."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--out-dir {str(folder)!r} is a file, not a folder; pass a folder "
+                         "(it is made when missing)")
+    parent = folder if folder.is_dir() else (folder.parent if str(folder.parent) else Path("."))
+    if not parent.is_dir():
+        raise ValueError(f"--out-dir {str(folder)!r}: folder {str(parent)!r} does not exist; "
+                         "create it or pass another --out-dir")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out-dir {str(folder)!r}: folder {str(parent)!r} is not writable; "
+                         "pass another --out-dir")
+    return folder
+
+
+def image_names(seed: int, n: int) -> list[str]:
+    """``SEED-INDEX.png`` for images 0..n-1 (at least 4 digits, as many as n needs)."""
+    width = max(4, len(str(n - 1)))
+    return [f"{seed}-{i:0{width}d}.png" for i in range(n)]
 
 
 def body(args: argparse.Namespace) -> int:
     from .pipeline import Pipeline
 
     err = sys.stderr
-    target = fileio.check_writable_target(args.out)  # before any work
-    fmt = images.image_format(target)
+    if args.out is not None:
+        target: Path | None = fileio.check_writable_target(args.out)  # before any work
+        fmt = images.image_format(args.out)
+    else:
+        target = None
+        out_dir = check_out_dir(args.out_dir)
+        fmt = "PNG"
     artifact.check_model_path(args.model, "--model ")
     strength = args.strength
     if args.init_image is None:
@@ -165,30 +192,45 @@ def body(args: argparse.Namespace) -> int:
                   f"(loaded in {time.perf_counter() - started:.2f} s)")
         steps = args.steps
         if steps is None:
-            steps = default_steps(pipe.meta, pipe.describe()["graphs"], args.spacing,
-                                  args.eta)
+            steps = pipe.default_steps(args.spacing, args.eta)
         nrow = args.nrow
         k = pipe.meta.num_classes
         if nrow is None and args.labels is None and 1 < k <= args.n:
             nrow = k  # labels cycle, so every column is one class
         c, h, w = pipe.meta.image_shape
-        fmt = images.image_format(target, c)  # the model's channels may not fit the format
-        check_grid(pipe.meta, args.n, nrow, args.scale, fmt)
+        single = target is None or args.n == 1
+        if target is not None:
+            fmt = images.image_format(target, c)  # the model's channels may not fit the format
+        if single:
+            check_grid(pipe.meta, 1, 1, args.scale, fmt, pad=0)
+        else:
+            check_grid(pipe.meta, args.n, nrow, args.scale, fmt)
+
+        # A bar on a terminal (once the run takes PROGRESS_DELAY); elsewhere a line per
+        # batch, at most one every 10 s, and the last.
+        bar = clitools.Progress(args.n, "sample", unit="image", delay=PROGRESS_DELAY)
+        throttle = clitools.Throttle(10.0)
+
+        shown = 0
 
         def progress(done: int, total: int) -> None:
-            nonlocal loaded
+            nonlocal loaded, shown
             if loaded:
-                print(loaded, file=err)
+                bar.line(loaded)
                 loaded = ""
-            print(f"  {done}/{total} images", file=err)
+            bar.advance(done - shown)
+            shown = done
+            if not bar.drawing and (done == total or throttle()):
+                print(f"  {done}/{clitools.plural(total, 'image')}", file=err)
 
         try:
-            made = pipe.generate(
-                args.n, steps, eta=args.eta, seed=args.seed, labels=labels,
-                guidance=args.guidance, spacing=args.spacing, init_image=args.init_image,
-                strength=strength, mask=args.mask, batch_size=args.batch_size,
-                progress=progress,
-            )
+            with bar:
+                made = pipe.generate(
+                    args.n, steps, eta=args.eta, seed=args.seed, labels=labels,
+                    guidance=args.guidance, spacing=args.spacing, init_image=args.init_image,
+                    strength=strength, mask=args.mask, batch_size=args.batch_size,
+                    progress=progress,
+                )
         except MemoryError:
             need = args.n * c * h * w * 4 / 2**30
             raise ValueError(
@@ -197,10 +239,18 @@ def body(args: argparse.Namespace) -> int:
                 "smaller --n or --batch-size") from None
     info = pipe.last_info
     assert info is not None
-    print(f"{info.n} images, {info.steps} steps ({info.spacing}, eta={info.eta:g}) via the "
-          f"{info.path} path: {info.graph} [{info.backend}], {info.seconds:.2f} s", file=err)
-    images.save_image(images.grid(made, nrow), target, scale=args.scale, format=fmt)
-    print(target)
+    print(f"{clitools.plural(info.n, 'image')}, {clitools.plural(info.steps, 'step')} "
+          f"({info.spacing}, eta={info.eta:g}) via the {info.path} path: {info.graph} "
+          f"[{info.backend}], {info.seconds:.2f} s", file=err)
+    if target is not None:
+        images.save_image(made[0] if args.n == 1 else images.grid(made, nrow), target,
+                          scale=args.scale, format=fmt)
+        print(target)
+        return 0
+    out_dir.mkdir(exist_ok=True)
+    for image, name in zip(made, image_names(args.seed, args.n), strict=True):
+        images.save_image(image, out_dir / name, scale=args.scale, format=fmt)
+        print(out_dir / name)
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Exit codes: 0 ok, 1 a failed check, 2 bad usage or input, 130 interrupted, 141 stdout
 closed early (``fewstep info | head -3``: like a Unix tool killed by SIGPIPE, quietly).
-A user's mistake prints one ``error:`` line and no traceback unless ``--debug`` is given.
+A user's mistake prints one line starting ``error:`` (every command, whether argparse or
+the command found it) and no traceback unless ``--debug`` is given.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from types import TracebackType
+from typing import Any, NoReturn, TextIO
 
 from .errors import ArtifactError, BackendUnavailable, NumericalError
 
@@ -28,7 +31,7 @@ class CheckFailed(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, like every other error (the usage block is what --help is for).
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+        self.exit(EXIT_USAGE, f"error: {message}; see {self.prog} --help\n")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -123,6 +126,100 @@ def broken_pipe() -> int:
     except (OSError, ValueError):  # no real file descriptor (captured in tests)
         pass
     return EXIT_BROKEN_PIPE
+
+
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """``1 image``, ``2 images`` (``many`` for irregular plurals)."""
+    return f"{count} {word if count == 1 else (many or word + 's')}"
+
+
+def is_terminal(stream: TextIO | None = None) -> bool:
+    """Whether ``stream`` (default stderr) is an interactive terminal."""
+    stream = sys.stderr if stream is None else stream
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
+
+
+def terminal_bar(**options: Any) -> Any:
+    """A tqdm bar (``options`` go to tqdm; ``file`` defaults to stderr) when that stream is
+    an interactive terminal and tqdm is installed, else None: a log file or pipe gets no
+    carriage-return redraws."""
+    options.setdefault("file", sys.stderr)
+    if not is_terminal(options["file"]):
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # a minimal runtime install
+        return None
+    options.setdefault("dynamic_ncols", True)
+    options.setdefault("mininterval", 0.5)
+    return tqdm(**options)
+
+
+class Progress:
+    """A progress bar on stderr when it is a terminal, nothing elsewhere.
+
+    On a terminal (and with tqdm installed) a tqdm bar of ``total`` ``unit``s, shown once
+    the work has taken ``delay`` seconds; in a log file or pipe no bar at all, so no
+    carriage-return redraws pile up there. ``line(text)`` prints a line either way (above
+    the bar on a terminal). ``stage(label)`` names what runs now; ``advance(k)`` counts
+    finished work. Use it as a context manager: the bar is closed on exit.
+    """
+
+    def __init__(self, total: int, desc: str, unit: str = "it", delay: float = 0.0,
+                 initial: int = 0, stream: TextIO | None = None) -> None:
+        self.stream = sys.stderr if stream is None else stream
+        self.bar: Any = terminal_bar(total=total, initial=initial, desc=desc, unit=unit,
+                                     file=self.stream, delay=delay, leave=False)
+
+    @property
+    def drawing(self) -> bool:
+        """Whether a bar is shown (stderr is a terminal and tqdm is installed)."""
+        return self.bar is not None
+
+    def stage(self, label: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(label, refresh=True)
+
+    def advance(self, k: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(k)
+
+    def line(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+class Throttle:
+    """True at most once every ``seconds`` (and on the first call): for log lines of long
+    work that has no terminal to draw a bar on."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.last = -float("inf")
+
+    def __call__(self) -> bool:
+        now = time.monotonic()
+        if now - self.last < self.seconds:
+            return False
+        self.last = now
+        return True
 
 
 def positive_int(text: str) -> int:

@@ -13,6 +13,7 @@ import hashlib
 import io
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Final
 
@@ -22,6 +23,7 @@ from numpy.typing import NDArray
 from .fileio import atomic_path
 
 GRID_PAD: Final = 2
+MAX_SCALE_GUESS: Final = 64  # enlargements tried when asking whether an image is a grid
 MAX_GRID_PIXELS: Final = 100_000_000  # 100 megapixels: ~300 MB as RGB, ~1 GB while saving
 # Largest width or height some formats can store (Pillow would fail or shrink the image).
 MAX_SIDE: Final = {"JPEG": 65_500, "WEBP": 16_383, "GIF": 65_535, "ICO": 256, "ICNS": 1024}
@@ -149,34 +151,227 @@ def save_image(array: NDArray[np.uint8], path: str | os.PathLike[str], scale: in
                          ".png instead") from None
 
 
-def load_image(
-    path: str | os.PathLike[str], size: tuple[int, int], channels: int = 3
-) -> NDArray[np.float32]:
-    """An image file as (C, H, W) float32 in [-1, 1], resized to ``size`` = (H, W)."""
+def _open(path: str | os.PathLike[str]) -> Any:
+    """An image file as a loaded PIL image, or a ValueError naming the file."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             im.load()
-            mode = "L" if channels == 1 else "RGB"
-            if im.mode in ("RGBA", "LA", "P"):
-                im = im.convert("RGBA")
-                background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(background, im)
-            im = im.convert(mode).resize((size[1], size[0]), Image.Resampling.BICUBIC)
-            arr = np.asarray(im, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError) as e:
+            return im.copy()
+    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image {os.fspath(path)!r}: {e}") from None
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    out: NDArray[np.float32] = from_uint8_nhwc(arr[None])[0]
+
+
+def _to_mode(im: Any, channels: int) -> Any:
+    """A PIL image as L (1 channel) or RGB; transparency is composited over white."""
+    from PIL import Image
+
+    if im.mode in ("RGBA", "LA", "P", "PA") or "transparency" in im.info:
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im)
+    return im.convert("L" if channels == 1 else "RGB")
+
+
+def _is_pil(image: object) -> bool:
+    from PIL import Image
+
+    return isinstance(image, Image.Image)
+
+
+def _describe(image: Any) -> str:
+    if isinstance(image, (str, os.PathLike)):
+        return repr(os.fspath(image))
+    if _is_pil(image):
+        return "(PIL image)"
+    return f"(array {np.shape(image)})"
+
+
+def looks_like_grid(pixels: NDArray[np.uint8], size: tuple[int, int]) -> tuple[int, int] | None:
+    """(rows, cols) when ``pixels`` (H', W'[, C]) have the layout ``grid`` gives images of
+    ``size`` = (H, W) at some enlargement, white frame included, else None. One image in a
+    frame counts: it is padded all the same."""
+    h, w = size
+    height, width = pixels.shape[:2]
+    for scale in range(1, MAX_SCALE_GUESS + 1):
+        if width % scale or height % scale:
+            continue
+        gw, gh = width // scale - GRID_PAD, height // scale - GRID_PAD
+        if gw <= 0 or gh <= 0 or gw % (w + GRID_PAD) or gh % (h + GRID_PAD):
+            continue
+        pad = GRID_PAD * scale
+        frame = np.concatenate([pixels[:pad].reshape(-1), pixels[-pad:].reshape(-1),
+                                pixels[:, :pad].reshape(-1), pixels[:, -pad:].reshape(-1)])
+        if np.all(frame == 255):
+            return gh // (h + GRID_PAD), gw // (w + GRID_PAD)
+    return None
+
+
+def _resize_notice(what: str, image: object, src: tuple[int, int], size: tuple[int, int],
+                   pixels: NDArray[np.uint8] | None) -> str:
+    """One line: ``what`` (from ``image``) of ``src`` = (H, W) is resized to ``size``."""
+    (sh, sw), (h, w) = src, size
+    text = f"{what} {_describe(image)} is {sw}x{sh}, resized to the model's {w}x{h}"
+    layout = None if pixels is None else looks_like_grid(pixels, size)
+    if layout is not None:
+        rows, cols = layout
+        text += (f"; it looks like a grid of {rows}x{cols} images with a white frame: the "
+                 "whole grid becomes one image; pass a single image (fewstep sample --n 1 "
+                 "writes one, --out-dir one file per image)")
+    return text
+
+
+def _resize_pil(im: Any, size: tuple[int, int], nearest: bool = False) -> Any:
+    from PIL import Image
+
+    if im.size == (size[1], size[0]):
+        return im
+    method = Image.Resampling.NEAREST if nearest else Image.Resampling.BICUBIC
+    return im.resize((size[1], size[0]), method)
+
+
+def _check_pixels(h: int, w: int, what: str, image: object) -> None:
+    if h < 1 or w < 1 or h * w > MAX_GRID_PIXELS:
+        raise ValueError(f"{what} {_describe(image)} is {w}x{h}; pass an image of 1 to "
+                         f"{MAX_GRID_PIXELS:,} pixels")
+
+
+def load_image(
+    path: str | os.PathLike[str], size: tuple[int, int], channels: int = 3
+) -> NDArray[np.float32]:
+    """An image file as (C, H, W) float32 in [-1, 1], resized to ``size`` = (H, W)."""
+    out: NDArray[np.float32] = init_images(path, (channels, *size), notify=False)[0]
     return out
 
 
 def load_mask(path: str | os.PathLike[str], size: tuple[int, int]) -> NDArray[np.float32]:
     """A mask image as (1, H, W) float32 in {0, 1}: 1 (white) = regenerate, 0 = keep."""
-    m = load_image(path, size, channels=1)
-    return (m > 0).astype(np.float32)
+    out: NDArray[np.float32] = masks(path, size, notify=False)[0]
+    return out
+
+
+def init_images(image: Any, shape: tuple[int, int, int], what: str = "init image",
+                notify: bool = True) -> NDArray[np.float32]:
+    """Init images as (k, C, H, W) float32 in [-1, 1] for a model of ``shape`` = (C, H, W).
+
+    ``image``: a file path, a PIL image, uint8 pixels (H', W'), (H', W', C') or
+    (k, H', W', C') with C' in 1, 3, 4, or floats in [-1, 1] (C, H', W') or (k, C, H', W').
+    Any size: another size is resized (bicubic) with a one-line ``UserWarning`` saying so
+    (``notify``); transparency is composited over white.
+    """
+    c, h, w = shape
+    if isinstance(image, (str, os.PathLike)) or _is_pil(image):
+        im = _open(image) if isinstance(image, (str, os.PathLike)) else image
+        _check_pixels(im.size[1], im.size[0], what, image)
+        im = _to_mode(im, c)
+        if im.size != (w, h) and notify:
+            warnings.warn(_resize_notice(what, image, (im.size[1], im.size[0]), (h, w),
+                                         np.asarray(im)), stacklevel=5)
+        arr = np.asarray(_resize_pil(im, (h, w)), dtype=np.uint8)
+        arr = arr[..., None] if arr.ndim == 2 else arr
+        return from_uint8_nhwc(arr[None])
+    a = np.asarray(image)
+    if a.dtype == np.uint8:
+        if a.ndim == 2:
+            a = a[..., None]
+        a = a[None] if a.ndim == 3 else a
+        if a.ndim != 4 or a.shape[-1] not in _MODES or 0 in a.shape:
+            raise ValueError(
+                f"{what} of shape {np.shape(image)} (uint8) is not one or more images; pass "
+                f"(H, W), (H, W, C) or (n, H, W, C) uint8 with C in 1, 3 or 4, floats "
+                f"({c}, H, W) in [-1, 1], a PIL image or a file path")
+        _check_pixels(a.shape[1], a.shape[2], what, image)
+        if a.shape[1:] == (h, w, c):
+            return from_uint8_nhwc(a)
+        from PIL import Image
+
+        if a.shape[1:3] != (h, w) and notify:
+            warnings.warn(_resize_notice(what, image, a.shape[1:3], (h, w), a[0]),
+                          stacklevel=5)
+        out = []
+        for one in a:
+            im = Image.fromarray(one[..., 0] if one.shape[-1] == 1 else one)
+            px = np.asarray(_resize_pil(_to_mode(im, c), (h, w)), dtype=np.uint8)
+            out.append(px[..., None] if px.ndim == 2 else px)
+        return from_uint8_nhwc(np.stack(out))
+    a = a[None] if a.ndim == 3 else a
+    if a.ndim != 4 or a.shape[1] != c or 0 in a.shape or not np.issubdtype(
+            a.dtype, np.floating):
+        raise ValueError(
+            f"{what} of shape {np.shape(image)} ({a.dtype}) is not one or more images of this "
+            f"model's {c} channels; pass floats ({c}, H, W) or (n, {c}, H, W) in [-1, 1], "
+            f"uint8 (H, W, {c}), a PIL image or a file path")
+    _check_pixels(a.shape[2], a.shape[3], what, image)
+    if not np.all(np.isfinite(a)):
+        raise ValueError(f"{what} contains NaN or Inf; pass finite values in [-1, 1]")
+    if a.shape[2:] == (h, w):
+        return np.ascontiguousarray(a, dtype=np.float32)
+    if notify:
+        warnings.warn(_resize_notice(what, image, a.shape[2:], (h, w), None), stacklevel=5)
+    resized = _resize_float(a.astype(np.float32), (h, w), nearest=False)
+    lo, hi = float(a.min()), float(a.max())
+    return np.ascontiguousarray(resized.clip(lo, hi), dtype=np.float32)  # no bicubic overshoot
+
+
+def _resize_float(a: NDArray[np.float32], size: tuple[int, int],
+                  nearest: bool) -> NDArray[np.float32]:
+    """(k, C, H', W') float32 → (k, C, H, W), each channel resized by Pillow (mode F)."""
+    from PIL import Image
+
+    k, c = a.shape[:2]
+    out = np.empty((k, c, *size), np.float32)
+    for i in range(k):
+        for j in range(c):
+            im = _resize_pil(Image.fromarray(np.ascontiguousarray(a[i, j]), mode="F"), size,
+                             nearest)
+            out[i, j] = np.asarray(im, dtype=np.float32)
+    return out
+
+
+def masks(mask: Any, size: tuple[int, int], what: str = "mask",
+          notify: bool = True) -> NDArray[np.float32]:
+    """Inpainting masks as (k, 1, H, W) float32 in [0, 1] (1 = regenerate, 0 = keep) for
+    images of ``size`` = (H, W).
+
+    ``mask``: a file path or PIL image (white = regenerate; any pixel above mid-grey
+    counts), or an array (H', W'), (k, H', W') or (k, 1, H', W'): uint8/bool (non-zero =
+    regenerate) or floats in [0, 1]. Any size: another size is resized (nearest
+    neighbour, so no new values appear) with a one-line ``UserWarning`` (``notify``).
+    """
+    h, w = size
+    if isinstance(mask, (str, os.PathLike)) or _is_pil(mask):
+        im = _open(mask) if isinstance(mask, (str, os.PathLike)) else mask
+        _check_pixels(im.size[1], im.size[0], what, mask)
+        im = _to_mode(im, 1)
+        if im.size != (w, h) and notify:
+            warnings.warn(_resize_notice(what, mask, (im.size[1], im.size[0]), size,
+                                         np.asarray(im)[..., None]), stacklevel=5)
+        px = np.asarray(_resize_pil(im, size), dtype=np.uint8)
+        return (px > 127).astype(np.float32)[None, None]
+    a = np.asarray(mask)
+    if a.ndim == 2:
+        a = a[None, None]
+    elif a.ndim == 3:
+        a = a[:, None]
+    if a.ndim != 4 or a.shape[1] != 1 or 0 in a.shape or not (
+            a.dtype == np.bool_ or np.issubdtype(a.dtype, np.number)):
+        raise ValueError(
+            f"{what} of shape {np.shape(mask)} ({a.dtype}) is not one or more masks; pass "
+            f"(H, W), (n, H, W) or (n, 1, H, W) with 1 = regenerate and 0 = keep, a PIL "
+            "image or a file path")
+    _check_pixels(a.shape[2], a.shape[3], what, mask)
+    if a.dtype == np.uint8 or a.dtype == np.bool_:
+        m = (a > 0).astype(np.float32)
+    else:
+        m = a.astype(np.float32)
+        if not np.all((m >= 0) & (m <= 1)):
+            raise ValueError(f"{what} values must be in [0, 1] (1 = regenerate, 0 = keep)")
+    if a.shape[2:] != (h, w):
+        if notify:
+            warnings.warn(_resize_notice(what, mask, a.shape[2:], size, None), stacklevel=5)
+        m = _resize_float(m, size, nearest=True)
+    return np.ascontiguousarray(m, dtype=np.float32)
 
 
 @functools.lru_cache(maxsize=8)

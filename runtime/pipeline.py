@@ -40,13 +40,13 @@ from numpy.typing import NDArray
 from . import artifact, backends, ddim, sampling
 from . import noise as host_noise
 from .backends import Array, Graph
+from .clitools import plural
 from .errors import ArtifactError, NumericalError
 from .fileio import check_writable_target
 from .images import (
-    from_uint8_nhwc,
     grid,
-    load_image,
-    load_mask,
+    init_images,
+    masks,
     nonfinite_images,
     save_image,
     to_uint8_nhwc,
@@ -61,7 +61,7 @@ NUMERIC_FIX: Final = "fp16 overflow? export with --precision fp32 or keep more f
 
 F32 = NDArray[np.float32]
 U8 = NDArray[np.uint8]
-ImageInput = str | os.PathLike[str] | NDArray[Any]
+ImageInput = Any  # a file path, a PIL image or an array: see images.init_images / masks
 Progress = Callable[[int, int], None]
 
 
@@ -108,6 +108,24 @@ def graph_summary(meta: ModelMeta) -> dict[str, Any]:
     if g.kind == "sampler":
         d.update(steps=g.steps, spacing=g.spacing, eta=g.eta, output_format=g.output_format)
     return d
+
+
+def default_steps(meta: ModelMeta, graphs: list[dict[str, Any]], spacing: str | None,
+                  eta: float) -> int:
+    """The steps ``generate`` and ``fewstep sample`` run when none are given: the model's
+    distilled step count (the last recorded, as `fewstep export` picks it), else the steps
+    of its fused sampler graph (one baked for this spacing and eta first, fewest steps
+    first), else ``sampling.FALLBACK_STEPS``. ``graphs``: ``graph_summary`` dicts."""
+    if meta.distilled_steps:
+        return meta.distilled_steps[-1]
+    spacing = spacing or meta.distilled_spacing or sampling.DEFAULT_SPACING
+    samplers = [g for g in graphs if g.get("kind") == "sampler"]
+    if not samplers:
+        return sampling.FALLBACK_STEPS
+    best = min(samplers, key=lambda g: (g.get("spacing") != spacing or
+                                         abs(float(g.get("eta", 0.0)) - eta) > 1e-9,
+                                         int(g["steps"])))
+    return int(best["steps"])
 
 
 def mismatch(main: ModelMeta, other: ModelMeta) -> str | None:
@@ -291,6 +309,12 @@ class Pipeline:
         return {"source": self.source, "backend": self.backend,
                 "model": meta_summary(self.meta), "graphs": graphs}
 
+    def default_steps(self, spacing: str | None = None, eta: float = 0.0) -> int:
+        """The steps ``generate`` runs when ``steps`` is None (see ``default_steps``)."""
+        real = isinstance(eta, (int, float)) and not isinstance(eta, bool)
+        return default_steps(self.meta, [graph_summary(e.meta) for e in self._entries
+                                         if not e.failed], spacing, eta if real else 0.0)
+
     def _open(self, entry: _Entry) -> Graph | None:
         with self._lock:
             if entry.graph is None and not entry.failed:
@@ -376,68 +400,29 @@ class Pipeline:
             self._warned.add(steps)
         counts = ", ".join(map(str, distilled))
         warnings.warn(
-            f"model was distilled for {counts} steps; {steps} steps may look worse",
+            f"model was distilled for {counts} step{'s' * (distilled != (1,))}; "
+            f"{plural(steps, 'step')} may look worse",
             stacklevel=4,
         )
 
     def _image(self, image: ImageInput, n: int) -> F32:
-        c, h, w = self.meta.image_shape
-        if isinstance(image, (str, os.PathLike)):
-            arr = load_image(image, (h, w), c)[None]
-        else:
-            a = np.asarray(image)
-            if a.dtype == np.uint8:
-                a = a[None] if a.ndim == 3 else a
-                if a.ndim != 4 or a.shape[1:] != (h, w, c):
-                    raise ValueError(
-                        f"init_image of shape {np.shape(image)} (uint8) does not fit; pass "
-                        f"({h}, {w}, {c}) or (n, {h}, {w}, {c}) uint8, or a file path"
-                    )
-                arr = from_uint8_nhwc(a)
-            else:
-                a = a[None] if a.ndim == 3 else a
-                if a.ndim != 4 or a.shape[1:] != (c, h, w) or not np.issubdtype(
-                    a.dtype, np.floating
-                ):
-                    raise ValueError(
-                        f"init_image of shape {np.shape(image)} ({a.dtype}) does not fit; pass "
-                        f"({c}, {h}, {w}) float in [-1, 1], (n, {c}, {h}, {w}), or uint8 "
-                        f"({h}, {w}, {c}), or a file path"
-                    )
-                arr = a.astype(np.float32)
+        arr = init_images(image, self.meta.image_shape, "init_image")
         if arr.shape[0] not in (1, n):
             raise ValueError(f"{arr.shape[0]} init images for n={n}; pass one image or n images")
-        if not np.all(np.isfinite(arr)):
-            raise ValueError("init_image contains NaN or Inf; pass finite values in [-1, 1]")
-        return np.ascontiguousarray(arr, dtype=np.float32)
+        return arr
 
     def _mask(self, mask: ImageInput, n: int) -> F32:
-        _, h, w = self.meta.image_shape
-        if isinstance(mask, (str, os.PathLike)):
-            return load_mask(mask, (h, w))[None]
-        a = np.asarray(mask)
-        if a.ndim == 2:
-            a = a[None, None]
-        elif a.ndim == 3:
-            a = a[:, None] if a.shape[0] != 1 else a[None]
-        if a.ndim != 4 or a.shape[1:] != (1, h, w) or a.shape[0] not in (1, n):
-            raise ValueError(
-                f"mask of shape {np.shape(mask)} does not fit; pass ({h}, {w}) or "
-                f"(n, 1, {h}, {w}) with 1 = regenerate and 0 = keep, or a file path"
-            )
-        if a.dtype == np.uint8:
-            return (a > 0).astype(np.float32)
-        m = a.astype(np.float32)
-        if not np.all((m >= 0) & (m <= 1)):
-            raise ValueError("mask values must be in [0, 1] (1 = regenerate, 0 = keep)")
-        return np.ascontiguousarray(m)
+        m = masks(mask, self.meta.image_shape[1:])
+        if m.shape[0] not in (1, n):
+            raise ValueError(f"{m.shape[0]} masks for n={n}; pass one mask or n masks")
+        return m
 
     # -- generation ---------------------------------------------------------------------
 
     def generate(
         self,
         n: int,
-        steps: int,
+        steps: int | None = None,
         eta: float = 0.0,
         seed: int = 0,
         labels: Any = None,
@@ -451,11 +436,16 @@ class Pipeline:
     ) -> U8:
         """``n`` images as (n, H, W, C) uint8.
 
+        ``steps``: None = the model's own count, as ``fewstep sample`` picks it (the step
+        count it was distilled for, else that of its fused sampler graph, else
+        ``sampling.FALLBACK_STEPS``; ``default_steps`` says which).
         ``labels``: None (cycle the classes), a class index or name for all, or one per
         image. ``guidance``: classifier-free guidance scale (needs a graph exported
         with --guidance; None = the conditional model). ``spacing``: default the
         model's distilled spacing, else trailing. ``init_image`` + ``strength`` < 1:
-        img2img; ``mask`` (1 = regenerate, 0 = keep): inpainting. ``progress(done,
+        img2img; ``mask`` (1 = regenerate, 0 = keep): inpainting; each a file path, a PIL
+        image or an array of any size (another size is resized, with a warning; see
+        ``images.init_images`` and ``images.masks``). ``progress(done,
         total)`` is called after each batch.
         """
         out: U8 = self._generate(n, steps, eta, seed, labels, guidance, spacing, init_image,
@@ -466,7 +456,7 @@ class Pipeline:
     def generate_float(
         self,
         n: int,
-        steps: int,
+        steps: int | None = None,
         eta: float = 0.0,
         seed: int = 0,
         labels: Any = None,
@@ -488,13 +478,15 @@ class Pipeline:
         assert out.dtype == np.float32
         return out
 
-    def _generate(self, n: int, steps: int, eta: float, seed: int, labels: Any,
+    def _generate(self, n: int, steps: int | None, eta: float, seed: int, labels: Any,
                   guidance: float | None, spacing: str | None, init_image: ImageInput | None,
                   strength: float, mask: ImageInput | None, batch_size: int | None,
                   progress: Progress | None, want_float: bool) -> Any:
         meta = self.meta
         n = _check_n(n)
         seed = host_noise.check_seed(seed)
+        if steps is None:
+            steps = self.default_steps(spacing, eta)
         spacing = spacing if spacing is not None else (
             meta.distilled_spacing or sampling.DEFAULT_SPACING)
         self._check_steps(steps)

@@ -20,6 +20,7 @@ from .meta import ModelMeta
 A = Any  # a numpy array or a torch tensor (see ddim.py)
 
 DEFAULT_SPACING = "trailing"
+FALLBACK_STEPS = 4  # default steps of a model with no distilled steps and no fused sampler
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,11 @@ from pathlib import Path
 
 from fewstep.runtime import clitools
 
-from .unet import PRESETS
+from .config import PRESETS, TrainConfig
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    from . import fit
-
-    d = fit.TrainConfig()
+    d = TrainConfig()
     p = clitools.parser(prog, __doc__)
     p.add_argument("--data", default=d.data,
                    help="'landscapes' (built-in, infinite) or a path to an image folder")

@@ -56,7 +56,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fewstep.runtime import __version__, ddim, sampling
+from fewstep.runtime import __version__, clitools, ddim, sampling
+from fewstep.runtime.clitools import plural
 from fewstep.runtime.errors import ArtifactError
 from fewstep.runtime.fileio import atomic_path, write_text
 from fewstep.runtime.meta import ModelMeta, Schedule
@@ -567,10 +568,7 @@ class Distiller:
     def _progress(self, desc: str, total: int, initial: int) -> Any:
         if not self.opt.progress:
             return None
-        from tqdm import tqdm
-
-        return tqdm(total=total, initial=initial, desc=desc, unit="step", file=sys.stderr,
-                    dynamic_ncols=True, mininterval=0.5)
+        return clitools.terminal_bar(total=total, initial=initial, desc=desc, unit="step")
 
     def _start(self) -> tuple[list[dict[str, Any]], int, ckpt_io.Checkpoint | None]:
         """(finished rounds, step to resume the current round at, its partial checkpoint)."""
@@ -675,7 +673,7 @@ class Distiller:
                     self._log("stopped after a finished round; continue with --resume")
                     raise KeyboardInterrupt
         seconds = time.perf_counter() - t_run
-        self._log(f"distilled {steps_run} steps in {seconds:.1f} s "
+        self._log(f"distilled {plural(steps_run, 'step')} in {seconds:.1f} s "
                   f"({steps_run / max(seconds, 1e-9):.2f} steps/s); finished rounds: "
                   f"{', '.join(p.name for p in done_paths) or 'none'}")
         return done_paths

@@ -58,14 +58,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fewstep.runtime import __version__, ddim
+from fewstep.runtime import __version__, clitools, ddim
 from fewstep.runtime import images as imgs
+from fewstep.runtime.clitools import plural
 from fewstep.runtime.errors import ArtifactError
 from fewstep.runtime.fileio import atomic_path
 from fewstep.runtime.meta import ModelMeta, Schedule
 
 from . import checkpoint as ckpt_io
 from . import distributed, reference
+from .config import TrainConfig, UNetConfig, preset
 from .data import DataError, ImageSource, open_source
 from .loop import (
     StopOnInterrupt,
@@ -75,70 +77,15 @@ from .loop import (
     pick_device,
     step_seed,
 )
-from .unet import UNet, UNetConfig, count_parameters, preset
+from .unet import UNet, count_parameters
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
+LOG_LINE_SECONDS = 30.0  # without a terminal: a progress line at most this often
 # Keys the per-sample draws (t, eps, label dropout) apart from the data's own generators.
 DRAW_STREAM = 0x6E6F697365  # "noise"
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that decides the trained weights (recorded in the checkpoint)."""
-
-    data: str = "landscapes"
-    image_size: int = 32
-    preset: str = "small"
-    conditional: bool = True
-    prediction_type: str = "v_prediction"
-    beta_schedule: str = "squaredcos_cap_v2"
-    num_train_timesteps: int = 1000
-    # Rescale the betas to zero SNR at t = T-1 (Lin et al. 2024): recorded in the
-    # checkpoint's ModelMeta.schedule, so export and the runtime sample the same schedule.
-    zero_terminal_snr: bool = False
-    steps: int = 10_000
-    batch_size: int = 128
-    grad_accum: int = 1
-    lr: float = 3e-4
-    warmup_steps: int = 200
-    weight_decay: float = 0.0
-    ema_decay: float = 0.999
-    grad_clip: float = 1.0
-    cfg_dropout: float = 0.1
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        ddim._choice("prediction_type", self.prediction_type, ddim.PREDICTION_TYPES)
-        ddim._choice("beta_schedule", self.beta_schedule, ddim.BETA_SCHEDULES)
-        for name in ("steps", "batch_size", "grad_accum", "image_size", "num_train_timesteps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
-        if not 0 < self.lr < 1:
-            raise ValueError(f"lr={self.lr} must be in (0, 1); try 3e-4")
-        if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay={self.ema_decay} must be in [0, 1)")
-        if not 0 <= self.cfg_dropout < 1:
-            raise ValueError(f"cfg_dropout={self.cfg_dropout} must be in [0, 1)")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
-        if self.zero_terminal_snr and self.prediction_type == "epsilon":
-            raise ValueError(
-                "zero_terminal_snr=True with prediction_type='epsilon': an epsilon model "
-                "cannot recover x0 at zero SNR; pass --prediction v_prediction (or sample), "
-                "or leave out --zero-terminal-snr"
-            )
-        if self.zero_terminal_snr and self.num_train_timesteps < 2:
-            raise ValueError(
-                f"zero_terminal_snr=True needs num_train_timesteps >= 2, got "
-                f"{self.num_train_timesteps}; pass --timesteps 2 or more"
-            )
-
-    def result_fields(self) -> dict[str, Any]:
-        """The fields a resumed run must share with the checkpoint (all but ``steps``)."""
-        d = dataclasses.asdict(self)
-        d.pop("steps")
-        return d
 
 
 @dataclass(frozen=True)
@@ -441,6 +388,7 @@ class Trainer:
         train_model = self._wrap(model)
         batches = self._loader(start)
         bar = self._progress(start)
+        now_and_then = clitools.Throttle(LOG_LINE_SECONDS)
         t_start = t_last = time.perf_counter()
         imgs_since, wait_last = 0, 0.0
         self.saved_step = start if start else None  # the step of the checkpoint on disk
@@ -482,6 +430,10 @@ class Trainer:
                                           "images_per_s": rate, "data_wait": round(wait, 4)})
                         if bar is not None:
                             bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}")
+                        elif self.main and o.progress and (done == c.steps or now_and_then()):
+                            # No terminal (a log file): a plain line now and then, no bar.
+                            self._log(f"step {done}/{c.steps}: loss {loss:.4f}, "
+                                      f"{rate:.0f} images/s")
                     if bar is not None:
                         bar.update(1)
                     if self.main and save:
@@ -507,7 +459,7 @@ class Trainer:
             seconds = time.perf_counter() - t_start
             n = (o.stop_after or c.steps) - start
             rate = n / max(seconds, 1e-9)
-            self._log(f"trained {n} steps in {seconds:.1f} s ({rate:.2f} steps/s, "
+            self._log(f"trained {plural(n, 'step')} in {seconds:.1f} s ({rate:.2f} steps/s, "
                       f"{rate * g:.0f} images/s, global batch {g}); checkpoint: {path}")
         return path
 
@@ -597,10 +549,8 @@ class Trainer:
     def _progress(self, start: int) -> Any:
         if not (self.opt.progress and self.main):
             return None
-        from tqdm import tqdm
-
-        return tqdm(total=self.config.steps, initial=start, desc="train", unit="step",
-                    file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+        return clitools.terminal_bar(total=self.config.steps, initial=start, desc="train",
+                                     unit="step")
 
     def _log(self, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from torch import nn
 
+from fewstep.runtime import clitools
 from fewstep.runtime.errors import ArtifactError
 from fewstep.runtime.fileio import atomic_path
 
@@ -244,10 +245,7 @@ def train_classifier(config: ClassifierConfig, real: RealData, device: torch.dev
     gen = torch.Generator(device=device).manual_seed(config.seed)
     bar = None
     if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=config.steps, desc="classifier", unit="step", file=sys.stderr,
-                   dynamic_ncols=True, mininterval=0.5)
+        bar = clitools.terminal_bar(total=config.steps, desc="classifier", unit="step")
     warm = min(100, config.steps // 10)
     model.train()
     for step in range(config.steps):

@@ -13,77 +13,15 @@ fp16 graph we export.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import PRESETS, UNetConfig, preset
 
-@dataclass(frozen=True)
-class UNetConfig:
-    image_channels: int = 3
-    image_size: int = 32
-    base_channels: int = 64
-    channel_mults: tuple[int, ...] = (1, 2, 2)
-    blocks_per_level: int = 2
-    attention_resolutions: tuple[int, ...] = (8,)
-    head_channels: int = 32
-    num_classes: int = 0
-    dropout: float = 0.0
-    groups: int = 16
-
-    def __post_init__(self) -> None:
-        levels = len(self.channel_mults)
-        if self.image_size % (2 ** (levels - 1)):
-            raise ValueError(
-                f"image_size={self.image_size} must be divisible by {2 ** (levels - 1)} "
-                f"for {levels} resolution levels"
-            )
-        for m in self.channel_mults:
-            if (self.base_channels * m) % self.groups:
-                raise ValueError(
-                    f"channels {self.base_channels * m} not divisible by groups={self.groups}"
-                )
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
-        d = dict(d)
-        for key in ("channel_mults", "attention_resolutions"):
-            if key in d:
-                d[key] = tuple(d[key])
-        return cls(**d)
-
-
-PRESETS: dict[str, UNetConfig] = {
-    # CI and tests: well under 0.5 M parameters, trains in seconds on a CPU.
-    "tiny": UNetConfig(
-        base_channels=24, channel_mults=(1, 2), blocks_per_level=1,
-        attention_resolutions=(16,), head_channels=24, groups=8,
-    ),
-    # The shipped default model: a few MB of fp32 weights.
-    "small": UNetConfig(
-        base_channels=40, channel_mults=(1, 2, 2), blocks_per_level=1,
-        attention_resolutions=(8,), head_channels=40, groups=8,
-    ),
-    # DDPM's CIFAR-10 shape (about 35 M parameters at 32 px).
-    "base": UNetConfig(
-        base_channels=128, channel_mults=(1, 2, 2, 2), blocks_per_level=2,
-        attention_resolutions=(16,), head_channels=64, groups=32, dropout=0.1,
-    ),
-}
-
-
-def preset(name: str, **overrides: Any) -> UNetConfig:
-    if name not in PRESETS:
-        raise ValueError(f"preset={name!r} is unknown; use one of {', '.join(PRESETS)}")
-    return dataclasses.replace(PRESETS[name], **overrides)
+__all__ = ["PRESETS", "UNet", "UNetConfig", "count_parameters", "preset"]
 
 
 class GroupNorm32(nn.GroupNorm):

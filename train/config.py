@@ -1,0 +1,134 @@
+"""Training configuration without PyTorch: the UNet presets and TrainConfig.
+
+Kept free of torch so that ``fewstep train --help`` (which lists the presets and the
+defaults) works where torch is not installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from fewstep.runtime import ddim
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    image_channels: int = 3
+    image_size: int = 32
+    base_channels: int = 64
+    channel_mults: tuple[int, ...] = (1, 2, 2)
+    blocks_per_level: int = 2
+    attention_resolutions: tuple[int, ...] = (8,)
+    head_channels: int = 32
+    num_classes: int = 0
+    dropout: float = 0.0
+    groups: int = 16
+
+    def __post_init__(self) -> None:
+        levels = len(self.channel_mults)
+        if self.image_size % (2 ** (levels - 1)):
+            raise ValueError(
+                f"image_size={self.image_size} must be divisible by {2 ** (levels - 1)} "
+                f"for {levels} resolution levels"
+            )
+        for m in self.channel_mults:
+            if (self.base_channels * m) % self.groups:
+                raise ValueError(
+                    f"channels {self.base_channels * m} not divisible by groups={self.groups}"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
+        d = dict(d)
+        for key in ("channel_mults", "attention_resolutions"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+PRESETS: dict[str, UNetConfig] = {
+    # CI and tests: well under 0.5 M parameters, trains in seconds on a CPU.
+    "tiny": UNetConfig(
+        base_channels=24, channel_mults=(1, 2), blocks_per_level=1,
+        attention_resolutions=(16,), head_channels=24, groups=8,
+    ),
+    # The shipped default model: a few MB of fp32 weights.
+    "small": UNetConfig(
+        base_channels=40, channel_mults=(1, 2, 2), blocks_per_level=1,
+        attention_resolutions=(8,), head_channels=40, groups=8,
+    ),
+    # DDPM's CIFAR-10 shape (about 35 M parameters at 32 px).
+    "base": UNetConfig(
+        base_channels=128, channel_mults=(1, 2, 2, 2), blocks_per_level=2,
+        attention_resolutions=(16,), head_channels=64, groups=32, dropout=0.1,
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> UNetConfig:
+    if name not in PRESETS:
+        raise ValueError(f"preset={name!r} is unknown; use one of {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides the trained weights (recorded in the checkpoint)."""
+
+    data: str = "landscapes"
+    image_size: int = 32
+    preset: str = "small"
+    conditional: bool = True
+    prediction_type: str = "v_prediction"
+    beta_schedule: str = "squaredcos_cap_v2"
+    num_train_timesteps: int = 1000
+    # Rescale the betas to zero SNR at t = T-1 (Lin et al. 2024): recorded in the
+    # checkpoint's ModelMeta.schedule, so export and the runtime sample the same schedule.
+    zero_terminal_snr: bool = False
+    steps: int = 10_000
+    batch_size: int = 128
+    grad_accum: int = 1
+    lr: float = 3e-4
+    warmup_steps: int = 200
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    cfg_dropout: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        ddim._choice("prediction_type", self.prediction_type, ddim.PREDICTION_TYPES)
+        ddim._choice("beta_schedule", self.beta_schedule, ddim.BETA_SCHEDULES)
+        for name in ("steps", "batch_size", "grad_accum", "image_size", "num_train_timesteps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
+        if not 0 < self.lr < 1:
+            raise ValueError(f"lr={self.lr} must be in (0, 1); try 3e-4")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay={self.ema_decay} must be in [0, 1)")
+        if not 0 <= self.cfg_dropout < 1:
+            raise ValueError(f"cfg_dropout={self.cfg_dropout} must be in [0, 1)")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
+        if self.zero_terminal_snr and self.prediction_type == "epsilon":
+            raise ValueError(
+                "zero_terminal_snr=True with prediction_type='epsilon': an epsilon model "
+                "cannot recover x0 at zero SNR; pass --prediction v_prediction (or sample), "
+                "or leave out --zero-terminal-snr"
+            )
+        if self.zero_terminal_snr and self.num_train_timesteps < 2:
+            raise ValueError(
+                f"zero_terminal_snr=True needs num_train_timesteps >= 2, got "
+                f"{self.num_train_timesteps}; pass --timesteps 2 or more"
+            )
+
+    def result_fields(self) -> dict[str, Any]:
+        """The fields a resumed run must share with the checkpoint (all but ``steps``)."""
+        d = dataclasses.asdict(self)
+        d.pop("steps")
+        return d
