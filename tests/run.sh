@@ -5,7 +5,8 @@
 #   bash tests/run.sh                 # everything
 #   bash tests/run.sh -k ddim         # a subset
 #
-# FEWSTEP_VENV (default .venv) and PYTHON (default python3) choose where and with what.
+# FEWSTEP_VENV (default .venv) and PYTHON (default python3) choose where and with what;
+# FEWSTEP_TORCH_INDEX the index PyTorch comes from (see below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${FEWSTEP_VENV:-.venv}"
@@ -14,8 +15,16 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 py="$venv/bin/python"
 "$py" -m pip install -q --upgrade pip
-# The CPU build of PyTorch, pinned: an unpinned torch pulls a multi-GB CUDA build.
-"$py" -m pip install -q "torch==2.13.0"
+# PyTorch, pinned. Which build this is depends on the index: on a stock Linux x86-64 setup
+# PyPI's torch==2.13.0 is the CUDA build (several GB of nvidia-* wheels); this project's
+# machines serve a local CPU wheel. The tests need only the CPU build: set
+# FEWSTEP_TORCH_INDEX=https://download.pytorch.org/whl/cpu to take it from PyTorch's own
+# CPU wheel index.
+if [ -n "${FEWSTEP_TORCH_INDEX:-}" ]; then
+  "$py" -m pip install -q "torch==2.13.0" --index-url "$FEWSTEP_TORCH_INDEX"
+else
+  "$py" -m pip install -q "torch==2.13.0"
+fi
 "$py" -m pip install -q -e ".[train,export,bench,triton,dev]"
 
 echo "== ruff"
