@@ -22,7 +22,7 @@ import onnx_oracle as oo
 import pytest
 from PIL import Image
 
-from fewstep.runtime import cli, cli_info, cli_sample, clitools, images, pipeline
+from fewstep.runtime import cli, cli_info, clitools, images, pipeline
 from fewstep.runtime.errors import ArtifactError
 from fewstep.runtime.meta import ModelMeta
 from fewstep.runtime.pipeline import Pipeline, default_model_path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -15,10 +16,17 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 from fewstep.export import check, onnx_export  # noqa: E402
-from fewstep.runtime import artifact, ddim, images, sampling  # noqa: E402
+from fewstep.runtime import artifact, clitools, ddim, images, sampling  # noqa: E402
 from fewstep.runtime import noise as host_noise  # noqa: E402
 from fewstep.runtime.meta import META_KEY, ModelMeta, Schedule  # noqa: E402
 from fewstep.train import checkpoint as ckpt_io  # noqa: E402
+
+
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal: progress bars draw on it."""
+
+    def isatty(self) -> bool:
+        return True
 
 
 def fewstep(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -70,8 +78,13 @@ def test_graphs_share_one_weights_file(tiny_artifact: Path, tiny_checkpoint: Pat
 def test_parity_gate_passes_on_cpu_for_every_graph(tiny_artifact: Path,
                                                    tiny_checkpoint: Path) -> None:
     ck = ckpt_io.load(tiny_checkpoint)
-    rows = check.check_artifact(tiny_artifact, ck.build_model(), ck.meta, providers=["cpu"],
-                                n=6, steps=4, eta=0.5)
+    terminal = Terminal()
+    with clitools.Progress(3, "check", stream=terminal) as progress:
+        rows = check.check_artifact(tiny_artifact, ck.build_model(), ck.meta, providers=["cpu"],
+                                    n=6, steps=4, eta=0.5, progress=progress)
+        assert progress.bar.n == 3  # one stage per graph, each gated
+    for name in ("model.onnx", "model.step.onnx", "model.sampler-2.onnx"):
+        assert f"gate {name}" in terminal.getvalue()
     assert {(r.graph, r.what.split(",")[0]) for r in rows} == {
         ("model.onnx", "network output"), ("model.onnx", "final images"),
         ("model.step.onnx", "final images"), ("model.sampler-2.onnx", "final images")}
@@ -172,7 +185,16 @@ def _oracle_uint8_sampler(tmp_path: Path) -> tuple[np.ndarray, ort.InferenceSess
                            height=8, width=8)
     x0 = np.random.default_rng(1).uniform(-1, 1, (1, 3, 8, 8)).astype(np.float32)
     options = onnx_export.ExportOptions(fused=("sampler",), sampler_steps=(3,))
-    onnx_export.export_to_folder(OracleNet(meta, x0), meta, tmp_path, "o", options)
+    terminal = Terminal()
+    with clitools.Progress(4, "export", stream=terminal) as progress:
+        onnx_export.export_to_folder(OracleNet(meta, x0), meta, tmp_path, "o", options,
+                                     progress)
+        assert progress.bar.n == 4 == 2 * onnx_export.graph_count(options)  # traced, checked
+    shown = terminal.getvalue()
+    for stage in ("trace o.onnx", "trace o.sampler-3.onnx", "check o.onnx",
+                  "check o.sampler-3.onnx"):
+        assert stage in shown
+    assert "exporting o.sampler-3.onnx (sampler, fp32)\n" in shown  # log lines above the bar
     s = ort.InferenceSession(str(tmp_path / "o.sampler-3.onnx"), providers=["CPUExecutionProvider"])
     return x0, s
 
@@ -249,6 +271,7 @@ def test_cli_export_writes_and_gates(tiny_checkpoint: Path, tmp_path: Path) -> N
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == [str(out), str(tmp_path / "m.sampler-2.onnx")]
     assert "PSNR" in r.stderr and " NO" not in r.stderr
+    assert "\r" not in r.stderr  # stderr is a pipe: no progress bar redraws
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".fewstep-tmp")]
 
 
