@@ -231,7 +231,7 @@ def test_two_rounds_write_distilled_checkpoints_that_export(
     assert first is not None and first.path == "sampler"  # the fused 1-step graph
     assert pipe.last_info is not None and pipe.last_info.path == "denoiser"
     assert [str(w.message) for w in caught] == [
-        "model was distilled for 1 steps; 4 steps may look worse"]
+        "model was distilled for 1 step; 4 steps may look worse"]
     capsys.readouterr()
 
 
