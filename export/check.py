@@ -26,6 +26,7 @@ from numpy.typing import NDArray
 
 from fewstep.runtime import artifact, images, sampling
 from fewstep.runtime import noise as host_noise
+from fewstep.runtime.errors import ArtifactError
 from fewstep.runtime.meta import ModelMeta
 from fewstep.runtime.sampling import SamplingPlan
 from fewstep.train import reference
@@ -99,6 +100,19 @@ def unsupported_reason(error: Exception, precision: str, provider: str) -> str |
     where = PROVIDERS[provider] + ("" if provider == "cpu" else " (nor its CPU fallback)")
     dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precision, precision)
     return f"ONNX Runtime {ort.__version__} {where} has no {dtype} kernel for {what}"
+
+
+def _load_error(path: Path, provider: str, error: Exception) -> ArtifactError:
+    """ONNX Runtime could not open a graph (damaged weights, a foreign or edited file)."""
+    import onnxruntime as ort
+
+    first = next((ln.strip() for ln in str(error).splitlines() if ln.strip()),
+                 type(error).__name__)
+    return ArtifactError(
+        f"ONNX Runtime {ort.__version__} ({PROVIDERS[provider]}) cannot load {path.name}: "
+        f"{first[:300]}; the file or its weights are damaged or were edited: re-export the "
+        "model with `fewstep export`"
+    )
 
 
 def _to_255(x: NDArray[Any]) -> NDArray[np.float64]:
@@ -210,7 +224,7 @@ def check_artifact(
             except Exception as e:  # onnxruntime raises its own (pybind) exception types
                 reason = unsupported_reason(e, g.precision, provider)
                 if reason is None:
-                    raise
+                    raise _load_error(path, provider, e) from None
                 whats = (["network output, random inputs"] if g.kind == "denoiser" else [])
                 rows += [ParityRow(path.name, g.kind, g.precision, provider, what, math.nan,
                                    math.nan, gate, skipped=reason)

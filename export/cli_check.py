@@ -40,6 +40,7 @@ def body(args: argparse.Namespace) -> int:
     from . import check
 
     artifact.read_onnx_meta(args.model)  # a clear error for a foreign file, before torch work
+    artifact.siblings(args.model)  # ... and for a sibling graph that lies outside the folder
     providers = None
     if args.providers:
         providers = [p.strip() for p in args.providers.split(",") if p.strip()]

@@ -25,7 +25,9 @@ import torch
 from onnx import numpy_helper
 
 from fewstep.runtime import artifact
+from fewstep.runtime.fileio import fsync_file
 from fewstep.runtime.meta import META_KEY, ModelMeta
+from fewstep.runtime.plan import file_lock
 from fewstep.runtime.sampling import DEFAULT_SPACING, SamplingPlan
 
 from .graphs import DenoiserGraph, SamplerGraph, StepGraph
@@ -289,10 +291,12 @@ def write_graphs(graphs: dict[str, onnx.ModelProto], folder: Path, stem: str,
                         if entry.key == "location":
                             entry.value = location
             (folder / location).write_bytes(blob)
+            fsync_file(folder / location)
             written.append(folder / location)
     for name, model in graphs.items():
         path = folder / name
         onnx.save_model(model, path)
+        fsync_file(path)  # on the disk before it is renamed into place (a full disk: here)
         onnx.checker.check_model(str(path), full_check=True)
         written.append(path)
     return written
@@ -306,9 +310,19 @@ def place(staged: list[Path], out_folder: Path, stem: str, source_hash: str) -> 
     from) and every ``stem.weights.*.bin`` this export did not write is removed: the
     folder then holds exactly this export. Until then the old graphs keep their weights,
     so an interrupted export leaves old files beside new ones, never a graph without its
-    weights.
+    weights. Concurrent placements of ``stem`` into one folder are serialised by a file
+    lock (``.stem.onnx.lock`` in the folder): whichever comes last leaves its complete
+    artifact.
     """
-    final = []
+    # Two exports into one folder take turns for the whole placement: otherwise one could
+    # remove the weights the other's just-placed graphs reference.
+    with file_lock(out_folder / f"{stem}.onnx"):
+        return _place(staged, out_folder, stem, source_hash)
+
+
+def _place(staged: list[Path], out_folder: Path, stem: str, source_hash: str) -> list[Path]:
+    artifact.siblings(out_folder / f"{stem}.onnx")  # a link out of the folder: refused now,
+    final = []  # before anything moves
     for src in sorted(staged, key=lambda p: not p.name.endswith(".bin")):
         dst = out_folder / src.name
         src.replace(dst)

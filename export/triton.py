@@ -73,7 +73,7 @@ import numpy as np
 
 from fewstep.runtime import __version__, artifact, clitools
 from fewstep.runtime import plan as trt_plan
-from fewstep.runtime.errors import ArtifactError
+from fewstep.runtime.errors import ArtifactError, quote
 from fewstep.runtime.fileio import staging_dir
 from fewstep.runtime.meta import ModelMeta
 from fewstep.runtime.pipeline import mismatch
@@ -222,9 +222,20 @@ def _model_name(prefix: str, meta: ModelMeta) -> str:
     return f"{prefix}_sampler{g.steps}{eta}"
 
 
-def _weights(onnx_file: Path) -> list[Path]:
+def _weights(onnx_file: Path) -> list[tuple[Path, str]]:
+    """(file to copy, name in the version folder) of each weights file of the graph; each
+    is inside the artifact's folder (``artifact.external_files``: an ArtifactError
+    otherwise, before anything is read or copied) and keeps the name the graph records."""
     header = artifact.read_onnx_header(onnx_file)
-    return [onnx_file.parent / loc for loc in header.external_data]
+    files = artifact.external_files(onnx_file, header)
+    for loc in header.external_data:
+        if Path(loc).name != loc:
+            raise ArtifactError(
+                f"{onnx_file.name} keeps its weights in {quote(loc)}, in a sub-folder; a "
+                "Triton version folder holds the graph and its weights side by side: "
+                "re-export the model with `fewstep export`"
+            )
+    return list(zip(files, header.external_data, strict=True))
 
 
 def _marker(meta: ModelMeta, stem: str, source: Path, kind: str) -> dict[str, Any]:
@@ -335,7 +346,7 @@ def plan_repository(onnx_path: str | os.PathLike[str], options: TritonOptions | 
             config_text(name, "onnxruntime", ins, outs, max_batch,
                         preferred_batch_sizes(max_batch), o.max_queue_delay_us,
                         o.instance_kind, o.instance_count, comment=about),
-            ((path, "model.onnx"), *((wf, wf.name) for wf in _weights(path))),
+            ((path, "model.onnx"), *_weights(path)),
             _marker(meta, stem, path, "onnxruntime"),
         ))
         if found:
@@ -388,7 +399,7 @@ def plan_repository(onnx_path: str | os.PathLike[str], options: TritonOptions | 
             config_text(name, "python", inputs, [TensorConfig("image", "TYPE_UINT8", (h, w, c))],
                         max_batch, preferred_batch_sizes(max_batch), o.max_queue_delay_us,
                         o.instance_kind, o.instance_count, params, comment=about),
-            ((MODEL_PY, "model.py"), (path, path.name), *((wf, wf.name) for wf in _weights(path))),
+            ((MODEL_PY, "model.py"), (path, path.name), *_weights(path)),
             _marker(meta, stem, path, "python"),
         ))
     return entries

@@ -12,15 +12,25 @@ TensorRT plans follow the same pattern with ``.plan`` and a ``.plan.json`` sidec
 The ModelMeta of every ONNX file sits in its ``metadata_props`` under ``META_KEY``;
 ``read_onnx_meta`` reads it with a few lines of protobuf decoding, without onnx or
 onnxruntime and without touching the weights.
+
+Every file an artifact references lies inside the folder of the model file: weights,
+sibling graphs, sidecars. ``contained_file`` is that rule, and every reader (the
+runtime, ``info``, ``check``, ``build``, ``bench``, the Triton exporter) goes through
+it before opening anything: ``read_onnx_meta`` for external data, ``siblings`` for
+sibling graphs.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
-from .errors import ArtifactError
+from .errors import ArtifactError, quote
+from .fileio import check_name_lengths
 from .meta import META_KEY, ModelMeta
 
 _SUFFIX = re.compile(
@@ -63,7 +73,11 @@ def siblings(path: str | Path, ext: str | None = None) -> list[Path]:
     base = base_stem(p, ext)
     found = []
     for cand in sorted(p.parent.glob(f"{glob_escape(base)}*{ext}")):
-        if cand.is_file() and base_stem(cand, ext) == base:
+        if base_stem(cand, ext) != base:
+            continue
+        if cand != p:  # the file the user named is theirs; the others must be contained
+            contained_file(p.parent, cand.name, "graph file", must_exist=False)
+        if cand.is_file():
             found.append(cand)
     if p.is_file() and p not in found:
         found.append(p)
@@ -75,11 +89,88 @@ def glob_escape(text: str) -> str:
 
 
 # ---------------------------------------------------------------------------------
-# Minimal protobuf reading of onnx.ModelProto: just enough for metadata_props.
+# Containment: every file an artifact references lies inside the model's own folder.
 # ---------------------------------------------------------------------------------
 
-_MODEL_FIELDS = {1: "ir_version", 2: "producer_name", 7: "graph", 8: "opset_import",
-                 14: "metadata_props"}
+
+def contained_file(folder: str | Path, location: str, what: str = "file",
+                   must_exist: bool = True) -> Path:
+    """The file ``location`` names relative to the model folder ``folder``.
+
+    The one rule for every file an artifact references (external weights of any graph,
+    sibling graphs, a plan's sidecar and source ONNX): ``location``, with symlinks
+    resolved, is a regular file inside ``folder``. Anything else (an absolute path, a
+    ``../`` that leaves the folder, a symlinked file or folder pointing out of it, a
+    device or a folder) is an ArtifactError naming the location; it is raised before
+    anything at that location is opened. A missing file is an ArtifactError too, unless
+    ``must_exist`` is false (then the caller decides what missing means).
+    """
+    base = Path(folder)
+    shown = quote(location)
+    if not location or "\x00" in location or os.path.isabs(location) or location.startswith(
+            ("\\", "//")):
+        raise ArtifactError(
+            f"{what} {shown} of {str(base)!r} is not a plain path inside the model's "
+            "folder (absolute or empty); fewstep reads only files inside that folder: "
+            "re-export the model"
+        )
+    root = Path(os.path.realpath(base))
+    target = Path(os.path.realpath(base / location))
+    if target == root or not target.is_relative_to(root):
+        raise ArtifactError(
+            f"{what} {shown} of {str(base)!r} resolves to {quote(target)}, outside "
+            "the model's folder; fewstep reads only files inside that folder: put the file "
+            "there (a copy, not a link) or re-export the model"
+        )
+    try:
+        mode = target.stat().st_mode
+    except FileNotFoundError:
+        if must_exist:
+            raise ArtifactError(
+                f"{what} {shown} is missing from {str(base)!r}; copy the whole exported "
+                "folder"
+            ) from None
+        return target
+    except OSError as e:
+        raise ArtifactError(f"{what} {shown} of {str(base)!r} cannot be read "
+                            f"({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise ArtifactError(f"{what} {shown} of {str(base)!r} is not a regular file; "
+                            "re-export the model")
+    return target
+
+
+def external_files(path: str | Path, header: OnnxHeader | None = None) -> list[Path]:
+    """The external data files of an ONNX file, each checked by ``contained_file``."""
+    p = Path(path)
+    h = header if header is not None else read_onnx_header(p)
+    files = []
+    for loc in h.external_data:
+        file = contained_file(p.parent, loc, f"weights file of {p.name}", must_exist=False)
+        if not file.exists():
+            raise ArtifactError(
+                f"{str(p)!r} keeps its weights in {quote(loc)}, which is missing beside it; "
+                "copy the whole exported folder"
+            )
+        files.append(file)
+    return files
+
+
+# ---------------------------------------------------------------------------------
+# Minimal protobuf reading of onnx.ModelProto: the header fields, metadata_props and
+# every external-data location (read straight from the file, bounded before reading).
+# ---------------------------------------------------------------------------------
+
+MAX_ONNX_BYTES: Final = 2 * 1024**3  # protobuf's limit for one message
+MAX_METADATA_BYTES: Final = 8 * 1024**2  # all metadata_props together
+_MAX_NESTING: Final = 32  # graphs inside attributes inside graphs ...
+
+# Where TensorProtos can sit (field numbers of onnx.proto3), for the external-data walk.
+_MODEL_GRAPH, _MODEL_TRAINING, _MODEL_FUNCTIONS = 7, 20, 25
+_GRAPH_NODE, _GRAPH_INIT, _GRAPH_SPARSE = 1, 5, 15
+_NODE_ATTR, _FUNCTION_NODE = 5, 7
+_ATTR_T, _ATTR_G, _ATTR_TENSORS, _ATTR_GRAPHS, _ATTR_SPARSE, _ATTR_SPARSES = 5, 6, 10, 11, 22, 23
+_TENSOR_EXTERNAL = 13
 
 
 @dataclass(frozen=True)
@@ -87,10 +178,13 @@ class OnnxHeader:
     ir_version: int
     producer: str
     metadata: dict[str, str]
-    external_data: tuple[str, ...]  # locations referenced by the graph's initializers
+    external_data: tuple[str, ...]  # locations referenced by any tensor of the model
 
 
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
+Buf = bytes | memoryview
+
+
+def _varint(buf: Buf, pos: int) -> tuple[int, int]:
     result = shift = 0
     while True:
         if pos >= len(buf) or shift > 63:
@@ -103,50 +197,124 @@ def _varint(buf: bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: bytes) -> list[tuple[int, int, int | bytes]]:
+def _fields(buf: Buf) -> list[tuple[int, int, int | memoryview]]:
     """Top-level (field number, wire type, value) of one protobuf message."""
-    out: list[tuple[int, int, int | bytes]] = []
+    view = memoryview(buf)
+    out: list[tuple[int, int, int | memoryview]] = []
     pos = 0
-    while pos < len(buf):
-        key, pos = _varint(buf, pos)
+    while pos < len(view):
+        key, pos = _varint(view, pos)
         field, wire = key >> 3, key & 7
         if field == 0:
             raise ValueError("field number 0")
         if wire == 0:
-            value, pos = _varint(buf, pos)
+            value, pos = _varint(view, pos)
             out.append((field, wire, value))
         elif wire == 1:
             pos += 8
         elif wire == 2:
-            n, pos = _varint(buf, pos)
-            if pos + n > len(buf):
+            n, pos = _varint(view, pos)
+            if pos + n > len(view):
                 raise ValueError("truncated length-delimited field")
-            out.append((field, wire, buf[pos : pos + n]))
+            out.append((field, wire, view[pos : pos + n]))
             pos += n
         elif wire == 5:
             pos += 4
         else:
             raise ValueError(f"wire type {wire}")
-        if pos > len(buf):
+        if pos > len(view):
             raise ValueError("truncated field")
     return out
 
 
-def _strings(entry: bytes) -> dict[int, str]:
-    return {f: v.decode("utf-8") for f, w, v in _fields(entry) if w == 2 and isinstance(v, bytes)}
+def _messages(buf: Buf, *numbers: int) -> list[memoryview]:
+    return [v for f, w, v in _fields(buf) if f in numbers and w == 2
+            and isinstance(v, memoryview)]
 
 
-def _external_locations(graph: bytes) -> set[str]:
-    """Locations of external data of the graph's initializers (GraphProto field 5)."""
-    locations = set()
+def _strings(entry: Buf) -> dict[int, str]:
+    return {f: bytes(v).decode("utf-8") for f, w, v in _fields(entry)
+            if w == 2 and isinstance(v, memoryview)}
+
+
+def _tensor_locations(tensor: Buf, out: set[str]) -> None:
+    for entry in _messages(tensor, _TENSOR_EXTERNAL):
+        kv = _strings(entry)
+        if kv.get(1) == "location" and 2 in kv:
+            out.add(kv[2])
+
+
+def _graph_locations(graph: Buf, out: set[str], depth: int) -> None:
+    """External-data locations of every tensor in a GraphProto: initializers, sparse
+    initializers and tensors in node attributes, in nested graphs too."""
+    if depth > _MAX_NESTING:
+        raise ValueError(f"graphs nested more than {_MAX_NESTING} deep")
     for f, w, v in _fields(graph):
-        if f == 5 and w == 2 and isinstance(v, bytes):  # TensorProto
-            for tf, tw, tv in _fields(v):
-                if tf == 13 and tw == 2 and isinstance(tv, bytes):  # external_data entry
-                    kv = _strings(tv)
-                    if kv.get(1) == "location" and 2 in kv:
-                        locations.add(kv[2])
-    return locations
+        if w != 2 or not isinstance(v, memoryview):
+            continue
+        if f == _GRAPH_INIT:
+            _tensor_locations(v, out)
+        elif f == _GRAPH_SPARSE:
+            for t in _messages(v, 1, 2):  # SparseTensorProto values, indices
+                _tensor_locations(t, out)
+        elif f == _GRAPH_NODE:
+            _node_locations(v, out, depth)
+
+
+def _node_locations(node: Buf, out: set[str], depth: int) -> None:
+    for attr in _messages(node, _NODE_ATTR):
+        for f, w, v in _fields(attr):
+            if w != 2 or not isinstance(v, memoryview):
+                continue
+            if f in (_ATTR_T, _ATTR_TENSORS):
+                _tensor_locations(v, out)
+            elif f in (_ATTR_SPARSE, _ATTR_SPARSES):
+                for t in _messages(v, 1, 2):
+                    _tensor_locations(t, out)
+            elif f in (_ATTR_G, _ATTR_GRAPHS):
+                _graph_locations(v, out, depth + 1)
+
+
+def _read_top_level(path: Path, size: int) -> list[tuple[int, int, int | bytes]]:
+    """The model's top-level fields, read from the file one at a time: each length is
+    checked against the file before its bytes are read, and the fields that can hold
+    nothing the runtime reads without a session are skipped, not read."""
+    wanted = {2, 14, _MODEL_GRAPH, _MODEL_TRAINING, _MODEL_FUNCTIONS}
+    out: list[tuple[int, int, int | bytes]] = []
+    metadata = 0
+    with open(path, "rb") as f:
+        pos = 0
+        while pos < size:
+            head = f.read(20)
+            key, used = _varint(head, 0)
+            field, wire = key >> 3, key & 7
+            if field == 0:
+                raise ValueError("field number 0")
+            if wire == 0:
+                value, end = _varint(head, used)
+                out.append((field, wire, value))
+                pos += end
+            elif wire in (1, 5):
+                pos += used + (8 if wire == 1 else 4)
+            elif wire == 2:
+                n, end = _varint(head, used)
+                start = pos + end
+                if start + n > size:
+                    raise ValueError("truncated length-delimited field")
+                if field == 14:
+                    metadata += n
+                    if metadata > MAX_METADATA_BYTES:
+                        raise ValueError(f"metadata_props over {MAX_METADATA_BYTES} bytes")
+                if field in wanted:
+                    f.seek(start)
+                    out.append((field, wire, f.read(n)))
+                pos = start + n
+            else:
+                raise ValueError(f"wire type {wire}")
+            if pos > size:
+                raise ValueError("truncated field")
+            f.seek(pos)
+    return out
 
 
 def _main_files(folder: Path) -> list[Path]:
@@ -171,6 +339,7 @@ def check_model_path(path: Path | None, flag: str = "") -> None:
     ``flag``: how the message asks for the path (``"--model "`` in the CLI, else "")."""
     if path is None:
         return
+    check_name_lengths(path, "model path")
     if path.is_dir():
         files = _main_files(path)
         if len(files) == 1:
@@ -191,15 +360,22 @@ def check_model_path(path: Path | None, flag: str = "") -> None:
 
 
 def read_onnx_header(path: str | Path) -> OnnxHeader:
+    """ir_version, producer, metadata_props and every external-data location of an ONNX
+    file (nothing is checked about the locations here: see ``external_files``)."""
     p = Path(path)
     check_model_path(p)
     if not p.is_file():
         raise ArtifactError(f"model file {str(p)!r} does not exist")
-    data = p.read_bytes()
+    size = p.stat().st_size
+    if size > MAX_ONNX_BYTES:
+        raise ArtifactError(
+            f"{str(p)!r} is {size} bytes, more than an ONNX file can hold ({MAX_ONNX_BYTES}); "
+            "it is not an ONNX model: pass the model.onnx made by `fewstep export`"
+        )
     try:
-        fields = _fields(data)
+        fields = _read_top_level(p, size)
         ir = next((v for f, w, v in fields if f == 1 and w == 0), None)
-        graph = next((v for f, w, v in fields if f == 7 and w == 2), None)
+        graph = next((v for f, w, v in fields if f == _MODEL_GRAPH and w == 2), None)
         if not isinstance(ir, int) or not isinstance(graph, bytes):
             raise ValueError("no ir_version or graph")
         producer = next((v for f, w, v in fields if f == 2 and w == 2), b"")
@@ -208,7 +384,15 @@ def read_onnx_header(path: str | Path) -> OnnxHeader:
             if f == 14 and w == 2 and isinstance(v, bytes):
                 kv = _strings(v)
                 meta[kv.get(1, "")] = kv.get(2, "")
-        locations = _external_locations(graph)
+        locations: set[str] = set()
+        _graph_locations(graph, locations, 0)
+        for f, _w, v in fields:
+            if f == _MODEL_TRAINING and isinstance(v, bytes):
+                for g in _messages(v, 1, 2):  # initialization, algorithm
+                    _graph_locations(g, locations, 1)
+            elif f == _MODEL_FUNCTIONS and isinstance(v, bytes):
+                for node in _messages(v, _FUNCTION_NODE):
+                    _node_locations(node, locations, 1)
     except (ValueError, UnicodeDecodeError) as e:
         raise ArtifactError(
             f"{str(p)!r} is not an ONNX model ({e}); the file is truncated or of another kind"
@@ -229,10 +413,5 @@ def read_onnx_meta(path: str | Path) -> ModelMeta:
             f"{str(path)!r} has no fewstep metadata (metadata_props[{META_KEY!r}]); "
             f"it was not exported by fewstep: export it with `fewstep export CHECKPOINT`"
         )
-    for loc in header.external_data:
-        if not (Path(path).parent / loc).is_file():
-            raise ArtifactError(
-                f"{str(path)!r} keeps its weights in {loc!r}, which is missing beside it; "
-                "copy the whole exported folder"
-            )
+    external_files(path, header)  # every weights file inside the folder, present
     return ModelMeta.from_json(header.metadata[META_KEY], source=str(path))

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from . import artifact, clitools
-from .errors import ArtifactError
+from .errors import ArtifactError, inert
 from .meta import ModelMeta
 
+MAX_LINE = 4000  # characters of one line of the report (a long class list is elided)
 TRAIN_HIGHLIGHTS = ("data", "preset", "image_size", "steps", "batch_size", "lr",
                     "ema_decay", "cfg_dropout", "seed")
 
@@ -72,11 +73,15 @@ def graphs_of(path: Path) -> tuple[list[dict[str, Any]], dict[str, int]]:
             row["error"] = str(e)
         if file.suffix == ".onnx":
             try:
-                for loc in artifact.read_onnx_header(file).external_data:
-                    data = file.parent / loc
-                    shared[loc] = data.stat().st_size if data.is_file() else -1
+                header = artifact.read_onnx_header(file)
             except ArtifactError:
-                pass
+                header = None
+            for loc in header.external_data if header else ():
+                # Only a file inside the model's folder is looked at (a location outside
+                # it makes read_meta above fail for the whole model).
+                data = artifact.contained_file(path.parent, loc, "weights file",
+                                               must_exist=False)
+                shared[loc] = data.stat().st_size if data.is_file() else -1
         rows.append(row)
     return rows, shared
 
@@ -185,7 +190,9 @@ def render(info: dict[str, Any]) -> str:
         lines.append(f"  Jetson       {j['model']}, L4T {j['l4t_release'] or '?'}")
         lines.append(f"  power mode   {j['power_mode'] or 'unknown (nvpmodel -q failed)'}")
         lines.append(f"  clocks       {j['clocks'] or 'unknown (jetson_clocks --show needs root)'}")
-    return "\n".join(lines)
+    # Class names, versions, training settings and file names come from the files: shown
+    # with every unprintable character escaped, so none can act on the terminal.
+    return "\n".join(inert(line, limit=MAX_LINE) for line in lines)
 
 
 def body(args: argparse.Namespace) -> int:

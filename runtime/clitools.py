@@ -2,20 +2,25 @@
 
 Exit codes: 0 ok, 1 a failed check, 2 bad usage or input, 130 interrupted, 141 stdout
 closed early (``fewstep info | head -3``: like a Unix tool killed by SIGPIPE, quietly).
-A user's mistake prints one ``error:`` line and no traceback unless ``--debug`` is given.
+A user's mistake prints one ``error:`` line and no traceback unless ``--debug`` is given;
+the line is printed inert (unprintable characters escaped), whatever text it carries from
+a file.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import Final, NoReturn
 
-from .errors import ArtifactError, BackendUnavailable, NumericalError
+from .errors import ArtifactError, BackendUnavailable, NumericalError, inert, quote
+
+MAX_MESSAGE: Final = 2000  # characters of one error line (untrusted parts elided first)
 
 EXIT_OK, EXIT_FAILED_CHECK, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_BROKEN_PIPE = 128 + 13  # 128 + SIGPIPE, what a shell reports for `yes | head -1`
@@ -77,12 +82,12 @@ def run(main: Callable[[argparse.Namespace], int | None], args: argparse.Namespa
     except CheckFailed as e:
         if debug:
             raise
-        print(f"check failed: {e}", file=sys.stderr)
+        print(f"check failed: {inert(e, MAX_MESSAGE)}", file=sys.stderr)
         return EXIT_FAILED_CHECK
     except NumericalError as e:
         if debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {inert(e, MAX_MESSAGE)}", file=sys.stderr)
         return EXIT_FAILED_CHECK
     except ModuleNotFoundError as e:
         if debug:
@@ -100,14 +105,38 @@ def run(main: Callable[[argparse.Namespace], int | None], args: argparse.Namespa
         print(f"error: out of memory{detail}; ask for less at once (fewer images, a smaller "
               "batch or grid)", file=sys.stderr)
         return EXIT_USAGE
-    except (ArtifactError, BackendUnavailable, ValueError, FileNotFoundError,
-            PermissionError, IsADirectoryError, NotADirectoryError) as e:
+    except (ArtifactError, BackendUnavailable, ValueError, OSError) as e:
         if debug:
             raise
-        msg = str(e) if not isinstance(e, OSError) or not e.filename else (
-            f"{e.strerror}: {e.filename!r}")
-        print(f"error: {msg}", file=sys.stderr)
+        msg = os_error_message(e) if isinstance(e, OSError) else str(e)
+        print(f"error: {inert(msg, MAX_MESSAGE)}", file=sys.stderr)
         return EXIT_USAGE
+
+
+# What to do about an OSError, by errno (the message names the file and the error).
+_OS_FIXES: Final = {
+    errno.ENAMETOOLONG: "a name in that path is longer than the file system allows (usually "
+                        "255 bytes a name, 4096 a path); pass a shorter path",
+    errno.ENOSPC: "the disk is full; free some space or write to another disk",
+    errno.EDQUOT: "the disk quota is used up; free some space or write to another disk",
+    errno.EROFS: "that file system is mounted read-only; write to a writable folder",
+    errno.EFBIG: "the file is larger than that file system allows; write to another disk",
+    errno.EACCES: "check the permissions or pass another path",
+    errno.EPERM: "check the permissions or pass another path",
+    errno.EIO: "the disk or file system reported an I/O error; check the device",
+    errno.EMFILE: "too many files are open; raise the limit (ulimit -n)",
+    errno.ELOOP: "the path has a symbolic link loop; pass a path without it",
+    errno.EXDEV: "the path crosses file systems; write inside one folder",
+}
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for an OSError: what failed, on which file, and what to do about it."""
+    what = e.strerror or type(e).__name__
+    if e.filename is not None:
+        what += f": {quote(os.fsdecode(e.filename))}"
+    fix = _OS_FIXES.get(e.errno) if e.errno is not None else None
+    return f"{what}; {fix}" if fix else what
 
 
 def broken_pipe() -> int:

@@ -13,12 +13,25 @@ from collections.abc import Iterator
 from pathlib import Path
 
 TMP_MARK = ".fewstep-tmp-"
+NAME_MAX = 255  # bytes in one file or folder name on Linux, macOS and Windows file systems
+
+
+def check_name_lengths(path: Path, what: str) -> None:
+    """A ValueError when a name in ``path`` is longer than file systems allow (checked
+    up front: Python versions differ in whether ``exists()`` raises or says False)."""
+    for part in path.parts:
+        size = len(os.fsencode(part))
+        if size > NAME_MAX:
+            raise ValueError(f"{what} {str(path)[:60]!r}... has a name of {size} bytes, too "
+                             f"long for the file system (at most {NAME_MAX}); pass a shorter "
+                             "path")
 
 
 def check_writable_target(path: str | os.PathLike[str]) -> Path:
     """The target as a Path, or a ValueError naming what is wrong with its folder."""
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
+    check_name_lengths(target, "output path")
     if not folder.is_dir():
         # The nearest part of the path that exists: a file there means no folder can be made.
         blocker = next((p for p in (folder, *folder.parents) if p.exists()), None)
@@ -37,6 +50,12 @@ def check_writable_target(path: str | os.PathLike[str]) -> Path:
     return target
 
 
+def _tmp_name(target: Path) -> str:
+    """The target's name as its temporaries carry it: cut so that a temporary's name
+    stays within the usual 255-byte limit even when the target's name is that long."""
+    return target.name.encode("utf-8")[:120].decode("utf-8", "ignore")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it onto ``path``.
@@ -47,21 +66,27 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     target = check_writable_target(path)
     remove_stale_temporaries(target)
     fd, tmp = tempfile.mkstemp(
-        prefix=f"{TMP_MARK}{target.name}.{os.getpid()}.",
+        prefix=f"{TMP_MARK}{_tmp_name(target)}.{os.getpid()}.",
         dir=target.parent if str(target.parent) else ".",
     )
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
+        fsync_file(tmp_path)
         os.chmod(tmp_path, 0o644)
         os.replace(tmp_path, target)
     except BaseException:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
         raise
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """Flush a written file to the disk: where a full disk or a failing device shows on
+    file systems that allocate late (an OSError: ENOSPC, EDQUOT, EIO)."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 def _alive(pid: int) -> bool:
@@ -99,7 +124,7 @@ def remove_stale_temporaries(target: Path) -> list[Path]:
     process with that pid is alive. Live writers' temporaries are left alone.
     """
     folder = target.parent if str(target.parent) else Path(".")
-    return _remove_stale(folder, f"{TMP_MARK}{target.name}.")
+    return _remove_stale(folder, f"{TMP_MARK}{_tmp_name(target)}.")
 
 
 @contextlib.contextmanager

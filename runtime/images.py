@@ -13,6 +13,7 @@ import hashlib
 import io
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Final
 
@@ -22,6 +23,8 @@ from numpy.typing import NDArray
 from .fileio import atomic_path
 
 GRID_PAD: Final = 2
+MAX_INPUT_PIXELS: Final = 50_000_000  # an init image or mask, checked before decoding
+MAX_INPUT_BYTES: Final = 256 * 1024**2  # its file, checked before reading
 MAX_GRID_PIXELS: Final = 100_000_000  # 100 megapixels: ~300 MB as RGB, ~1 GB while saving
 # Largest width or height some formats can store (Pillow would fail or shrink the image).
 MAX_SIDE: Final = {"JPEG": 65_500, "WEBP": 16_383, "GIF": 65_535, "ICO": 256, "ICNS": 1024}
@@ -143,10 +146,15 @@ def save_image(array: NDArray[np.uint8], path: str | os.PathLike[str], scale: in
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             img.save(f, format=fmt, **extra)
     except (OSError, ValueError, KeyError) as e:
-        if isinstance(e, OSError) and e.filename:  # the file system, not the encoder
-            raise
-        raise ValueError(f"Pillow cannot write {os.fspath(path)!r} as {fmt} ({e}); write a "
-                         ".png instead") from None
+        if isinstance(e, OSError) and (e.filename or e.errno):  # the file system (a full
+            raise  # disk, a read-only mount): the CLI names it and the fix; not the encoder
+        other = "; write a .png instead" if fmt != "PNG" else ""
+        raise ValueError(f"Pillow cannot write {os.fspath(path)!r} as {fmt} ({e}){other}"
+                         ) from None
+
+
+class _TooLarge(ValueError):
+    """An input image over ``MAX_INPUT_PIXELS`` (found from its header, before decoding)."""
 
 
 def load_image(
@@ -155,8 +163,25 @@ def load_image(
     """An image file as (C, H, W) float32 in [-1, 1], resized to ``size`` = (H, W)."""
     from PIL import Image, UnidentifiedImageError
 
+    name = os.fspath(path)
     try:
-        with Image.open(path) as im:
+        size_bytes = os.stat(path).st_size
+    except OSError as e:
+        raise ValueError(f"cannot read image {name!r}: {e.strerror}") from None
+    if size_bytes > MAX_INPUT_BYTES:
+        raise ValueError(f"image {name!r} is {size_bytes:,} bytes, over the limit of "
+                         f"{MAX_INPUT_BYTES:,} for an input image; pass a smaller image")
+    try:
+        with warnings.catch_warnings():
+            # Pillow's own bomb warning: the size is checked below, before decoding.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path)
+        with opened as im:
+            w, h = im.size
+            if w * h > MAX_INPUT_PIXELS:
+                raise _TooLarge(f"image {name!r} is {w}x{h} pixels, over the limit of "
+                                 f"{MAX_INPUT_PIXELS:,} for an input image (it is resized to "
+                                 f"{size[1]}x{size[0]}); pass a smaller image")
             im.load()
             mode = "L" if channels == 1 else "RGB"
             if im.mode in ("RGBA", "LA", "P"):
@@ -165,8 +190,14 @@ def load_image(
                 im = Image.alpha_composite(background, im)
             im = im.convert(mode).resize((size[1], size[0]), Image.Resampling.BICUBIC)
             arr = np.asarray(im, dtype=np.uint8)
+    except Image.DecompressionBombError:
+        raise ValueError(f"image {name!r} declares more pixels than Pillow decodes "
+                         f"(a decompression bomb?); the limit for an input image is "
+                         f"{MAX_INPUT_PIXELS:,} pixels: pass a smaller image") from None
+    except _TooLarge:
+        raise
     except (OSError, UnidentifiedImageError, ValueError) as e:
-        raise ValueError(f"cannot read image {os.fspath(path)!r}: {e}") from None
+        raise ValueError(f"cannot read image {name!r}: {e}") from None
     if arr.ndim == 2:
         arr = arr[..., None]
     out: NDArray[np.float32] = from_uint8_nhwc(arr[None])[0]

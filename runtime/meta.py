@@ -32,7 +32,28 @@ GRAPH_KINDS: Final = ("denoiser", "step", "sampler")
 PRECISIONS: Final = ("fp32", "fp16", "bf16")
 OUTPUT_FORMATS: Final = ("float", "uint8")
 OUTPUT_NAME: Final = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
-MAX_CLASSES: Final = 1_000_000
+MAX_CLASSES: Final = 100_000
+MAX_NAME_CHARS: Final = 100  # a class name
+MAX_TEXT_CHARS: Final = 200  # fewstep_version, source_hash, distilled_spacing
+
+
+def text_problem(text: str, limit: int) -> str | None:
+    """What makes ``text`` unfit for metadata that is shown on terminals, or None: it must
+    be printable (no control or escape characters, no newlines) and at most ``limit``
+    characters."""
+    if len(text) > limit:
+        return f"is {len(text)} characters long, more than {limit}"
+    if not text.isprintable():
+        bad = next(c for c in text if not c.isprintable())
+        return f"holds the unprintable character {bad!r}"
+    return None
+
+
+def class_name_problem(name: str) -> str | None:
+    """``text_problem`` for a class name, which also must not be empty or blank."""
+    if not name.strip():
+        return "is empty or blank"
+    return text_problem(name, MAX_NAME_CHARS)
 
 
 def _fail(where: str, msg: str) -> ArtifactError:
@@ -163,6 +184,14 @@ class ModelMeta:
             raise _fail(
                 "class_names", f"{len(self.class_names)} names for {self.num_classes} classes"
             )
+        for i, name in enumerate(self.class_names):
+            problem = class_name_problem(name) if isinstance(name, str) else "is not a string"
+            if problem:
+                raise _fail(f"class_names[{i}]", f"{_short(name)} {problem}")
+        for what in ("source_hash", "fewstep_version", "distilled_spacing"):
+            problem = text_problem(getattr(self, what), MAX_TEXT_CHARS)
+            if problem:
+                raise _fail(what, f"{_short(getattr(self, what))} {problem}")
         if self.graph.guidance and not self.num_classes:
             raise _fail("graph.guidance", "guidance needs a class-conditional model")
         if self.distilled_steps:

@@ -40,7 +40,7 @@ from numpy.typing import NDArray
 from . import artifact, backends, ddim, sampling
 from . import noise as host_noise
 from .backends import Array, Graph
-from .errors import ArtifactError, NumericalError
+from .errors import ArtifactError, NumericalError, inert
 from .fileio import check_writable_target
 from .images import (
     from_uint8_nhwc,
@@ -238,7 +238,7 @@ class Pipeline:
                     graph = backends.load(file, concrete, **backend_options)
                     meta = graph.meta
             except ArtifactError as e:
-                warnings.warn(f"ignoring {file}: {e}", stacklevel=2)
+                warnings.warn(inert(f"ignoring {file}: {e}", 2000), stacklevel=2)
                 continue
             different = mismatch(main.meta, meta)
             if different:
@@ -299,7 +299,7 @@ class Pipeline:
                     entry.graph = entry.opener()
                 except ArtifactError as e:
                     entry.failed = True
-                    warnings.warn(f"ignoring {entry.path}: {e}", stacklevel=4)
+                    warnings.warn(inert(f"ignoring {entry.path}: {e}", 2000), stacklevel=4)
             return entry.graph
 
     # -- choosing a graph ---------------------------------------------------------------

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from . import fileio
-from .artifact import read_onnx_header
+from .artifact import contained_file, external_files, read_onnx_header
 from .errors import ArtifactError
 from .meta import ModelMeta
 
@@ -50,6 +50,7 @@ JETSON_MAX_BATCH: Final = 4
 _PIXELS_AT_FULL_BATCH: Final = 128 * 128
 
 MIB: Final = 1 << 20
+MAX_SIDECAR_BYTES: Final = 16 * MIB  # the ModelMeta inside is capped at 8 MiB
 GIB: Final = 1 << 30
 
 
@@ -295,6 +296,7 @@ def load_sidecar(plan_path: str | os.PathLike[str]) -> PlanSidecar:
     """The sidecar of ``plan_path``, or one ArtifactError saying why not and how to fix it."""
     side = sidecar_path(plan_path)
     plan = Path(plan_path)
+    contained_file(plan.parent, side.name, "sidecar", must_exist=False)
     if not side.is_file():
         raise ArtifactError(
             f"no sidecar {side.name} beside {str(plan)!r}: fewstep needs it to know what the "
@@ -302,6 +304,13 @@ def load_sidecar(plan_path: str | os.PathLike[str]) -> PlanSidecar:
             f"`{rebuild_command(plan)}`"
         )
     try:
+        size = side.stat().st_size
+        if size > MAX_SIDECAR_BYTES:
+            raise ArtifactError(
+                f"{str(side)!r} is {size} bytes, more than a sidecar can be "
+                f"({MAX_SIDECAR_BYTES}); it is not a fewstep sidecar: rebuild with "
+                f"`{rebuild_command(plan)}`"
+            )
         text = side.read_bytes()
     except OSError as e:
         raise ArtifactError(f"{str(side)!r} cannot be read ({e.strerror})") from None
@@ -410,15 +419,8 @@ def onnx_hashes(onnx_path: str | os.PathLike[str]) -> tuple[str, dict[str, str]]
     """sha256 of an ONNX file and of each external data file it references beside it."""
     p = Path(onnx_path)
     header = read_onnx_header(p)
-    ext = {}
-    for loc in header.external_data:
-        data = p.parent / loc
-        if not data.is_file():
-            raise ArtifactError(
-                f"{str(p)!r} keeps its weights in {loc!r}, which is missing beside it; "
-                "copy the whole exported folder"
-            )
-        ext[loc] = file_sha256(data)
+    ext = {loc: file_sha256(data)
+           for loc, data in zip(header.external_data, external_files(p, header), strict=True)}
     return file_sha256(p), ext
 
 
@@ -427,6 +429,19 @@ def parse_compute_capability(text: str) -> tuple[int, int]:
     if not m:
         raise ValueError(f"compute capability {text!r} is not MAJOR.MINOR (e.g. '8.7')")
     return int(m.group(1)), int(m.group(2))
+
+
+def sidecar_source(plan_path: str | os.PathLike[str], sidecar: PlanSidecar) -> Path | None:
+    """The plan's source ONNX named by the sidecar when it lies inside the plan's folder
+    (``artifact.contained_file``), else None: a source elsewhere (``fewstep build
+    model.onnx --out plans/`` records ``../model.onnx``) is never opened from what a
+    sidecar says; pass it explicitly to check it."""
+    plan = Path(plan_path)
+    try:
+        return contained_file(plan.parent, sidecar.onnx_file, "source ONNX of the plan",
+                              must_exist=False)
+    except ArtifactError:
+        return None
 
 
 def new_sidecar(**fields: Any) -> PlanSidecar:

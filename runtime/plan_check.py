@@ -22,6 +22,7 @@ from .plan import (
     parse_version,
     rebuild_command,
     sidecar_path,
+    sidecar_source,
 )
 
 
@@ -92,6 +93,7 @@ def check_compatible(
     plan = Path(plan_path)
     name = plan.name
     source = Path(onnx_path) if onnx_path is not None else plan.parent / sidecar.onnx_file
+    followed = Path(onnx_path) if onnx_path is not None else sidecar_source(plan, sidecar)
     wanted = sidecar
     if runtime.lean and not sidecar.version_compatible:  # the lean runtime needs a VC plan
         wanted = dataclasses.replace(sidecar, version_compatible=True)
@@ -104,8 +106,8 @@ def check_compatible(
                 f"{name} is not the plan its sidecar {sidecar_path(plan).name} describes "
                 "(sha256 differs: the plan was replaced or is corrupt); rebuild with " + cmd
             )
-    if check_source and source.is_file():
-        onnx_sha, ext = onnx_hashes(source)
+    if check_source and followed is not None and followed.is_file():
+        onnx_sha, ext = onnx_hashes(followed)
         changed = [source.name] if onnx_sha != sidecar.onnx_sha256 else []
         changed += sorted(
             loc for loc, digest in ext.items()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import ddim
+from .errors import quote, some_of
 from .meta import ModelMeta
 
 A = Any  # a numpy array or a torch tensor (see ddim.py)
@@ -151,7 +152,7 @@ def resolve_labels(meta: ModelMeta, n: int, labels: Any = None) -> Any:
     if not meta.conditional:
         if labels is not None:
             raise ValueError(
-                f"labels={labels!r} given, but this model is unconditional; drop the labels"
+                f"labels={quote(labels)} given, but this model is unconditional; drop the labels"
             )
         return None
     k = meta.num_classes
@@ -167,10 +168,11 @@ def resolve_labels(meta: ModelMeta, n: int, labels: Any = None) -> Any:
                 out[j] = meta.class_names.index(item)
                 continue
             if not item.lstrip("-").isdigit():
-                names = ", ".join(meta.class_names) or f"0..{k - 1}"
-                raise ValueError(f"label {item!r} is not a class of this model; use one of {names}")
+                names = some_of(meta.class_names) if meta.class_names else f"0..{k - 1}"
+                raise ValueError(f"label {quote(item)} is not a class of this model; use one of "
+                                 f"{names}")
             item = int(item)
         if isinstance(item, bool) or not isinstance(item, (int, np.integer)) or not 0 <= item < k:
-            raise ValueError(f"label {item!r} is outside the model's classes 0..{k - 1}")
+            raise ValueError(f"label {quote(item)} is outside the model's classes 0..{k - 1}")
         out[j] = int(item)
     return out

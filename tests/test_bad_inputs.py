@@ -9,9 +9,12 @@ must be exactly one non-empty line: the error.
 
 from __future__ import annotations
 
+import copy
+import io
 import json
 import os
 import shutil
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +74,32 @@ CASES = [
          "is a folder, not a model file; pass the model file inside it: "),
     Case("plan-without-sidecar", ("info", "{plan_nosidecar}"), 2, "no sidecar"),
     Case("plan-sidecar-malformed", ("info", "{plan_badsidecar}"), 2, "model.plan.json"),
+    # -- references out of the model's folder, hostile strings, sizes -------------------
+    Case("weights-absolute-path", ("info", "{weights_abs}"), 2, "not a plain path inside"),
+    Case("weights-dotdot-path", ("sample", "--model", "{weights_up}", "--out", "{tmp}/g.png"),
+         2, "'../secret.bin' of"),
+    Case("weights-symlink-out", ("sample", "--model", "{weights_link}", "--out",
+                                 "{tmp}/g.png"), 2, "outside the model's folder"),
+    Case("sibling-symlink-out", ("info", "{sibling_link}"), 2,
+         "graph file 'model.step.onnx' of"),
+    Case("triton-weights-dotdot", ("export-triton", "{weights_up}", "--out", "{tmp}/repo"), 2,
+         "outside the model's folder"),
+    Case("class-name-escapes", ("info", "{escapes}"), 2,
+         "class_names[0]: '\\x1b[2J' holds the unprintable character"),
+    Case("onnx-over-2gib", ("info", "{sparse_3g}"), 2, "more than an ONNX file can hold"),
+    Case("init-image-bomb", ("sample", "--model", "{guided}", "--init-image", "{bomb_png}",
+                             "--out", "{tmp}/g.png"), 2, "decompression bomb"),
+    Case("out-name-too-long", ("sample", "--model", "{guided}", "--out", "{tmp}/{long}.png"),
+         2, "too long for the file system"),
+    Case("model-name-too-long", ("sample", "--model", "{tmp}/{long}.onnx", "--out",
+                                 "{tmp}/g.png"), 2, "too long for the file system"),
     # -- checkpoints ---------------------------------------------------------------------
+    Case("checkpoint-groups-zero", ("export", "{groups0_pt}", "--out", "{tmp}/m.onnx"), 2,
+         "groups=0 must be a whole number"),
+    Case("checkpoint-step-not-a-number", ("export", "{steplist_pt}", "--out", "{tmp}/m.onnx"),
+         2, "step=[1, 2] is not a whole number"),
+    Case("checkpoint-preset-disagrees", ("export", "{preset_pt}", "--out", "{tmp}/m.onnx"), 2,
+         "preset 'base' in the metadata has base_channels=128"),
     Case("checkpoint-not-a-checkpoint", ("export", "{junk_pt}", "--out", "{tmp}/m.onnx"), 2,
          "is not a readable PyTorch checkpoint"),
     Case("checkpoint-needs-pickle", ("export", "{pickled_pt}", "--out", "{tmp}/m.onnx"), 2,
@@ -167,6 +195,9 @@ CASES = [
           "--out", "{tmp}/run"), 2, "unreadable images under"),
     Case("images-none", ("train", "--data", "{empty_folder}", "--preset", "tiny", "--steps", "1",
                          "--out", "{tmp}/run"), 2, "no images"),
+    Case("images-class-name-escapes",
+         ("train", "--data", "{escape_folder}", "--preset", "tiny", "--steps", "1",
+          "--out", "{tmp}/run"), 2, "its name holds the unprintable character"),
     Case("images-folder-missing",
          ("train", "--data", "{tmp}/nowhere", "--preset", "tiny", "--steps", "1",
           "--out", "{tmp}/run"), 2, "nowhere"),
@@ -178,7 +209,8 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory: pytest.TempPathFactory, tiny_artifact: Path) -> dict[str, str]:
+def files(tmp_path_factory: pytest.TempPathFactory, tiny_artifact: Path,
+          tiny_checkpoint: Path) -> dict[str, str]:
     from PIL import Image
 
     tmp = tmp_path_factory.mktemp("corpus")
@@ -245,6 +277,57 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_artifact: Path) -> dict
     (tmp / "plans2" / "model.plan.json").write_text("{not json")
     f["plan_badsidecar"] = str(tmp / "plans2" / "model.plan")
 
+    # Weights referenced out of the folder: absolute, ../, a symlink; a symlinked sibling.
+    (tmp / "secret.bin").write_bytes(b"not for fewstep")
+    for name, location in (("weights_abs", str(tmp / "secret.bin")),
+                           ("weights_up", "../secret.bin"), ("weights_link", "w.bin")):
+        folder = tmp / name
+        folder.mkdir()
+        model = onnx_oracle.build(cond, onnx_oracle.pixel_x0(cond))
+        onnx.external_data_helper.convert_model_to_external_data(
+            model, all_tensors_to_one_file=True, location="w.bin", size_threshold=256)
+        onnx.save_model(model, str(folder / "model.onnx"))
+        for init in model.graph.initializer:
+            for entry in init.external_data:
+                if entry.key == "location":
+                    entry.value = location
+        onnx.save_model(model, str(folder / "model.onnx"))
+        f[name] = str(folder / "model.onnx")
+    (tmp / "weights_link" / "w.bin").unlink()
+    (tmp / "weights_link" / "w.bin").symlink_to(tmp / "secret.bin")
+    shutil.copytree(Path(f["plain"]).parent, tmp / "sibling_link")
+    (tmp / "sibling_link" / "model.step.onnx").unlink()
+    (tmp / "sibling_link" / "model.step.onnx").symlink_to(Path(f["guided"]).with_name(
+        "model.step.onnx"))
+    f["sibling_link"] = str(tmp / "sibling_link" / "model.onnx")
+    esc = json.loads(cond.to_json())
+    esc["class_names"] = ["\x1b[2J", "b", "c"]
+    f["escapes"] = str(onnx_oracle.write(tmp / "escapes.onnx", cond, onnx_oracle.pixel_x0(cond),
+                                         metadata=json.dumps(esc)))
+    with open(tmp / "sparse.onnx", "wb") as sparse:
+        sparse.truncate(3 * 1024**3)
+    f["sparse_3g"] = str(tmp / "sparse.onnx")
+    f["long"] = "n" * 300
+    bomb = io.BytesIO()
+    Image.new("L", (8, 8)).save(bomb, format="PNG")
+    raw = bomb.getvalue()  # IHDR's width and height (bytes 16..24) set to 40000 x 40000
+    ihdr = raw[12:16] + (40000).to_bytes(4, "big") * 2 + raw[24:29]
+    raw = raw[:16] + ihdr[4:] + zlib.crc32(ihdr).to_bytes(4, "big") + raw[33:]
+    (tmp / "bomb.png").write_bytes(raw)
+    f["bomb_png"] = str(tmp / "bomb.png")
+    ck = torch.load(tiny_checkpoint, weights_only=True)
+    for name, edit in (("groups0_pt", lambda c: c["unet_config"].__setitem__("groups", 0)),
+                       ("steplist_pt", lambda c: c.__setitem__("step", [1, 2])),
+                       ("preset_pt", _preset_base)):
+        bad_ck = copy.deepcopy(ck)
+        edit(bad_ck)
+        torch.save(bad_ck, tmp / f"{name}.pt")
+        f[name] = str(tmp / f"{name}.pt")
+    (tmp / "escape_images" / "bad\x1b[31mname").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(
+        tmp / "escape_images" / "bad\x1b[31mname" / "a.png")
+    f["escape_folder"] = str(tmp / "escape_images")
+
     (tmp / "junk.pt").write_bytes(b"PK\x03\x04 this is no checkpoint")
     f["junk_pt"] = str(tmp / "junk.pt")
     torch.save({"format": "fewstep-checkpoint", "version": 1, "payload": Evil()},
@@ -272,6 +355,12 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_artifact: Path) -> dict
     return f
 
 
+def _preset_base(ck: dict) -> None:
+    meta = json.loads(ck["meta"])
+    meta["train_config"]["preset"] = "base"  # but the network is the tiny one
+    ck["meta"] = json.dumps(meta)
+
+
 class Evil:
     """Any class: a checkpoint that needs it needs pickle, and is refused."""
 
@@ -280,7 +369,12 @@ class Evil:
 def test_bad_input(case: Case, files: dict[str, str], capfd: pytest.CaptureFixture[str]
                    ) -> None:
     argv = [a.format(**files) for a in case.argv]
-    code = fewstep_main(argv)
+    if argv[0] == "export-triton":  # python -m fewstep.export.triton
+        from fewstep.export import triton
+
+        code = triton.main(argv[1:])
+    else:
+        code = fewstep_main(argv)
     out, err = capfd.readouterr()  # file descriptors: C libraries' output is caught too
     assert code == case.code, err
     assert case.message in err, err

@@ -23,6 +23,13 @@ from fewstep.runtime.meta import GraphInfo, ModelMeta, Schedule
 # ---------------------------------------------------------------------------------
 
 names = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12)
+# What metadata may hold where it is shown on terminals: printable (no control, format,
+# private-use, unassigned or separator characters but the space); class names not blank.
+_UNPRINTABLE = ("Cs", "Cc", "Cf", "Co", "Cn", "Zl", "Zp", "Zs")
+printable_names = st.text(st.characters(codec="utf-8", exclude_categories=_UNPRINTABLE,
+                                        include_characters=" "), max_size=12)
+class_names = st.text(st.characters(codec="utf-8", exclude_categories=_UNPRINTABLE),
+                      min_size=1, max_size=12)
 # Any whole number JSON can carry: unbounded, plus the edges of int64 and of float64 (a
 # number beyond ~1.8e308 cannot become a float: it must be an ArtifactError, not an
 # OverflowError).
@@ -71,12 +78,12 @@ def metas(draw: st.DrawFn) -> ModelMeta:
         graph=graph, prediction_type=prediction, schedule=schedule,
         channels=draw(st.integers(1, 4)), height=draw(st.integers(1, 512)),
         width=draw(st.integers(1, 512)), num_classes=k,
-        class_names=tuple(draw(st.lists(names, min_size=k, max_size=k))) if draw(
+        class_names=tuple(draw(st.lists(class_names, min_size=k, max_size=k))) if draw(
             st.booleans()) else (),
         distilled_steps=distilled,
         distilled_spacing=draw(st.sampled_from(ddim.SPACINGS)) if distilled else "",
         train_config=draw(st.dictionaries(names, json_values, max_size=4)),
-        source_hash=draw(names),
+        source_hash=draw(printable_names),
     )
 
 
@@ -85,6 +92,23 @@ def test_meta_round_trip(meta: ModelMeta) -> None:
     again = ModelMeta.from_json(meta.to_json())
     assert again == meta
     assert again.to_json() == meta.to_json()
+
+
+@given(st.lists(names, min_size=2, max_size=2), names)
+def test_metadata_strings_are_printable_or_refused(labels: list[str], version: str) -> None:
+    """Class names and free text in metadata: either printable (and class names not
+    blank), or one ArtifactError naming the field; nothing unprintable gets through."""
+    try:
+        meta = ModelMeta.build(prediction_type="epsilon", schedule=Schedule(), channels=3,
+                               height=8, width=8, num_classes=2, class_names=tuple(labels),
+                               fewstep_version=version)
+    except ArtifactError as e:
+        assert "class_names[" in str(e) or "fewstep_version" in str(e)
+        assert any(not s.isprintable() or not s.strip() for s in labels) or (
+            not version.isprintable())
+        return
+    assert all(s.isprintable() and s.strip() for s in meta.class_names)
+    assert meta.fewstep_version.isprintable()
 
 
 @given(wild_json_values)

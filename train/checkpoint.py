@@ -17,11 +17,15 @@ from typing import Any
 
 import torch
 
-from fewstep.runtime.errors import ArtifactError
+from fewstep.runtime.errors import ArtifactError, inert
 from fewstep.runtime.fileio import atomic_path
 from fewstep.runtime.meta import ModelMeta
 
-from .unet import UNet, UNetConfig
+from .unet import PRESETS, UNet, UNetConfig
+
+# The UNet fields a preset fixes (image size, channels and classes come from the data).
+ARCHITECTURE = ("base_channels", "channel_mults", "blocks_per_level",
+                "attention_resolutions", "head_channels", "groups")
 
 FORMAT = "fewstep-checkpoint"
 VERSION = 1
@@ -78,8 +82,10 @@ def save(path: str | os.PathLike[str], ckpt: Checkpoint) -> Path:
         payload["optimizer"] = ckpt.optimizer
     if ckpt.extra:
         payload["extra"] = ckpt.extra
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    # Through a Python file: a full disk is an OSError naming the errno (torch's own
+    # writer, given a path, turns it into a RuntimeError without one).
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)
     return Path(path)
 
 
@@ -122,10 +128,18 @@ def load(path: str | os.PathLike[str], map_location: str | torch.device = "cpu")
         meta = ModelMeta.from_json(raw["meta"], source=str(p))
         config = UNetConfig.from_dict(raw["unet_config"])
         ema = raw["ema"]
+        step = raw.get("step", 0)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step={step!r} is not a whole number >= 0")
+        for key in ("ema", "model", "optimizer", "extra"):
+            if raw.get(key) is not None and not isinstance(raw[key], dict):
+                raise ValueError(f"{key!r} is a {type(raw[key]).__name__}, not a dict")
     except (KeyError, TypeError, ValueError) as e:
         if isinstance(e, ArtifactError):
             raise
-        raise ArtifactError(f"{str(p)!r}: damaged checkpoint ({type(e).__name__}: {e})") from None
+        raise ArtifactError(f"{str(p)!r}: damaged checkpoint ({type(e).__name__}: "
+                            f"{inert(e)}); pass a checkpoint written by fewstep train"
+                            ) from None
     check_consistent(p, meta, config, ema)
     return Checkpoint(
         meta=meta,
@@ -133,7 +147,7 @@ def load(path: str | os.PathLike[str], map_location: str | torch.device = "cpu")
         ema=ema,
         model=raw.get("model"),
         optimizer=raw.get("optimizer"),
-        step=int(raw.get("step", 0)),
+        step=step,
         extra=raw.get("extra"),
     )
 
@@ -143,8 +157,9 @@ def check_consistent(path: str | os.PathLike[str], meta: ModelMeta, config: UNet
     """Refuse a checkpoint whose ModelMeta disagrees with its own UNet config or weights.
 
     Compared: channels, height/width vs image_size, num_classes vs the UNet's classes
-    and the label embedding's rows (num_classes + 1, the null label last), and the
-    prediction type and schedule the training settings recorded. Raises one
+    and the label embedding's rows (num_classes + 1, the null label last), the preset
+    the training settings name vs the network's widths, depth, attention and groups, and
+    the prediction type and schedule the training settings recorded. Raises one
     ``ArtifactError`` naming every disagreement.
     """
     found: list[str] = []
@@ -167,6 +182,18 @@ def check_consistent(path: str | os.PathLike[str], meta: ModelMeta, config: UNet
                      f"rows (the null label included) vs {rows} in the weights")
     # What training recorded (train_config), where it recorded it.
     tc = meta.train_config
+    named = tc.get("preset")
+    if named is not None:
+        if not isinstance(named, str) or named not in PRESETS:
+            found.append(f"preset {named!r} in its training settings is not one of "
+                         f"{', '.join(PRESETS)}")
+        else:
+            want = PRESETS[named]
+            for field in ARCHITECTURE:
+                if getattr(want, field) != getattr(config, field):
+                    found.append(f"preset {named!r} in the metadata has {field}="
+                                 f"{getattr(want, field)!r} vs {getattr(config, field)!r} "
+                                 "in the model")
     s = meta.schedule
     for key, value in (("prediction_type", meta.prediction_type),
                        ("beta_schedule", s.beta_schedule),

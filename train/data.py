@@ -22,6 +22,9 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from fewstep.runtime.errors import quote, some_of
+from fewstep.runtime.meta import MAX_CLASSES, class_name_problem
+
 __all__ = [
     "EXTENSIONS", "LANDSCAPE_CLASSES", "DataError", "FolderSource", "ImageFolder",
     "ImageSource", "Landscapes", "open_source", "render_landscape", "to_model_range",
@@ -328,8 +331,16 @@ class ImageFolder:
             raise DataError(f"{root} {problem}; {use}")
         classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         found = [(p, 0) for p in sorted(root.iterdir()) if _is_image(p)]
+        for folder in classes:  # class names end up in the model's metadata and on screens
+            problem = class_name_problem(folder.name)
+            if problem:
+                raise DataError(f"class folder {quote(folder.name)} in {quote(root)}: its name "
+                                f"{problem}; rename the folder")
+        if len(classes) > MAX_CLASSES:
+            raise DataError(f"{root} has {len(classes)} class folders, more than a model can "
+                            f"hold ({MAX_CLASSES}); pass a folder with fewer classes")
         if classes and found:
-            names = ", ".join(p.name for p in classes)
+            names = some_of([p.name for p in classes])
             raise DataError(f"{len(found)} images lie directly in {root} beside class folders "
                             f"({names}); move them into a class folder")
         if not classes and not found:

@@ -22,6 +22,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# Sane limits for a UNet config (what a checkpoint may ask fewstep to build).
+MAX_IMAGE_SIZE = 2048
+MAX_LEVELS = 8
+MAX_MULT = 16
+MAX_WIDTH = 4096  # channels at the widest level
+MAX_PARAMETERS = 1_000_000_000
+_INT_LIMITS = (("image_channels", 1, 64), ("image_size", 1, MAX_IMAGE_SIZE),
+               ("base_channels", 1, 1024), ("blocks_per_level", 1, 16),
+               ("head_channels", 1, MAX_WIDTH), ("num_classes", 0, 100_000),
+               ("groups", 1, 1024))
+
+
+def _whole(name: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValueError(f"{name}={value!r} must be a whole number in {low}..{high}")
+
+
+def estimated_parameters(c: UNetConfig) -> int:
+    """About how many parameters ``UNet(c)`` has (the 3x3 convolutions dominate), computed
+    from the config alone, before anything is allocated."""
+    total = 0
+    for m in c.channel_mults:
+        w = c.base_channels * m
+        total += (2 * c.blocks_per_level + 1) * 2 * 9 * w * w * 2  # down + up, 2 convs a block
+    return total + (c.num_classes + 1) * c.base_channels * 4
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -37,6 +63,31 @@ class UNetConfig:
     groups: int = 16
 
     def __post_init__(self) -> None:
+        # Checked before anything is allocated: a config read from a checkpoint is data.
+        for name, low, high in _INT_LIMITS:
+            _whole(name, getattr(self, name), low, high)
+        for name in ("channel_mults", "attention_resolutions"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple) or len(value) > MAX_LEVELS:
+                raise ValueError(f"{name}={value!r} must be a list of at most {MAX_LEVELS} "
+                                 "whole numbers")
+        if not self.channel_mults:
+            raise ValueError("channel_mults=() needs at least one resolution level")
+        for m in self.channel_mults:
+            _whole("channel_mults entry", m, 1, MAX_MULT)
+        for r in self.attention_resolutions:
+            _whole("attention_resolutions entry", r, 1, MAX_IMAGE_SIZE)
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not (
+                0.0 <= self.dropout < 1.0):
+            raise ValueError(f"dropout={self.dropout!r} must be a number in [0, 1)")
+        widest = self.base_channels * max(self.channel_mults)
+        if widest > MAX_WIDTH:
+            raise ValueError(f"base_channels x channel_mults = {widest} channels, more than "
+                             f"{MAX_WIDTH}; use a smaller network")
+        estimate = estimated_parameters(self)
+        if estimate > MAX_PARAMETERS:
+            raise ValueError(f"this UNet config has about {estimate / 1e6:,.0f} M parameters, "
+                             f"more than {MAX_PARAMETERS / 1e6:,.0f} M; use a smaller network")
         levels = len(self.channel_mults)
         if self.image_size % (2 ** (levels - 1)):
             raise ValueError(
@@ -54,9 +105,17 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
+        """A config from a checkpoint: a ValueError for unknown keys or bad values."""
+        if not isinstance(d, dict):
+            raise ValueError(f"unet_config is a {type(d).__name__}, not a dict")
         d = dict(d)
+        unknown = sorted(map(str, set(d) - {f.name for f in dataclasses.fields(cls)}))
+        if unknown:
+            raise ValueError(f"unet_config has unknown keys {unknown[:5]}")
         for key in ("channel_mults", "attention_resolutions"):
             if key in d:
+                if not isinstance(d[key], (list, tuple)):
+                    raise ValueError(f"{key}={d[key]!r} is not a list")
                 d[key] = tuple(d[key])
         return cls(**d)
 

@@ -212,11 +212,17 @@ def oracle_x0(meta: ModelMeta, seed: int) -> F64:
     return np.random.default_rng(seed).uniform(-1.0, 1.0, (rows, *meta.image_shape))
 
 
+MAX_ORACLE_BYTES = 16 * 1024**2  # a ModelMeta (at most 8 MiB in an ONNX file) and a seed
+
+
 def read_oracle_file(path: str | Path) -> tuple[ModelMeta, int]:
     """(meta, x0_seed) of an ``.oracle.json`` file, or an ArtifactError saying why not."""
     p = Path(path)
     if not p.is_file():
         raise ArtifactError(f"oracle file {str(p)!r} does not exist")
+    if p.stat().st_size > MAX_ORACLE_BYTES:
+        raise ArtifactError(f"{str(p)!r} is larger than an oracle file can be "
+                            f"({MAX_ORACLE_BYTES} bytes); pass an .oracle.json made by fewstep")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
