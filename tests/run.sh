@@ -36,4 +36,25 @@ if [ "$status" -eq 5 ]; then
   echo "pytest collected no tests: that is a failure" >&2
   exit 1
 fi
-exit "$status"
+[ "$status" -eq 0 ] || exit "$status"
+
+# The oldest onnxruntime pyproject.toml allows (onnxruntime>=ORT_FLOOR): a second, small
+# environment without torch runs the runtime tests that need none. 1.18 is the first
+# that opens fewstep's files (ONNX IR version 10); it was built against numpy 1.x.
+# FEWSTEP_SKIP_FLOOR=1 skips this step (e.g. for a quick `bash tests/run.sh -k ddim`).
+ORT_FLOOR=1.18.0
+if [ -z "${FEWSTEP_SKIP_FLOOR:-}" ] && [ "$#" -eq 0 ]; then
+  echo "== pytest: runtime tests on onnxruntime==$ORT_FLOOR (the declared minimum), no torch"
+  floor="${venv}-ort-floor"
+  if [ ! -x "$floor/bin/python" ]; then
+    "${PYTHON:-python3}" -m venv "$floor"
+  fi
+  "$floor/bin/python" -m pip install -q --upgrade pip
+  "$floor/bin/python" -m pip install -q "onnxruntime==$ORT_FLOOR" "numpy<2" pillow onnx \
+    pytest hypothesis
+  "$floor/bin/python" -m pip install -q --no-deps -e .
+  "$floor/bin/python" -c "import onnxruntime, sys; assert onnxruntime.__version__ == '$ORT_FLOOR'; assert 'torch' not in sys.modules"
+  "$floor/bin/python" -m pytest -q -p no:cacheprovider tests/test_meta.py \
+    tests/test_backend_ort.py tests/test_cli_runtime.py tests/test_runtime_lean.py \
+    tests/test_containment.py
+fi
