@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import ddim
-from .errors import quote, some_of
+from .errors import inert, some_of
 from .meta import DEFAULT_SPACING as DEFAULT_SPACING  # re-exported: callers import it here
 from .meta import ModelMeta
 
@@ -163,7 +163,8 @@ def resolve_labels(meta: ModelMeta, n: int, labels: Any = None) -> Any:
     if not meta.conditional:
         if labels is not None:
             raise ValueError(
-                f"labels={quote(labels)} given, but this model is unconditional; drop the labels"
+                f"labels={inert(repr(labels))} given, but this model is unconditional; drop "
+                "the labels"
             )
         return None
     k = meta.num_classes
@@ -180,10 +181,10 @@ def resolve_labels(meta: ModelMeta, n: int, labels: Any = None) -> Any:
                 continue
             if not item.lstrip("-").isdigit():
                 names = some_of(meta.class_names) if meta.class_names else f"0..{k - 1}"
-                raise ValueError(f"label {quote(item)} is not a class of this model; use one of "
-                                 f"{names}")
+                raise ValueError(f"label {inert(repr(item))} is not a class of this model; "
+                                 f"use one of {names}")
             item = int(item)
         if isinstance(item, bool) or not isinstance(item, (int, np.integer)) or not 0 <= item < k:
-            raise ValueError(f"label {quote(item)} is outside the model's classes 0..{k - 1}")
+            raise ValueError(f"label {inert(repr(item))} is outside the model's classes 0..{k - 1}")
         out[j] = int(item)
     return out
