@@ -251,3 +251,16 @@ def test_resume_of_a_checkpoint_from_before_zero_terminal_snr(tmp_path: Path) ->
     torch.save(raw, path)
     train(config, quiet_options(tmp_path, resume=True))
     assert ckpt_io.load(path).step == 3
+
+
+def test_cli_progress_in_a_log_is_a_few_plain_lines(tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    # Progress left on (the default) while stderr is not a terminal, as in a log file:
+    # no carriage-return bar, no escape sequences, a handful of lines.
+    from fewstep.runtime.cli import main
+
+    argv = [a for a in cli_train(tmp_path / "a", "--steps", "30") if a != "--no-progress"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "\r" not in err and "\x1b" not in err
+    assert 1 <= len(err.splitlines()) <= 12, err
