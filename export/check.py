@@ -77,7 +77,7 @@ def _session(path: Path, provider: str) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # fatal only: fewstep reports errors itself, in one line
     providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
     return ort.InferenceSession(str(path), opts, providers=providers)
 
