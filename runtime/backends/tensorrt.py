@@ -195,10 +195,7 @@ class TensorRTGraph:
         """Host arrays in, the plan's single output back on the host."""
         g = self.meta.graph
         with self._lock:
-            self._check_open()
-            batch = self._validate(feeds, g.inputs)
-            for name in g.inputs:
-                self._stage(name, feeds[name], batch)
+            batch = self._stage_inputs(feeds)
             out = self._tensors[g.outputs[0]]
             graph = self._graphs.get(batch)
             if graph is None and self.cuda_graph and batch in self._seen:
@@ -280,10 +277,7 @@ class TensorRTGraph:
         check_launches(launches)
         g = self.meta.graph
         with self._lock:
-            self._check_open()
-            batch = self._validate(feeds, g.inputs)
-            for name in g.inputs:
-                self._stage(name, feeds[name], batch)
+            batch = self._stage_inputs(feeds)
             self._set_batch(self._context, batch)
             self._bind(self._context)
             self._copies_in(batch, g.inputs)
@@ -310,6 +304,15 @@ class TensorRTGraph:
     def _check_open(self) -> None:
         if self._released:
             raise ValueError(f"{self.path} was closed; open it again with backends.load")
+
+    def _stage_inputs(self, feeds: Feeds) -> int:
+        """Check ``feeds`` against the graph's inputs and copy them to the staging buffers;
+        the batch size. Called with the lock held."""
+        self._check_open()
+        batch = self._validate(feeds, self.meta.graph.inputs)
+        for name in self.meta.graph.inputs:
+            self._stage(name, feeds[name], batch)
+        return batch
 
     def _validate(self, feeds: Feeds, names: Sequence[str]) -> int:
         missing = sorted(set(names) - set(feeds))
