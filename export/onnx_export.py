@@ -24,7 +24,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from fewstep.runtime import artifact
+from fewstep.runtime import artifact, checks
 from fewstep.runtime.clitools import Progress
 from fewstep.runtime.fileio import fsync_file
 from fewstep.runtime.meta import META_KEY, ModelMeta
@@ -69,8 +69,7 @@ class ExportOptions:
                 f"bfloat16 from opset {BF16_MIN_OPSET}); pass --opset {BF16_MIN_OPSET} or "
                 "leave --opset out"
             )
-        if not 0.0 <= self.eta <= 1.0:
-            raise ValueError(f"eta={self.eta} must be in [0, 1]")
+        checks.eta(self.eta)
 
     @property
     def target_opset(self) -> int:

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fewstep.runtime import backends, sampling
+from fewstep.runtime import backends, ddim, sampling
 from fewstep.runtime import noise as host_noise
 from fewstep.runtime.backends import Array, Graph
 from fewstep.runtime.clitools import plural
@@ -198,10 +198,7 @@ def check_request(graph: Graph, request: Mapping[str, Array | None],
         raise ValueError(f"steps {int(bad_s[0])} is outside 1..{T} (num_train_timesteps of "
                          f"the model); pass steps in 1..{T}")
     eta = np.zeros(n, np.float32) if cols["eta"] is None else cols["eta"].astype(np.float32)
-    bad_e = eta[~((eta >= 0) & (eta <= 1))]
-    if bad_e.size:
-        raise ValueError(f"eta {float(bad_e[0])} is outside [0, 1]; pass 0 (deterministic "
-                         "DDIM) ... 1")
+    ddim.check_eta(eta)
     return {"seed": seeds, "label": labels, "guidance": guidance, "steps": steps, "eta": eta}
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from . import artifact, clitools
 from .errors import inert
+from .meta import graph_summary, meta_summary
 
 MAX_LINE = 4000  # characters of one line of the report (a long class list is elided)
 TRAIN_HIGHLIGHTS = ("data", "preset", "image_size", "steps", "batch_size", "lr",
@@ -34,8 +35,6 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 def graphs_of(art: artifact.Artifact) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Every graph file of the artifact with its summary, and the shared data files."""
-    from .pipeline import graph_summary
-
     rows: list[dict[str, Any]] = []
     for f in art.files:
         row: dict[str, Any] = {"file": f.path.name, "size_bytes": f.path.stat().st_size}
@@ -71,7 +70,7 @@ def device_info() -> dict[str, Any]:
 
 def collect(path: Path | None) -> dict[str, Any]:
     from . import backends
-    from .pipeline import default_model_path, meta_summary
+    from .pipeline import default_model_path
 
     art = artifact.Artifact.open(path if path is not None else default_model_path())
     meta = art.meta

@@ -68,6 +68,8 @@ from typing import Any, Final, Literal
 import numpy as np
 from numpy.typing import NDArray
 
+from . import checks
+
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 Spacing = Literal["leading", "trailing", "linspace"]
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
@@ -81,19 +83,6 @@ PREDICTION_TYPES: Final = ("epsilon", "v_prediction", "sample")
 A = Any
 
 F64 = NDArray[np.float64]
-
-
-def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not supported; use one of {', '.join(allowed)}")
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name}={value!r} must be a whole number")
-    if value < 1:
-        raise ValueError(f"{name}={value} must be at least 1")
-    return int(value)
 
 
 # ---------------------------------------------------------------------------------
@@ -112,8 +101,8 @@ def betas_for(
     ``squaredcos_cap_v2`` is the cosine schedule of Nichol & Dhariwal (2021) with
     β capped at 0.999; it ignores ``beta_start``/``beta_end``.
     """
-    _choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
-    n = _positive_int("num_train_timesteps", num_train_timesteps)
+    checks.choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
+    n = checks.whole_number("num_train_timesteps", num_train_timesteps, 1)
     if beta_schedule != "squaredcos_cap_v2" and not 0.0 < beta_start <= beta_end < 1.0:
         raise ValueError(
             f"beta_start={beta_start}, beta_end={beta_end} must satisfy "
@@ -158,7 +147,7 @@ def rescale_zero_terminal_snr(betas: F64) -> F64:
 def check_trained_betas(trained_betas: Sequence[float], num_train_timesteps: int) -> F64:
     """``trained_betas`` as float64 after checking it: one β per training timestep, each
     a finite number in (0, 1)."""
-    n = _positive_int("num_train_timesteps", num_train_timesteps)
+    n = checks.whole_number("num_train_timesteps", num_train_timesteps, 1)
     if len(trained_betas) != n:
         raise ValueError(
             f"trained_betas has {len(trained_betas)} values for num_train_timesteps={n}; "
@@ -234,18 +223,17 @@ def timesteps(
     (ties rounded as diffusers' float arithmetic rounds them)
     ``linspace``: ``round(linspace(0, T-1, steps))``; starts at T-1, ends at 0
     """
-    t_max = _positive_int("num_train_timesteps", num_train_timesteps)
+    t_max = checks.whole_number("num_train_timesteps", num_train_timesteps, 1)
     try:
-        n = _positive_int("steps", steps)
+        n = checks.whole_number("steps", steps, 1)
     except ValueError as e:
         raise ValueError(f"{e}; pass 1 <= steps <= {t_max}") from None
     if n > t_max:
         raise ValueError(
             f"steps={n} exceeds num_train_timesteps={t_max}; pass steps <= {t_max}"
         )
-    _choice("spacing", spacing, SPACINGS)
-    if isinstance(steps_offset, bool) or not isinstance(steps_offset, (int, np.integer)):
-        raise ValueError(f"steps_offset={steps_offset!r} must be a whole number")
+    checks.choice("spacing", spacing, SPACINGS)
+    checks.whole_number("steps_offset", steps_offset)
     if steps_offset and spacing != "leading":
         raise ValueError(
             f"steps_offset={steps_offset} applies to leading spacing only; "
@@ -316,7 +304,7 @@ def eps_from_v(x_t: A, v: A, a_t: Any) -> A:
 
 def target_for(prediction_type: str, x0: A, eps: A, a_t: Any) -> A:
     """What a network of ``prediction_type`` should output for (x0, ε) at α_t."""
-    _choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    checks.choice("prediction_type", prediction_type, PREDICTION_TYPES)
     if prediction_type == "epsilon":
         return eps
     if prediction_type == "sample":
@@ -326,7 +314,7 @@ def target_for(prediction_type: str, x0: A, eps: A, a_t: Any) -> A:
 
 def split_prediction(model_output: A, x_t: A, a_t: Any, prediction_type: str) -> tuple[A, A]:
     """(x0_pred, eps) from a network output of the given prediction type."""
-    _choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    checks.choice("prediction_type", prediction_type, PREDICTION_TYPES)
     if prediction_type == "epsilon":
         return x0_from_eps(x_t, model_output, a_t), model_output
     if prediction_type == "sample":
@@ -344,33 +332,12 @@ def sigma(a_t: Any, a_prev: Any, eta: Any) -> Any:
 # ---------------------------------------------------------------------------------
 
 
-def _is_scalar(value: object) -> bool:
-    """A Python or numpy number, or a 0-d numpy array (not a bool, not a torch tensor)."""
-    if isinstance(value, (bool, np.bool_)):
-        return False
-    return isinstance(value, (int, float, np.number)) or (
-        isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf"
-    )
-
-
-def _check_eta(eta: Any) -> Any:
+def check_eta(eta: Any) -> Any:
     """``eta`` as a float when it is a number (numpy scalars and 0-d arrays included),
     else unchanged. Numbers and numpy arrays must lie in [0, 1]; other arrays (torch
     tensors, maybe traced) are not looked into: no branching on their values."""
-    if isinstance(eta, (bool, np.bool_, str, bytes)) or eta is None:
-        raise ValueError(
-            f"eta={eta!r} must be a number in [0, 1] (0 = deterministic DDIM, 1 = DDPM-like); "
-            "pass e.g. eta=0.0"
-        )
-    if _is_scalar(eta):
-        value = float(eta)
-        if not 0.0 <= value <= 1.0:  # NaN fails too
-            raise ValueError(
-                f"eta={value} is outside [0, 1] (0 = deterministic DDIM, 1 = DDPM-like; "
-                "eta > 1 makes 1 - a_prev - sigma_t**2 negative, which is not a DDIM update); "
-                "pass 0 <= eta <= 1"
-            )
-        return value
+    if isinstance(eta, (bool, np.bool_, str, bytes)) or eta is None or checks.is_number(eta):
+        return checks.eta(eta)
     if isinstance(eta, np.ndarray) and eta.size:
         inside = (eta >= 0) & (eta <= 1)  # NaN is outside
         if not np.all(inside):
@@ -385,7 +352,7 @@ def _check_eta(eta: Any) -> Any:
 def _check_clip(clip_sample_range: Any) -> float | None:
     if clip_sample_range is None:
         return None
-    if not _is_scalar(clip_sample_range) or not (
+    if not checks.is_number(clip_sample_range) or not (
         math.isfinite(float(clip_sample_range)) and float(clip_sample_range) > 0
     ):
         raise ValueError(
@@ -423,7 +390,7 @@ def step(
     # (0) Arguments. Numbers and numpy arrays are checked eagerly; tensors only by shape,
     # and only when the shape is plain ints (while tracing, torch.jit gives tensors and
     # torch.export SymInts: comparing them would add branches or guards to the graph).
-    eta = _check_eta(eta)
+    eta = check_eta(eta)
     clip_sample_range = _check_clip(clip_sample_range)
     if noise is not None:
         noise_shape = tuple(getattr(noise, "shape", ()))

@@ -20,6 +20,7 @@ from typing import Any, Final
 import numpy as np
 from numpy.typing import NDArray
 
+from . import checks
 from .fileio import atomic_path
 
 GRID_PAD: Final = 2
@@ -125,8 +126,7 @@ def save_image(array: NDArray[np.uint8], path: str | os.PathLike[str], scale: in
     if array.ndim != 3 or array.dtype != np.uint8 or array.shape[-1] not in _MODES:
         raise ValueError(f"expected an (H, W, C) uint8 array with C in 1, 3 or 4, got "
                          f"{array.dtype} {array.shape}")
-    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
-        raise ValueError(f"scale={scale!r} must be a whole number >= 1")
+    scale = checks.whole_number("scale", scale, 1)
     fmt = format or image_format(path, array.shape[-1])
     h, w = array.shape[0] * scale, array.shape[1] * scale
     if h * w > MAX_GRID_PIXELS:
@@ -443,3 +443,4 @@ def to_uint8_nhwc_marked(x: NDArray[np.floating[Any]]) -> NDArray[np.uint8]:
     h, w, c = out.shape[1:4]
     out[~finite] = nonfinite_marker((h, w, c))
     return out
+

@@ -22,7 +22,7 @@ from typing import Any, Final
 import numpy as np
 from numpy.typing import NDArray
 
-from . import ddim
+from . import checks, ddim
 from .errors import ArtifactError
 
 # 2: the schedule records trained_betas and timestep_spacing; a version-1 document reads
@@ -470,7 +470,7 @@ def _parse(data: object) -> ModelMeta:
         output_format=_get(g, "output_format", str, "graph.", "float"),
     )
     distilled = _get(data, "distilled_steps", list, "", [])
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in distilled):
+    if not all(checks.is_whole_number(v) for v in distilled):
         raise _fail("distilled_steps", "must be a list of whole numbers")
     return ModelMeta(
         prediction_type=_get(data, "prediction_type", str, ""),
@@ -488,3 +488,34 @@ def _parse(data: object) -> ModelMeta:
         fewstep_version=_get(data, "fewstep_version", str, "", ""),
         schema_version=SCHEMA_VERSION,  # an older document is read as its current equivalent
     )
+
+
+def meta_summary(meta: ModelMeta) -> dict[str, Any]:
+    """The model-level fields of a ModelMeta (no per-graph fields), JSON-ready."""
+    s = meta.schedule
+    return {
+        "prediction_type": meta.prediction_type,
+        "schedule": {
+            "beta_schedule": s.beta_schedule, "num_train_timesteps": s.num_train_timesteps,
+            "beta_start": s.beta_start, "beta_end": s.beta_end,
+            "rescale_zero_terminal_snr": s.rescale_zero_terminal_snr,
+            "set_alpha_to_one": s.set_alpha_to_one, "clip_sample_range": s.clip_sample_range,
+            "steps_offset": s.steps_offset,
+        },
+        "image_shape": list(meta.image_shape),
+        "num_classes": meta.num_classes,
+        "class_names": list(meta.class_names),
+        "distilled_steps": list(meta.distilled_steps),
+        "distilled_spacing": meta.distilled_spacing,
+        "source_hash": meta.source_hash,
+        "fewstep_version": meta.fewstep_version,
+    }
+
+
+def graph_summary(meta: ModelMeta) -> dict[str, Any]:
+    g = meta.graph
+    d: dict[str, Any] = {"kind": g.kind, "precision": g.precision, "guidance": g.guidance,
+                         "inputs": list(g.inputs), "outputs": list(g.outputs)}
+    if g.kind == "sampler":
+        d.update(steps=g.steps, spacing=g.spacing, eta=g.eta, output_format=g.output_format)
+    return d

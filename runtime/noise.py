@@ -10,15 +10,16 @@ from __future__ import annotations
 import numpy as np
 from numpy.typing import NDArray
 
+from . import checks
+
 MAX_SEED = 2**64 - 1
 
 
 def check_seed(seed: object) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed={seed!r} must be a whole number; pass e.g. seed=0")
-    if not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed={seed} is outside 0..2**64-1; pass a seed in that range")
-    return int(seed)
+    number = checks.whole_number("seed", seed, fix="; pass e.g. seed=0")
+    if not 0 <= number <= MAX_SEED:
+        raise ValueError(f"seed={number} is outside 0..2**64-1; pass a seed in that range")
+    return number
 
 
 def image_rng(seed: int, index: int) -> np.random.Generator:

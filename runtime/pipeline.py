@@ -37,26 +37,19 @@ from typing import Any, Final
 import numpy as np
 from numpy.typing import NDArray
 
-from . import artifact, backends, ddim, sampling
+from . import artifact, backends, checks, runners, sampling
 from . import noise as host_noise
-from .backends import Array, Graph
+from .backends import Graph
 from .clitools import plural
 from .errors import ArtifactError, NumericalError, inert
 from .fileio import check_writable_target
-from .images import (
-    grid,
-    init_images,
-    masks,
-    nonfinite_images,
-    save_image,
-    to_uint8_nhwc,
-)
-from .meta import ModelMeta
+from .images import grid, init_images, masks, save_image, to_uint8_nhwc
+from .meta import ModelMeta, graph_summary, meta_summary
+from .runners import Batch
 from .sampling import SamplingPlan
 
 DEFAULT_MODEL: Final = "landscapes.onnx"
 DEFAULT_BATCH: Final = 16
-NUMERIC_FIX: Final = "fp16 overflow? export with --precision fp32 or keep more fp32 islands"
 
 F32 = NDArray[np.float32]
 U8 = NDArray[np.uint8]
@@ -76,37 +69,6 @@ def default_model_path() -> Path:
             f"{str(folder)!r}); pass --model PATH to a model.onnx made by `fewstep export`"
         )
     return path
-
-
-def meta_summary(meta: ModelMeta) -> dict[str, Any]:
-    """The model-level fields of a ModelMeta (no per-graph fields), JSON-ready."""
-    s = meta.schedule
-    return {
-        "prediction_type": meta.prediction_type,
-        "schedule": {
-            "beta_schedule": s.beta_schedule, "num_train_timesteps": s.num_train_timesteps,
-            "beta_start": s.beta_start, "beta_end": s.beta_end,
-            "rescale_zero_terminal_snr": s.rescale_zero_terminal_snr,
-            "set_alpha_to_one": s.set_alpha_to_one, "clip_sample_range": s.clip_sample_range,
-            "steps_offset": s.steps_offset,
-        },
-        "image_shape": list(meta.image_shape),
-        "num_classes": meta.num_classes,
-        "class_names": list(meta.class_names),
-        "distilled_steps": list(meta.distilled_steps),
-        "distilled_spacing": meta.distilled_spacing,
-        "source_hash": meta.source_hash,
-        "fewstep_version": meta.fewstep_version,
-    }
-
-
-def graph_summary(meta: ModelMeta) -> dict[str, Any]:
-    g = meta.graph
-    d: dict[str, Any] = {"kind": g.kind, "precision": g.precision, "guidance": g.guidance,
-                         "inputs": list(g.inputs), "outputs": list(g.outputs)}
-    if g.kind == "sampler":
-        d.update(steps=g.steps, spacing=g.spacing, eta=g.eta, output_format=g.output_format)
-    return d
 
 
 def default_steps(meta: ModelMeta, graphs: list[dict[str, Any]], spacing: str | None,
@@ -154,24 +116,26 @@ class _Entry:
         self.failed = False
 
 
-def _name(path: str) -> str:
-    return Path(path).name if path and not path.startswith("<") else path
+_name = runners.name
 
 
-def _check_n(n: object) -> int:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n={n!r} must be a whole number >= 1 (the number of images)")
-    return int(n)
+@dataclass(frozen=True)
+class GenerateRequest:
+    """The arguments of one ``generate``/``generate_float`` call, as the user gave them."""
 
-
-def _check_batch_size(batch_size: object) -> int | None:
-    if batch_size is None:
-        return None
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or (
-        batch_size < 1
-    ):
-        raise ValueError(f"batch_size={batch_size!r} must be a whole number >= 1, or None")
-    return int(batch_size)
+    n: int
+    steps: int | None = None
+    eta: float = 0.0
+    seed: int = 0
+    labels: Any = None
+    guidance: float | None = None
+    spacing: str | None = None
+    init_image: ImageInput | None = None
+    strength: float = 1.0
+    mask: ImageInput | None = None
+    batch_size: int | None = None
+    progress: Progress | None = None
+    want_float: bool = False
 
 
 class Pipeline:
@@ -402,8 +366,9 @@ class Pipeline:
         size is resized, with a warning; see ``images.init_images`` and ``images.masks``).
         ``progress(done, total)`` is called after each batch.
         """
-        out: U8 = self._generate(n, steps, eta, seed, labels, guidance, spacing, init_image,
-                                 strength, mask, batch_size, progress, want_float=False)
+        out: U8 = self._generate(GenerateRequest(n, steps, eta, seed, labels, guidance, spacing,
+                                                 init_image, strength, mask, batch_size,
+                                                 progress, want_float=False))
         assert out.dtype == np.uint8
         return out
 
@@ -427,45 +392,42 @@ class Pipeline:
         A sampler graph that outputs uint8 images cannot serve this; the step or
         denoiser graph is used instead (a ValueError says so when there is none).
         """
-        out: F32 = self._generate(n, steps, eta, seed, labels, guidance, spacing, init_image,
-                                  strength, mask, batch_size, progress, want_float=True)
+        out: F32 = self._generate(GenerateRequest(n, steps, eta, seed, labels, guidance,
+                                                  spacing, init_image, strength, mask,
+                                                  batch_size, progress, want_float=True))
         assert out.dtype == np.float32
         return out
 
-    def _generate(self, n: int, steps: int | None, eta: float, seed: int, labels: Any,
-                  guidance: float | None, spacing: str | None, init_image: ImageInput | None,
-                  strength: float, mask: ImageInput | None, batch_size: int | None,
-                  progress: Progress | None, want_float: bool) -> Any:
+    def _generate(self, r: GenerateRequest) -> Any:
         meta = self.meta
-        n = _check_n(n)
-        seed = host_noise.check_seed(seed)
-        if steps is None:
-            steps = self.default_steps(spacing, eta)
-        spacing = spacing if spacing is not None else sampling.default_spacing(meta)
+        n = checks.whole_number("n", r.n, 1, " (the number of images)")
+        seed = host_noise.check_seed(r.seed)
+        steps = self.default_steps(r.spacing, r.eta) if r.steps is None else r.steps
+        spacing = r.spacing if r.spacing is not None else sampling.default_spacing(meta)
         self._check_steps(steps)
-        plan = self._plan(steps, spacing, eta, strength)
-        if init_image is None and mask is not None:
+        plan = self._plan(steps, spacing, r.eta, r.strength)
+        if r.init_image is None and r.mask is not None:
             raise ValueError(
                 "mask given without init_image: inpainting keeps the init image's pixels "
                 "where mask == 0; pass init_image=... (--init-image) or drop the mask"
             )
-        if init_image is None and strength != 1.0:
+        if r.init_image is None and r.strength != 1.0:
             raise ValueError(
-                f"strength={strength} needs an init image (img2img); pass init_image=... "
+                f"strength={r.strength} needs an init image (img2img); pass init_image=... "
                 "(--init-image) or strength=1"
             )
-        limit = _check_batch_size(batch_size)
-        all_labels = sampling.resolve_labels(meta, n, labels)
-        g = sampling.check_guidance(meta, guidance)
+        limit = checks.optional_whole_number("batch_size", r.batch_size, 1)
+        all_labels = sampling.resolve_labels(meta, n, r.labels)
+        g = sampling.check_guidance(meta, r.guidance)
         if g is not None and not any(e.meta.graph.guidance for e in self._entries):
             raise ValueError(
-                f"guidance={guidance} needs a graph exported with --guidance; re-export: "
+                f"guidance={r.guidance} needs a graph exported with --guidance; re-export: "
                 f"fewstep export CHECKPOINT --guidance (or drop guidance)"
             )
         self._warn_distilled(plan.steps)
-        init = None if init_image is None else self._image(init_image, n)
-        m = None if mask is None else self._mask(mask, n)
-        path, graph = self._choose(plan, spacing, g, init is None, want_float, m is not None)
+        init = None if r.init_image is None else self._image(r.init_image, n)
+        m = None if r.mask is None else self._mask(r.mask, n)
+        path, graph = self._choose(plan, spacing, g, init is None, r.want_float, m is not None)
 
         if limit is not None and graph.max_batch is not None and limit > graph.max_batch:
             raise ValueError(
@@ -475,36 +437,32 @@ class Pipeline:
             )
         chunk = min(limit or DEFAULT_BATCH, graph.max_batch or DEFAULT_BATCH * 1024)
         c, h, w = meta.image_shape
-        out: Any = (np.empty((n, c, h, w), np.float32) if want_float
+        out: Any = (np.empty((n, c, h, w), np.float32) if r.want_float
                     else np.empty((n, h, w, c), np.uint8))
         started = time.perf_counter()
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
             x_T, step_noise = host_noise.generation_noise(
                 seed, range(lo, hi), meta.image_shape, plan.steps if plan.stochastic else 0)
-            extra = self._extra_feeds(graph, None if all_labels is None else all_labels[lo:hi],
-                                      g, hi - lo)
+            labels = None if all_labels is None else all_labels[lo:hi]
 
             def part(a: F32 | None, lo: int = lo, hi: int = hi) -> F32 | None:
                 return None if a is None else (a if a.shape[0] == 1 else a[lo:hi])
 
-            if path == "sampler":
-                try:
-                    y = self._run_sampler(graph, x_T, step_noise, extra, lo)
-                except NumericalError as e:
-                    labels_part = None if all_labels is None else all_labels[lo:hi]
-                    raise self._locate(e, plan, spacing, g, x_T, step_noise,
-                                       labels_part) from None
-            elif path == "denoiser":
-                y = self._run_denoiser(graph, plan, x_T, step_noise, extra, part(init), part(m))
-            else:
-                y = self._run_steps(graph, plan, x_T, step_noise, extra, part(init), part(m))
+            batch = Batch(x_T, step_noise, runners.extra_feeds(graph, labels, g, hi - lo),
+                          part(init), part(m), lo)
+            try:
+                y = runners.run(path, graph, plan, batch)
+            except NumericalError as e:
+                if path != "sampler":
+                    raise
+                raise self._locate(e, plan, spacing, g, batch, labels) from None
             if y.dtype == np.uint8:
                 out[lo:hi] = y
             else:
-                out[lo:hi] = y if want_float else to_uint8_nhwc(y)
-            if progress is not None:
-                progress(hi, n)
+                out[lo:hi] = y if r.want_float else to_uint8_nhwc(y)
+            if r.progress is not None:
+                r.progress(hi, n)
         self.last_info = GenerationInfo(
             path=path, graph=graph.path, backend=graph.backend, n=n,
             steps=plan.steps - plan.start, spacing=spacing, eta=plan.eta, batch_size=chunk,
@@ -532,53 +490,8 @@ class Pipeline:
         """The path the last ``generate`` took: sampler, step, step-blend or denoiser."""
         return None if self.last_info is None else self.last_info.path
 
-    @staticmethod
-    def _extra_feeds(graph: Graph, labels: NDArray[np.int64] | None, guidance: float | None,
-                     n: int) -> dict[str, Array]:
-        feeds: dict[str, Array] = {}
-        if "label" in graph.meta.graph.inputs:
-            assert labels is not None
-            feeds["label"] = np.ascontiguousarray(labels, dtype=np.int64)
-        if "guidance" in graph.meta.graph.inputs:
-            feeds["guidance"] = np.full(n, 1.0 if guidance is None else guidance, np.float32)
-        return feeds
-
-    # -- the three paths ----------------------------------------------------------------
-
-    def _run_sampler(self, graph: Graph, x_T: F32, step_noise: F32 | None,
-                     extra: dict[str, Array], lo: int) -> Array:
-        feeds = {"x": x_T, **extra}
-        if "noise" in graph.meta.graph.inputs:
-            assert step_noise is not None
-            feeds["noise"] = step_noise
-        y = graph.run(feeds)
-        n = x_T.shape[0]
-        if graph.meta.graph.output_format == "uint8":
-            c, h, w = self.meta.image_shape
-            if y.dtype != np.uint8 or y.shape != (n, h, w, c):
-                raise ArtifactError(
-                    f"{graph.path} returned {y.dtype} {y.shape}, not uint8 ({n}, {h}, {w}, {c}) "
-                    "images as its metadata says; re-export it"
-                )
-            bad = nonfinite_images(y)
-            if bad.size:
-                which = ", ".join(str(lo + int(b)) for b in bad[:8]) + (
-                    ", ..." if bad.size > 8 else "")
-                raise NumericalError(
-                    f"the sampler graph {_name(graph.path)} produced NaN/Inf for image(s) "
-                    f"{which} of this call; {NUMERIC_FIX}"
-                )
-            return y
-        y = np.asarray(y, dtype=np.float32)
-        if not np.all(np.isfinite(y)):
-            raise NumericalError(
-                f"the sampler graph {_name(graph.path)} returned NaN/Inf for images "
-                f"{lo}..{lo + n - 1}; {NUMERIC_FIX}"
-            )
-        return y
-
     def _locate(self, err: NumericalError, plan: SamplingPlan, spacing: str,
-                guidance: float | None, x_T: F32, step_noise: F32 | None,
+                guidance: float | None, batch: Batch,
                 labels: NDArray[np.int64] | None) -> NumericalError:
         """The fused sampler runs every step in one graph, so its NaN/Inf has no step: rerun
         the same inputs through the step or denoiser graph (when the artifact has one) to
@@ -587,89 +500,13 @@ class Pipeline:
             other = self._open(entry)
             if other is None:
                 continue
-            extra = self._extra_feeds(other, labels, guidance, x_T.shape[0])
+            extra = runners.extra_feeds(other, labels, guidance, batch.x_T.shape[0])
             try:
-                if path == "denoiser":
-                    self._run_denoiser(other, plan, x_T, step_noise, extra, None, None)
-                else:
-                    self._run_steps(other, plan, x_T, step_noise, extra, None, None)
+                runners.run(path, other, plan, Batch(batch.x_T, batch.step_noise, extra))
             except NumericalError as located:
                 return NumericalError(f"{err} (rerun through {_name(other.path)}: {located})")
             return err
         return err
-
-    def _numerical(self, graph: Graph, plan: SamplingPlan, i: int) -> NumericalError:
-        return NumericalError(
-            f"step {i} of {plan.steps} (t={plan.timesteps[i]}) produced NaN/Inf in "
-            f"{_name(graph.path)}; {NUMERIC_FIX}"
-        )
-
-    def _run_steps(self, graph: Graph, plan: SamplingPlan, x_T: F32, step_noise: F32 | None,
-                   extra: dict[str, Array], init: F32 | None, m: F32 | None) -> F32:
-        n = x_T.shape[0]
-        x: F32 = np.ascontiguousarray(sampling.initial_state(plan, x_T, init), dtype=np.float32)
-        fixed: dict[str, Array] = {**extra, "eta": np.full(n, plan.eta, np.float32)}
-        if not plan.stochastic:
-            fixed["noise"] = np.zeros_like(x_T)
-
-        def feeds(i: int) -> dict[str, Array]:
-            d: dict[str, Array] = {
-                "t": np.full(n, plan.timesteps[i], np.float32),
-                "a_t": np.full(n, plan.a_t[i], np.float32),
-                "a_prev": np.full(n, plan.a_prev[i], np.float32),
-            }
-            if plan.stochastic:
-                assert step_noise is not None
-                d["noise"] = np.ascontiguousarray(step_noise[:, i])
-            return d
-
-        def one_step(x: F32, i: int) -> F32:
-            out = np.asarray(graph.run_loop(x, fixed, [feeds(i)]), dtype=np.float32)
-            if not np.all(np.isfinite(out)):
-                raise self._numerical(graph, plan, i)
-            return out
-
-        if m is None:
-            y = np.asarray(graph.run_loop(x, fixed, [feeds(i) for i in range(plan.start,
-                                                                            plan.steps)]))
-            if not np.all(np.isfinite(y)):
-                # All steps ran on the device in one loop: rerun them one at a time (only on
-                # this failure path) to name the first step that produced NaN/Inf.
-                for i in range(plan.start, plan.steps):
-                    x = one_step(x, i)
-                raise NumericalError(
-                    f"the step graph {_name(graph.path)} returned NaN/Inf after steps "
-                    f"{plan.start}..{plan.steps - 1} (t={plan.timesteps[plan.start]}.."
-                    f"{plan.timesteps[-1]}); {NUMERIC_FIX}"
-                )
-            return y.astype(np.float32, copy=False)
-        assert init is not None
-        for i in range(plan.start, plan.steps):
-            x = one_step(x, i)
-            # Inpainting: keep the known pixels, noised to the level of the next step.
-            x = m * x + (1 - m) * ddim.q_sample(init, x_T, plan.a_prev[i])
-        return x
-
-    def _run_denoiser(self, graph: Graph, plan: SamplingPlan, x_T: F32, step_noise: F32 | None,
-                      extra: dict[str, Array], init: F32 | None, m: F32 | None) -> F32:
-        n = x_T.shape[0]
-
-        def denoise(x: F32, i: int) -> F32:
-            if i > plan.start and not np.all(np.isfinite(x)):
-                raise self._numerical(graph, plan, i - 1)
-            t = np.full(n, plan.timesteps[i], np.float32)
-            out = np.asarray(graph.run({"x": np.ascontiguousarray(x), "t": t, **extra}),
-                             dtype=np.float32)
-            if not np.all(np.isfinite(out)):
-                raise self._numerical(graph, plan, i)
-            return out
-
-        x = sampling.initial_state(plan, x_T, init)
-        inpaint = None if m is None or init is None else (init, m, x_T)
-        y: F32 = sampling.run_loop(plan, denoise, x, step_noise, inpaint)
-        if not np.all(np.isfinite(y)):
-            raise self._numerical(graph, plan, plan.steps - 1)
-        return y
 
     # -- output -------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from . import ddim
+from . import checks, ddim
 from .errors import inert, some_of
 from .meta import DEFAULT_SPACING as DEFAULT_SPACING  # re-exported: callers import it here
 from .meta import ModelMeta
@@ -65,13 +65,8 @@ class SamplingPlan:
         ``strength`` < 1 (img2img) skips the first steps: the loop starts at step
         ``steps - round(steps * strength)`` and runs at least one step.
         """
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
-            raise ValueError(f"eta={eta!r} must be in [0, 1] (0 = deterministic DDIM)")
-        if (
-            isinstance(strength, bool)
-            or not isinstance(strength, (int, float))
-            or not 0.0 < strength <= 1.0
-        ):
+        eta = checks.eta(eta)
+        if not checks.is_number(strength) or not 0.0 < strength <= 1.0:
             raise ValueError(f"strength={strength!r} must be in (0, 1]; 1 = ignore the image")
         ts, a_t, a_prev = meta.schedule.step_alphas(
             steps, default_spacing(meta) if spacing is None else spacing)
@@ -80,7 +75,7 @@ class SamplingPlan:
             timesteps=tuple(int(t) for t in ts),
             a_t=tuple(float(a) for a in a_t),
             a_prev=tuple(float(a) for a in a_prev),
-            eta=float(eta),
+            eta=eta,
             prediction_type=meta.prediction_type,
             clip_sample_range=meta.schedule.clip_sample_range,
             start=len(ts) - run,
@@ -125,8 +120,15 @@ def run_loop(
         )
         if inpaint is not None:
             known, mask, eps0 = inpaint
-            x = mask * x + (1 - mask) * ddim.q_sample(known, eps0, plan.a_prev[i])
+            x = blend(x, known, mask, eps0, plan.a_prev[i])
     return x
+
+
+def blend(x: A, known: A, mask: A, x_T: A, a_prev: Any) -> A:
+    """Inpainting after a step to ``a_prev``: keep ``x`` where mask == 1, and where
+    mask == 0 the known image noised to the same level (with the initial noise ``x_T``),
+    so the kept region comes out exactly as given."""
+    return mask * x + (1 - mask) * ddim.q_sample(known, x_T, a_prev)
 
 
 def guided(cond: A, uncond: A, guidance: Any) -> A:
@@ -142,8 +144,7 @@ def check_guidance(meta: ModelMeta, guidance: float | None) -> float | None:
             f"guidance={guidance} needs a class-conditional model; this model has no classes"
         )
     if (
-        isinstance(guidance, bool)
-        or not isinstance(guidance, (int, float))
+        not checks.is_number(guidance)
         or not math.isfinite(guidance)
         or not 0.0 <= guidance <= 50.0
     ):
@@ -184,7 +185,7 @@ def resolve_labels(meta: ModelMeta, n: int, labels: Any = None) -> Any:
                 raise ValueError(f"label {inert(repr(item))} is not a class of this model; "
                                  f"use one of {names}")
             item = int(item)
-        if isinstance(item, bool) or not isinstance(item, (int, np.integer)) or not 0 <= item < k:
+        if not checks.is_whole_number(item) or not 0 <= item < k:
             raise ValueError(f"label {inert(repr(item))} is outside the model's classes 0..{k - 1}")
         out[j] = int(item)
     return out

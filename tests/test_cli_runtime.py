@@ -130,7 +130,7 @@ def test_sample_inpainting_from_files(model: Path, x0: np.ndarray, tmp_path: Pat
     [
         (["--steps", "2000"], "error: steps=2000 exceeds num_train_timesteps=1000 recorded in "
                               "model.onnx; pass steps <= 1000"),
-        (["--eta", "1.5"], "error: eta=1.5 must be in [0, 1]"),
+        (["--eta", "1.5"], "error: eta=1.5 is outside [0, 1]"),
         (["--labels", "desert"], "error: label 'desert' is not a class of this model; use one "
                                  "of mountains, lake, snow"),
         (["--labels", "0", "1"], "error: 2 labels given for n=4 images"),
@@ -199,7 +199,7 @@ def test_console_script_end_to_end(model: Path, tmp_path: Path) -> None:
     bad = subprocess.run([FEWSTEP, "sample", "--model", str(model), "--steps", "0",
                           "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert "error: steps=0 must be at least 1" in bad.stderr
+    assert "error: steps=0 must be a whole number >= 1" in bad.stderr
     debug = subprocess.run([FEWSTEP, "sample", "--model", str(model), "--steps", "0",
                             "--out", str(out), "--debug"], capture_output=True, text=True,
                            timeout=120)

@@ -197,8 +197,8 @@ def test_equals_diffusers_ddim_where_diffusers_is_right(prediction_type: str, et
     ("kwargs", "message"),
     [
         (dict(num_train_timesteps=1000, steps=0),
-         "steps=0 must be at least 1; pass 1 <= steps <= 1000"),
-        (dict(num_train_timesteps=1000, steps=-3), "steps=-3 must be at least 1"),
+         "steps=0 must be a whole number >= 1; pass 1 <= steps <= 1000"),
+        (dict(num_train_timesteps=1000, steps=-3), "steps=-3 must be a whole number >= 1"),
         (dict(num_train_timesteps=1000, steps=1200),
          "steps=1200 exceeds num_train_timesteps=1000; pass steps <= 1000"),
         (dict(num_train_timesteps=1000, steps=2.5), "steps=2.5 must be a whole number"),
@@ -209,7 +209,7 @@ def test_equals_diffusers_ddim_where_diffusers_is_right(prediction_type: str, et
          "steps_offset=1 applies to leading spacing only"),
         (dict(num_train_timesteps=1000, steps=4, steps_offset=300),
          "steps_offset=300 puts timesteps outside 0..999"),
-        (dict(num_train_timesteps=0, steps=1), "num_train_timesteps=0 must be at least 1"),
+        (dict(num_train_timesteps=0, steps=1), "num_train_timesteps=0 must be a whole number >= 1"),
     ],
 )
 def test_timesteps_errors_name_value_and_fix(kwargs: dict, message: str) -> None:

@@ -474,13 +474,13 @@ def test_same_images_as_the_pytorch_reference(cond_meta: ModelMeta) -> None:
     [
         (dict(n=0), "n=0 must be a whole number >= 1"),
         (dict(n=2.5), "n=2.5 must be a whole number"),
-        (dict(steps=0), "steps=0 must be at least 1; pass 1 <= steps <= 1000"),
-        (dict(steps=-1), "steps=-1 must be at least 1"),
+        (dict(steps=0), "steps=0 must be a whole number >= 1; pass 1 <= steps <= 1000"),
+        (dict(steps=-1), "steps=-1 must be a whole number >= 1"),
         (dict(steps=1200), "steps=1200 exceeds num_train_timesteps=1000 recorded in <denoiser>; "
                            "pass steps <= 1000"),
         (dict(steps=2.5), "steps=2.5 must be a whole number"),
-        (dict(eta=-0.1), "eta=-0.1 must be in [0, 1]"),
-        (dict(eta=1.5), "eta=1.5 must be in [0, 1]"),
+        (dict(eta=-0.1), "eta=-0.1 is outside [0, 1]"),
+        (dict(eta=1.5), "eta=1.5 is outside [0, 1]"),
         (dict(labels=3), "label 3 is outside the model's classes 0..2"),
         (dict(labels="sky"), "label 'sky' is not a class of this model; use one of class0"),
         (dict(labels=[0, 1]), "2 labels given for n=4 images"),

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from fewstep.runtime import ddim
+from fewstep.runtime import checks, ddim
 
 # Sane limits for a UNet config (what a checkpoint may ask fewstep to build).
 MAX_IMAGE_SIZE = 2048
@@ -161,8 +161,8 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        ddim._choice("prediction_type", self.prediction_type, ddim.PREDICTION_TYPES)
-        ddim._choice("beta_schedule", self.beta_schedule, ddim.BETA_SCHEDULES)
+        checks.choice("prediction_type", self.prediction_type, ddim.PREDICTION_TYPES)
+        checks.choice("beta_schedule", self.beta_schedule, ddim.BETA_SCHEDULES)
         for name in ("steps", "batch_size", "grad_accum", "image_size", "num_train_timesteps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")

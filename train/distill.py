@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fewstep.runtime import __version__, clitools, ddim, sampling
+from fewstep.runtime import __version__, checks, clitools, ddim, sampling
 from fewstep.runtime.clitools import plural
 from fewstep.runtime.errors import ArtifactError
 from fewstep.runtime.fileio import atomic_path, write_text
@@ -93,10 +93,8 @@ A = Any  # a numpy array or a torch tensor (see runtime/ddim.py)
 
 def halvings(from_steps: int, to_steps: int) -> tuple[int, ...]:
     """Student step counts from ``from_steps`` down to ``to_steps``: 64, 4 → (32, 16, 8, 4)."""
-    if isinstance(from_steps, bool) or not isinstance(from_steps, int) or from_steps < 2:
-        raise ValueError(f"from_steps={from_steps!r} must be a whole number >= 2")
-    if isinstance(to_steps, bool) or not isinstance(to_steps, int) or to_steps < 1:
-        raise ValueError(f"to_steps={to_steps!r} must be a whole number >= 1")
+    checks.whole_number("from_steps", from_steps, 2)
+    checks.whole_number("to_steps", to_steps, 1)
     if to_steps >= from_steps:
         raise ValueError(
             f"to_steps={to_steps} is not below from_steps={from_steps}: each round halves "
@@ -227,11 +225,10 @@ class DistillConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        ddim._choice("spacing", self.spacing, ddim.SPACINGS)
-        ddim._choice("loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
+        checks.choice("spacing", self.spacing, ddim.SPACINGS)
+        checks.choice("loss_weighting", self.loss_weighting, LOSS_WEIGHTINGS)
         if not self.steps_per_round or any(
-                isinstance(s, bool) or not isinstance(s, int) or s < 1
-                for s in self.steps_per_round):
+                not checks.is_whole_number(s) or s < 1 for s in self.steps_per_round):
             raise ValueError(f"steps_per_round={self.steps_per_round!r}: pass whole numbers >= 1")
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size} must be at least 1")
