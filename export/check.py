@@ -271,7 +271,7 @@ def _denoiser_row(sess: Any, path: Path, meta: ModelMeta, model: torch.nn.Module
     if meta.graph.guidance:
         feeds["guidance"] = np.full(n, 2.0, dtype=np.float32)
     out = sess.run(None, feeds)[0]
-    torch_graph = DenoiserGraph(model, meta, meta.graph.guidance, fp16=False)
+    torch_graph = DenoiserGraph(model, meta, meta.graph.guidance)
     with torch.no_grad():
         expect = torch_graph(**{k: torch.from_numpy(v) for k, v in feeds.items()}).numpy()
     peak = float(np.max(expect) - np.min(expect))

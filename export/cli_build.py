@@ -91,10 +91,12 @@ def body(args: argparse.Namespace) -> int:
 
     if args.batch is not None:
         BatchProfile.parse(args.batch)  # a bad --batch is reported before anything else
+    if args.fp16_weak and args.bf16_weak:
+        raise ValueError("--fp16-weak and --bf16-weak exclude each other; pick one")
+    weak = "fp16" if args.fp16_weak else "bf16" if args.bf16_weak else None
     requests = [
         tb.prepare_build(
-            onnx, plan, batch=args.batch, fp16_weak=args.fp16_weak, bf16_weak=args.bf16_weak,
-            opt_level=args.opt_level,
+            onnx, plan, batch=args.batch, weak=weak, opt_level=args.opt_level,
             workspace_mib=args.workspace_mib, timing_cache=args.timing_cache,
             use_timing_cache=not args.no_timing_cache,
             version_compatible=args.version_compatible,

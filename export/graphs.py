@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fewstep.runtime import ddim, images, sampling
+from fewstep.runtime import checks, ddim, images, sampling
 from fewstep.runtime.meta import ModelMeta
 from fewstep.runtime.sampling import SamplingPlan
 
@@ -29,17 +29,14 @@ GRAPH_DTYPES: dict[str, torch.dtype] = {
 class DenoiserGraph(nn.Module):
     """forward(x, t, [label], [guidance]) → the network output, float32.
 
-    ``precision`` (fp32, fp16 or bf16; ``fp16=True`` is the older spelling of "fp16")
-    is the dtype of the UNet inside; graph inputs and outputs stay float32.
+    ``precision`` (fp32, fp16 or bf16) is the dtype of the UNet inside; graph inputs and
+    outputs stay float32.
     """
 
-    def __init__(self, unet: nn.Module, meta: ModelMeta, guidance: bool, fp16: bool = False,
-                 *, precision: str | None = None) -> None:
+    def __init__(self, unet: nn.Module, meta: ModelMeta, guidance: bool, *,
+                 precision: str = "fp32") -> None:
         super().__init__()
-        precision = precision or ("fp16" if fp16 else "fp32")
-        if precision not in GRAPH_DTYPES or (fp16 and precision != "fp16"):
-            raise ValueError(f"precision={precision!r} (fp16={fp16}) must be one of "
-                             f"{', '.join(GRAPH_DTYPES)}")
+        checks.choice("precision", precision, tuple(GRAPH_DTYPES))
         # A copy: folding and casting in place would change the caller's weights.
         model = copy.deepcopy(unet).float()
         fold_attention_norms(model)

@@ -1,19 +1,10 @@
 """ONNX -> TensorRT plan + ``.plan.json`` sidecar, for TensorRT 10.x (Jetson) and 11.x.
 
-Precision lives in the ONNX graph (fewstep exports fp16 or bf16 with fp32 islands), so
-the network is strongly typed: always on TensorRT 11, which removed weak typing, and on
-TensorRT 10 through the STRONGLY_TYPED creation flag. Only on TensorRT 10, and only when
-asked (``fp16_weak`` / ``bf16_weak``), is an fp32 graph built weakly typed with
-BuilderFlag.FP16 / BuilderFlag.BF16. bf16, from the graph or the flag, needs a GPU of
-compute capability 8.0 or newer (Ampere; Jetson Orin is 8.7).
-
-Everything up to the first TensorRT call (``prepare_build``, ``typing_mode``) is pure
-and tested without TensorRT; ``build_plan`` then parses with ``OnnxParser.parse_from_file``
-(so external weights beside the ONNX are found), makes one optimisation profile over the
-batch for every input, builds, and writes the plan and then the sidecar, each atomically
-and both under one file lock, so an interrupted or concurrent build never leaves a
-partial plan or a plan with another build's sidecar. The timing cache is merged back
-under its own lock (``plan.locked_update``).
+Precision lives in the ONNX graph, so the network is strongly typed (TensorRT 11 has
+nothing else; TensorRT 10 through STRONGLY_TYPED), except on TensorRT 10 when ``weak``
+asks for BuilderFlag.FP16/BF16 on an fp32 graph. ``prepare_build`` checks everything
+before TensorRT is imported; the plan and then its sidecar are written atomically under
+one file lock, so no reader sees a partial plan or another build's sidecar.
 """
 
 from __future__ import annotations
@@ -26,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fewstep.runtime import fileio
+from fewstep.runtime import checks, fileio
 from fewstep.runtime.artifact import read_onnx_meta
 from fewstep.runtime.errors import ArtifactError, BackendUnavailable
 from fewstep.runtime.meta import ModelMeta
@@ -65,8 +56,8 @@ class BuildRequest:
     meta: ModelMeta
     profile: BatchProfile | None  # None: the default for the GPU found at build time
     precision: str
-    fp16_weak: bool
-    strongly_typed: bool | None  # None: strongly typed unless fp16_weak or bf16_weak
+    weak: str | None  # "fp16"/"bf16": weak typing of an fp32 graph (TensorRT 10), or None
+    strongly_typed: bool | None  # None: strongly typed unless weak
     opt_level: int
     workspace_bytes: int | None  # None: default_workspace_bytes of the GPU
     timing_cache: Path | None  # a file, a folder for the keyed file, or None = default folder
@@ -74,7 +65,6 @@ class BuildRequest:
     version_compatible: bool
     exclude_lean_runtime: bool
     verbose: bool
-    bf16_weak: bool = False
 
 
 WEAK_FLAGS = {"fp16": "--fp16-weak", "bf16": "--bf16-weak"}
@@ -86,7 +76,7 @@ def prepare_build(
     *,
     batch: str | BatchProfile | None = None,
     precision: str | None = None,
-    fp16_weak: bool = False,
+    weak: str | None = None,
     strongly_typed: bool | None = None,
     opt_level: int = 3,
     workspace_mib: int | None = None,
@@ -95,7 +85,6 @@ def prepare_build(
     version_compatible: bool = False,
     exclude_lean_runtime: bool = False,
     verbose: bool = False,
-    bf16_weak: bool = False,
 ) -> BuildRequest:
     """Check every argument and read the ONNX's ModelMeta; ValueError/ArtifactError if bad."""
     onnx = Path(onnx_path)
@@ -105,9 +94,10 @@ def prepare_build(
     meta = read_onnx_meta(onnx)  # missing file, not ONNX, no fewstep metadata: ArtifactError
     fileio.check_writable_target(out)
     profile = BatchProfile.parse(batch) if isinstance(batch, str) else batch
-    if isinstance(opt_level, bool) or opt_level not in OPT_LEVELS:
+    if not checks.is_whole_number(opt_level) or opt_level not in OPT_LEVELS:
         raise ValueError(f"--opt-level {opt_level} must be 0..5 (3 is TensorRT's default)")
-    if workspace_mib is not None and (isinstance(workspace_mib, bool) or workspace_mib < 1):
+    if workspace_mib is not None and (not checks.is_whole_number(workspace_mib)
+                                      or workspace_mib < 1):
         raise ValueError(f"--workspace-mib {workspace_mib} must be at least 1")
     if exclude_lean_runtime and not version_compatible:
         raise ValueError(
@@ -115,9 +105,8 @@ def prepare_build(
             "add --version-compatible"
         )
     graph_precision = meta.graph.precision
-    if fp16_weak and bf16_weak:
-        raise ValueError("--fp16-weak and --bf16-weak exclude each other; pick one")
-    weak = "fp16" if fp16_weak else "bf16" if bf16_weak else None
+    if weak is not None:
+        checks.choice("weak", weak, tuple(WEAK_FLAGS))
     if weak is not None and graph_precision != "fp32":
         raise ValueError(
             f"{WEAK_FLAGS[weak]} is for fp32 graphs, and {onnx.name} is already "
@@ -142,11 +131,11 @@ def prepare_build(
         )
     return BuildRequest(
         onnx_path=onnx, out_path=out, meta=meta, profile=profile, precision=wanted,
-        fp16_weak=fp16_weak, strongly_typed=strongly_typed, opt_level=opt_level,
+        weak=weak, strongly_typed=strongly_typed, opt_level=opt_level,
         workspace_bytes=None if workspace_mib is None else workspace_mib * MIB,
         timing_cache=None if timing_cache is None else Path(timing_cache),
         use_timing_cache=use_timing_cache, version_compatible=version_compatible,
-        exclude_lean_runtime=exclude_lean_runtime, verbose=verbose, bf16_weak=bf16_weak,
+        exclude_lean_runtime=exclude_lean_runtime, verbose=verbose,
     )
 
 
@@ -158,8 +147,8 @@ class TypingMode:
     bf16_flag: bool = False  # set BuilderFlag.BF16 (TensorRT 10, weak typing only)
 
 
-def typing_mode(tensorrt_version: str, fp16_weak: bool, strongly_typed: bool | None,
-                bf16_weak: bool = False) -> TypingMode:
+def typing_mode(tensorrt_version: str, weak: str | None,
+                strongly_typed: bool | None) -> TypingMode:
     """How to type the network on this TensorRT version (see the module docstring)."""
     major = parse_version(tensorrt_version)[0]
     if major < 10:
@@ -168,13 +157,12 @@ def typing_mode(tensorrt_version: str, fp16_weak: bool, strongly_typed: bool | N
             "11.x: pip install -U 'fewstep[tensorrt]' (JetPack 6 ships 10.x)"
         )
     if major >= 11:
-        for asked, p in ((fp16_weak, "fp16"), (bf16_weak, "bf16")):
-            if asked:
-                raise ValueError(
-                    f"{WEAK_FLAGS[p]} needs TensorRT 10: TensorRT {tensorrt_version} removed "
-                    f"weak typing (BuilderFlag.{p.upper()}); export the model with --precision "
-                    f"{p} instead (a {p} ONNX with fp32 islands) and build that"
-                )
+        if weak is not None:
+            raise ValueError(
+                f"{WEAK_FLAGS[weak]} needs TensorRT 10: TensorRT {tensorrt_version} removed "
+                f"weak typing (BuilderFlag.{weak.upper()}); export the model with --precision "
+                f"{weak} instead (a {weak} ONNX with fp32 islands) and build that"
+            )
         if strongly_typed is False:
             raise ValueError(
                 f"TensorRT {tensorrt_version} networks are always strongly typed; "
@@ -182,15 +170,12 @@ def typing_mode(tensorrt_version: str, fp16_weak: bool, strongly_typed: bool | N
             )
         # STRONGLY_TYPED is deprecated and ignored on 11.x: pass no flag.
         return TypingMode(strongly_typed=True, network_flag=False, fp16_flag=False)
-    if fp16_weak and bf16_weak:
-        raise ValueError("--fp16-weak and --bf16-weak exclude each other; pick one")
-    weak = fp16_weak or bf16_weak
-    if weak and strongly_typed:
-        flag = WEAK_FLAGS["fp16" if fp16_weak else "bf16"]
-        raise ValueError(f"{flag} needs a weakly typed network; drop strongly_typed=True")
-    st = (not weak) if strongly_typed is None else strongly_typed
-    return TypingMode(strongly_typed=st, network_flag=st, fp16_flag=fp16_weak,
-                      bf16_flag=bf16_weak)
+    if weak is not None and strongly_typed:
+        raise ValueError(f"{WEAK_FLAGS[weak]} needs a weakly typed network; drop "
+                         "strongly_typed=True")
+    st = (weak is None) if strongly_typed is None else strongly_typed
+    return TypingMode(strongly_typed=st, network_flag=st, fp16_flag=weak == "fp16",
+                      bf16_flag=weak == "bf16")
 
 
 BF16_MIN_COMPUTE = (8, 0)  # bf16 tensor cores: Ampere and newer (Jetson Orin: 8.7)
@@ -224,7 +209,7 @@ def build_plan(
     *,
     batch: str | BatchProfile | None = None,
     precision: str | None = None,
-    fp16_weak: bool = False,
+    weak: str | None = None,
     strongly_typed: bool | None = None,
     opt_level: int = 3,
     workspace_mib: int | None = None,
@@ -233,7 +218,6 @@ def build_plan(
     version_compatible: bool = False,
     exclude_lean_runtime: bool = False,
     verbose: bool = False,
-    bf16_weak: bool = False,
 ) -> PlanSidecar:
     """Build ``out_path`` (+ ``out_path``.json) from ``onnx_path``; returns the sidecar.
 
@@ -242,11 +226,11 @@ def build_plan(
     version (default ``plan.default_cache_dir()``); ``use_timing_cache=False`` for none.
     """
     request = prepare_build(
-        onnx_path, out_path, batch=batch, precision=precision, fp16_weak=fp16_weak,
+        onnx_path, out_path, batch=batch, precision=precision, weak=weak,
         strongly_typed=strongly_typed, opt_level=opt_level, workspace_mib=workspace_mib,
         timing_cache=timing_cache, use_timing_cache=use_timing_cache,
         version_compatible=version_compatible, exclude_lean_runtime=exclude_lean_runtime,
-        verbose=verbose, bf16_weak=bf16_weak,
+        verbose=verbose,
     )
     return build_from_request(request)
 
@@ -280,8 +264,7 @@ def build_from_request(request: BuildRequest) -> PlanSidecar:
     except ImportError:
         raise BackendUnavailable(cuda.CUDA_PYTHON_MISSING) from None
     trt_version = str(trt.__version__)
-    mode = typing_mode(trt_version, request.fp16_weak, request.strongly_typed,
-                       request.bf16_weak)
+    mode = typing_mode(trt_version, request.weak, request.strongly_typed)
     dev = cuda.device_info(cudart)
     check_device_precision(request.precision, dev.compute_capability, dev.name)
     meta = request.meta
@@ -361,7 +344,7 @@ def build_from_request(request: BuildRequest) -> PlanSidecar:
         meta=meta, tensorrt_version=trt_version, cuda_runtime_version=dev.cuda_runtime_version,
         gpu_name=dev.name, compute_capability=dev.compute_capability, profile=profile,
         precision=request.precision, strongly_typed=mode.strongly_typed,
-        fp16_weak=request.fp16_weak, builder_optimization_level=request.opt_level,
+        fp16_weak=request.weak == "fp16", builder_optimization_level=request.opt_level,
         workspace_bytes=workspace, version_compatible=request.version_compatible,
         exclude_lean_runtime=request.exclude_lean_runtime, onnx_file=onnx_file,
         onnx_sha256=onnx_sha, external_data_sha256=ext,
@@ -370,7 +353,7 @@ def build_from_request(request: BuildRequest) -> PlanSidecar:
                if cache_file is not None else "",
                "build_seconds": round(time.monotonic() - started, 2),
                # PlanSidecar has a field for --fp16-weak only; --bf16-weak is noted here.
-               **({"bf16_weak": True} if request.bf16_weak else {})},
+               **({"bf16_weak": True} if request.weak == "bf16" else {})},
     )
     write_plan(request.out_path, plan, sidecar)
     if cache_file is not None:

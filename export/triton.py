@@ -1,58 +1,13 @@
 """A Triton Inference Server model repository from an exported fewstep artifact.
 
-``fewstep export CKPT --out model.onnx --triton DIR`` (or, for an artifact that already
-exists, e.g. after ``fewstep build`` made TensorRT plans,
-``python -m fewstep.export.triton model.onnx --out DIR [--plans PLANS]``) writes into DIR,
-for an artifact named ``model``::
-
-    DIR/model_sampler4/              every fused sampler graph: ONNX Runtime backend
-        config.pbtxt                 platform onnxruntime_onnx, dynamic batching
-        fewstep-triton.json          what fewstep wrote (Triton ignores it)
-        1/model.onnx                 model.sampler-4.onnx, renamed
-        1/model.weights.<hash>.bin   its external weights, beside it (see below)
-    DIR/model_sampler4_trt/          where model.sampler-4.plan + .plan.json exist
-        config.pbtxt                 platform tensorrt_plan; max batch = plan profile max
-        1/model.plan                 (looked up in --plans PLANS, default beside model.onnx)
-    DIR/model_ddim/                  the DDIM loop at any step count: Python backend
-        config.pbtxt                 backend python; parameters graph, default_steps, ...
-        1/model.py                   export/triton_model.py, verbatim
-        1/model.step.onnx            the step graph (else the denoiser model.onnx)
-        1/model.weights.<hash>.bin
-
-Why a Python-backend model for the loop, not an ensemble: a Triton ensemble is a
-fixed DAG without loops, so it cannot run a step count chosen per request, and the
-per-step schedule inputs (t, a_t, a_prev) would need a model of their own to produce
-them. The Python model runs ``fewstep.runtime``'s loop over the step graph with ONNX
-Runtime (IO binding and CUDA graphs on the GPU: x stays on the device between steps),
-takes steps/eta/guidance/labels/seeds per row, and batches rows of concurrent
-requests. A fixed step count is faster still through the fused sampler model, which
-runs the whole loop as one graph.
-
-External weights: Triton's onnxruntime backend opens ``<model>/<version>/model.onnx``
-by its path (``CreateSession`` on the file, not on bytes in memory), so ONNX Runtime
-resolves the external-data location stored in the graph relative to that file: the
-weights file must lie in the version folder beside model.onnx, under the name the
-graph records (``model.weights.<hash>.bin``). Renaming the graph file is safe; renaming
-the weights file is not.
-
-TensorRT plans: ``fewstep build model.onnx --all --out PLANS`` writes a plan + sidecar
-per graph into PLANS; only fused sampler graphs become ``tensorrt_plan`` models (the
-Python model's loop runs on ONNX Runtime). A plan is taken when its sidecar names a
-sampler graph of this artifact and the hashes it records still match that graph and the
-plan file; every plan taken or left out, and a sampler graph left without one, is
-reported on stderr with the way to include it.
-
-Shapes: every model has ``max_batch_size`` > 0, so ``dims`` leave the batch axis out.
-Per-sample scalars (label, guidance; the graph sees shape (B,)) are declared
-``dims: [1]`` with ``reshape: { shape: [] }``, Triton's way to feed a rank-1 batched
-tensor: clients send (B, 1).
-
-The config.pbtxt files are written here as text (no protobuf needed to export); the
-tests parse every one with Triton's own ModelConfig protobuf from ``tritonclient``.
-Each model folder is staged beside DIR (``fileio.staging_dir``) and renamed into
-place; folders of other models in DIR are left alone, a folder of the same name that
-fewstep did not write is refused, and fewstep folders of this artifact that the new
-export no longer has are removed.
+``fewstep export ... --triton DIR`` or ``python -m fewstep.export.triton model.onnx --out
+DIR [--plans PLANS]`` writes one model folder per fused sampler graph (ONNX Runtime
+backend; plus a ``tensorrt_plan`` model where a current plan of it exists) and one
+Python-backend model, ``<stem>_ddim``, that runs the DDIM loop over the step (else the
+denoiser) graph at any step count per request: a Triton ensemble is a loop-free DAG, so
+it could not. Each ONNX file is copied with its external weights beside it under the
+name the graph records, since ONNX Runtime resolves them relative to the graph file.
+Folders are staged and renamed into place; a folder fewstep did not write is refused.
 """
 
 from __future__ import annotations
@@ -71,7 +26,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from fewstep.runtime import __version__, artifact, clitools
+from fewstep.runtime import __version__, artifact, checks, clitools
 from fewstep.runtime import plan as trt_plan
 from fewstep.runtime.errors import ArtifactError, quote
 from fewstep.runtime.fileio import staging_dir
@@ -104,8 +59,8 @@ class TritonOptions:
             raise ValueError(f"instance_kind={self.instance_kind!r} must be gpu or cpu")
         for name in ("instance_count", "max_batch", "default_steps"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name}={value!r} must be a whole number >= 1")
+            if value is not None:
+                checks.whole_number(name, value, 1)
         if self.max_queue_delay_us < 0:
             raise ValueError(f"max_queue_delay_us={self.max_queue_delay_us} must be >= 0")
         if self.prefix is not None and not _NAME.match(self.prefix):

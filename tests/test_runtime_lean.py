@@ -1,4 +1,5 @@
-"""The runtime imports no torch (DESIGN rule 4), and `import fewstep.runtime` stays light.
+"""The runtime imports no torch (a Jetson has only numpy, pillow and onnxruntime), and
+`import fewstep.runtime` stays light.
 
 Each check runs in a fresh interpreter, so what this test process imported (torch
 for the reference sampler, onnx for the oracle graphs) cannot hide an import.

@@ -453,33 +453,33 @@ def test_write_plan_writes_plan_then_matching_sidecar(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("version", "fp16_weak", "strongly", "expected"), [
-    ("10.3.0", False, None, (True, True, False)),
-    ("10.3.0", True, None, (False, False, True)),
-    ("10.3.0", False, False, (False, False, False)),
-    ("11.1.0", False, None, (True, False, False)),
-    ("11.4.0", False, True, (True, False, False)),
+@pytest.mark.parametrize(("version", "weak", "strongly", "expected"), [
+    ("10.3.0", None, None, (True, True, False)),
+    ("10.3.0", "fp16", None, (False, False, True)),
+    ("10.3.0", None, False, (False, False, False)),
+    ("11.1.0", None, None, (True, False, False)),
+    ("11.4.0", None, True, (True, False, False)),
 ])
-def test_typing_mode(version: str, fp16_weak: bool, strongly: bool | None,
+def test_typing_mode(version: str, weak: str | None, strongly: bool | None,
                      expected: tuple[bool, bool, bool]) -> None:
     from fewstep.export.tensorrt_build import typing_mode
 
-    m = typing_mode(version, fp16_weak, strongly)
+    m = typing_mode(version, weak, strongly)
     assert (m.strongly_typed, m.network_flag, m.fp16_flag) == expected
 
 
-@pytest.mark.parametrize(("version", "fp16_weak", "strongly", "message"), [
-    ("11.1.0", True, None, "export the model with --precision fp16 instead"),
-    ("11.1.0", False, False, "always strongly typed"),
-    ("10.3.0", True, True, "needs a weakly typed network"),
-    ("8.6.1", False, None, "too old"),
+@pytest.mark.parametrize(("version", "weak", "strongly", "message"), [
+    ("11.1.0", "fp16", None, "export the model with --precision fp16 instead"),
+    ("11.1.0", None, False, "always strongly typed"),
+    ("10.3.0", "fp16", True, "needs a weakly typed network"),
+    ("8.6.1", None, None, "too old"),
 ])
-def test_typing_mode_refuses(version: str, fp16_weak: bool, strongly: bool | None,
+def test_typing_mode_refuses(version: str, weak: str | None, strongly: bool | None,
                              message: str) -> None:
     from fewstep.export.tensorrt_build import typing_mode
 
     with pytest.raises(ValueError, match=message):
-        typing_mode(version, fp16_weak, strongly)
+        typing_mode(version, weak, strongly)
 
 
 def test_prepare_build_checks_arguments(tmp_path: Path) -> None:
@@ -490,14 +490,15 @@ def test_prepare_build_checks_arguments(tmp_path: Path) -> None:
     req = prepare_build(onnx, out, batch="1:2:4", workspace_mib=64)
     assert req.profile == BatchProfile(1, 2, 4) and req.precision == "fp32"
     assert req.workspace_bytes == 64 << 20 and req.meta == make_meta()
-    assert prepare_build(onnx, out, fp16_weak=True).precision == "fp16"
+    assert prepare_build(onnx, out, weak="fp16").precision == "fp16"
     cases: list[tuple[dict[str, Any], str]] = [
         ({"batch": "4:2:8"}, "1 <= min <= opt <= max"),
         ({"opt_level": 6}, "--opt-level 6 must be 0..5"),
         ({"workspace_mib": 0}, "--workspace-mib 0"),
         ({"exclude_lean_runtime": True}, "add --version-compatible"),
         ({"precision": "fp16"}, "export it with `fewstep export --precision fp16`"),
-        ({"fp16_weak": True, "strongly_typed": True}, "drop one of them"),
+        ({"weak": "fp16", "strongly_typed": True}, "drop one of them"),
+        ({"weak": "int8"}, "weak='int8' is not supported; use one of fp16, bf16"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError) as e:
@@ -509,7 +510,7 @@ def test_prepare_build_checks_arguments(tmp_path: Path) -> None:
         prepare_build(onnx, tmp_path / "nowhere" / "model.plan")
     fp16 = tiny_onnx(tmp_path / "half.onnx", make_meta(precision="fp16"))
     with pytest.raises(ValueError, match="already fp16"):
-        prepare_build(fp16, out, fp16_weak=True)
+        prepare_build(fp16, out, weak="fp16")
 
 
 def test_plan_names_for_all(tmp_path: Path) -> None:
@@ -781,34 +782,33 @@ def test_built_plan_is_refused_when_stale(trt_gpu: None, tmp_path: Path) -> None
 # ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("version", "fp16_weak", "bf16_weak", "strongly", "expected"), [
+@pytest.mark.parametrize(("version", "weak", "strongly", "expected"), [
     # (strongly_typed, network_flag, fp16_flag, bf16_flag); builder flag names
-    ("10.3.0", False, True, None, ((False, False, False, True), ["BF16"])),
-    ("10.3.0", True, False, None, ((False, False, True, False), ["FP16"])),
-    ("10.3.0", False, False, None, ((True, True, False, False), [])),
-    ("10.8.0", False, False, True, ((True, True, False, False), [])),
-    ("11.1.0", False, False, None, ((True, False, False, False), [])),
+    ("10.3.0", "bf16", None, ((False, False, False, True), ["BF16"])),
+    ("10.3.0", "fp16", None, ((False, False, True, False), ["FP16"])),
+    ("10.3.0", None, None, ((True, True, False, False), [])),
+    ("10.8.0", None, True, ((True, True, False, False), [])),
+    ("11.1.0", None, None, ((True, False, False, False), [])),
 ])
-def test_typing_mode_bf16(version: str, fp16_weak: bool, bf16_weak: bool, strongly: bool | None,
+def test_typing_mode_bf16(version: str, weak: str | None, strongly: bool | None,
                           expected: tuple[tuple[bool, bool, bool, bool], list[str]]) -> None:
     from fewstep.export.tensorrt_build import typing_mode, weak_builder_flags
 
-    m = typing_mode(version, fp16_weak, strongly, bf16_weak)
+    m = typing_mode(version, weak, strongly)
     assert (m.strongly_typed, m.network_flag, m.fp16_flag, m.bf16_flag) == expected[0]
     assert weak_builder_flags(m) == expected[1]
 
 
-@pytest.mark.parametrize(("version", "fp16_weak", "bf16_weak", "strongly", "message"), [
-    ("11.1.0", False, True, None, "export the model with --precision bf16 instead"),
-    ("10.3.0", False, True, True, "--bf16-weak needs a weakly typed network"),
-    ("10.3.0", True, True, None, "exclude each other"),
+@pytest.mark.parametrize(("version", "weak", "strongly", "message"), [
+    ("11.1.0", "bf16", None, "export the model with --precision bf16 instead"),
+    ("10.3.0", "bf16", True, "--bf16-weak needs a weakly typed network"),
 ])
-def test_typing_mode_refuses_bf16(version: str, fp16_weak: bool, bf16_weak: bool,
+def test_typing_mode_refuses_bf16(version: str, weak: str | None,
                                   strongly: bool | None, message: str) -> None:
     from fewstep.export.tensorrt_build import typing_mode
 
     with pytest.raises(ValueError, match=message):
-        typing_mode(version, fp16_weak, strongly, bf16_weak)
+        typing_mode(version, weak, strongly)
 
 
 def test_prepare_build_bf16(tmp_path: Path) -> None:
@@ -820,21 +820,20 @@ def test_prepare_build_bf16(tmp_path: Path) -> None:
     fp16 = tiny_onnx(tmp_path / "half.onnx", make_meta(precision="fp16"))
     # A bf16 graph: the precision comes from the graph, strongly typed by default.
     req = prepare_build(bf16, out)
-    assert req.precision == "bf16" and not req.bf16_weak and req.strongly_typed is None
+    assert req.precision == "bf16" and req.weak is None and req.strongly_typed is None
     assert prepare_build(bf16, out, precision="bf16").precision == "bf16"
     # An fp32 graph with --bf16-weak (TensorRT 10's BuilderFlag.BF16).
-    weak = prepare_build(fp32, out, bf16_weak=True)
-    assert weak.precision == "bf16" and weak.bf16_weak and not weak.fp16_weak
+    weak = prepare_build(fp32, out, weak="bf16")
+    assert weak.precision == "bf16" and weak.weak == "bf16"
     cases: list[tuple[Path, dict[str, Any], str]] = [
-        (bf16, {"bf16_weak": True}, "bf.onnx is already bf16; drop --bf16-weak"),
-        (fp16, {"bf16_weak": True}, "half.onnx is already fp16; drop --bf16-weak"),
-        (bf16, {"fp16_weak": True}, "--fp16-weak is for fp32 graphs"),
-        (fp32, {"bf16_weak": True, "fp16_weak": True}, "exclude each other"),
-        (fp32, {"bf16_weak": True, "strongly_typed": True}, "drop one of them"),
+        (bf16, {"weak": "bf16"}, "bf.onnx is already bf16; drop --bf16-weak"),
+        (fp16, {"weak": "bf16"}, "half.onnx is already fp16; drop --bf16-weak"),
+        (bf16, {"weak": "fp16"}, "--fp16-weak is for fp32 graphs"),
+        (fp32, {"weak": "bf16", "strongly_typed": True}, "drop one of them"),
         (fp32, {"precision": "bf16"}, "export it with `fewstep export --precision bf16` (or, "
                                       "on TensorRT 10 only, build with --bf16-weak)"),
         (bf16, {"precision": "fp16"}, "export it with `fewstep export --precision fp16`"),
-        (fp32, {"bf16_weak": True, "precision": "fp16"}, "built with --bf16-weak"),
+        (fp32, {"weak": "bf16", "precision": "fp16"}, "built with --bf16-weak"),
     ]
     for onnx, kwargs, message in cases:
         with pytest.raises(ValueError) as e:
@@ -945,7 +944,7 @@ def test_bf16_plans_strongly_typed_and_weak(trt_gpu: None, tmp_path: Path,
     if int(tensorrt.__version__.split(".")[0]) >= 11:
         return  # weak typing is gone; test_typing_mode_refuses_bf16 covers the message
     fp32 = tiny_onnx(tmp_path / "model.onnx", make_meta())
-    weak = build_plan(fp32, tmp_path / "weak.plan", batch="1:2:4", bf16_weak=True,
+    weak = build_plan(fp32, tmp_path / "weak.plan", batch="1:2:4", weak="bf16",
                       use_timing_cache=False)
     assert weak.precision == "bf16" and not weak.strongly_typed
     assert weak.extra["bf16_weak"] is True
