@@ -116,27 +116,48 @@ def _load_error(path: Path, provider: str, error: Exception) -> ArtifactError:
     )
 
 
-def _to_255(x: NDArray[Any]) -> NDArray[np.float64]:
-    """Final samples in model range → unrounded 0..255 values (B, H, W, C)."""
+def _to_255(x: NDArray[Any], meta: ModelMeta) -> NDArray[np.float64]:
+    """Final samples in model range → unrounded 0..255 values (B, H, W, C) of an image
+    model; the samples themselves (float64) for other models."""
+    if not meta.images:
+        return x.astype(np.float64)
     pixels = (np.clip(x.astype(np.float64), -1.0, 1.0) + 1.0) * 127.5
     out: NDArray[np.float64] = pixels.transpose(0, 2, 3, 1)
     return out
 
 
+def _peak(meta: ModelMeta, reference_values: NDArray[Any]) -> float:
+    """The PSNR peak: 255 for images on the 0..255 scale; the reference's range for
+    other samples."""
+    if meta.images:
+        return 255.0
+    return float(np.max(reference_values) - np.min(reference_values)) or 1.0
+
+
+def random_cond(meta: ModelMeta, n: int, seed: int) -> dict[str, NDArray[Any]]:
+    """Values for the model's conditioning inputs: standard normal floats, small
+    whole numbers for int64 inputs."""
+    rng = np.random.default_rng(seed + 2)
+    return {c.name: (rng.standard_normal((n, *c.shape)).astype(np.float32)
+                     if c.dtype == "float32" else rng.integers(0, 2, (n, *c.shape)))
+            for c in meta.cond}
+
+
 class _Case:
-    """One generation's inputs: noise, labels, guidance, for a graph's meta."""
+    """One generation's inputs: noise, labels, conditioning, guidance, for a graph's meta."""
 
     def __init__(self, meta: ModelMeta, n: int, seed: int, plan: SamplingPlan,
                  guidance: float | None) -> None:
         self.plan = plan
         self.labels = sampling.resolve_labels(meta, n, None)
+        self.cond = random_cond(meta, n, seed)
         self.guidance = guidance
         self.x_T, self.noise = host_noise.generation_noise(
-            seed, range(n), meta.image_shape, plan.steps if plan.stochastic else 0
+            seed, range(n), meta.sample_shape, plan.steps if plan.stochastic else 0
         )
 
     def fixed(self, meta: ModelMeta) -> dict[str, NDArray[Any]]:
-        feeds: dict[str, NDArray[Any]] = {}
+        feeds: dict[str, NDArray[Any]] = dict(self.cond)
         n = len(self.x_T)
         if "label" in meta.graph.inputs:
             feeds["label"] = self.labels
@@ -224,9 +245,11 @@ def check_artifact(
                                        eta if g.kind == "step" else 0.0)
         case = _Case(meta, n, seed, plan, guide)
         ref = reference.sample(model, meta, n, plan.steps, eta=plan.eta, seed=seed,
-                               guidance=guide, spacing=g.spacing or sampling.default_spacing(meta))
-        ref_255 = _to_255(ref)
-        final_what = f"final images, {plural(plan.steps, 'step')}, eta {plan.eta:g}"
+                               guidance=guide, spacing=g.spacing or sampling.default_spacing(meta),
+                               cond=case.cond)
+        ref_255 = _to_255(ref, meta)
+        final_what = (f"final {'images' if meta.images else 'samples'}, "
+                      f"{plural(plan.steps, 'step')}, eta {plan.eta:g}")
         for provider in providers:
             gate = gates[g.precision]
             try:
@@ -247,10 +270,11 @@ def check_artifact(
                 actual = out.astype(np.float64)
                 expect = images.to_uint8_nhwc(ref).astype(np.float64)
             else:
-                actual, expect = _to_255(out), ref_255
+                actual, expect = _to_255(out, meta), ref_255
             rows.append(ParityRow(
                 path.name, g.kind, g.precision, provider, final_what,
-                float(np.max(np.abs(actual - expect))), psnr(expect, actual), gate,
+                float(np.max(np.abs(actual - expect))),
+                psnr(expect, actual, _peak(meta, expect)), gate,
             ))
         if progress is not None:
             progress.advance()
@@ -263,17 +287,19 @@ def _denoiser_row(sess: Any, path: Path, meta: ModelMeta, model: torch.nn.Module
     rng = np.random.default_rng(seed + 1)
     n = 4
     feeds: dict[str, NDArray[Any]] = {
-        "x": rng.standard_normal((n, *meta.image_shape), dtype=np.float32),
+        "x": rng.standard_normal((n, *meta.sample_shape), dtype=np.float32),
         "t": rng.integers(0, meta.schedule.num_train_timesteps, n).astype(np.float32),
+        **random_cond(meta, n, seed),
     }
     if meta.conditional:
-        feeds["label"] = rng.integers(0, meta.num_classes + 1, n).astype(np.int64)
+        top = meta.num_classes + (meta.null_label == meta.num_classes)
+        feeds["label"] = rng.integers(0, top, n).astype(np.int64)
     if meta.graph.guidance:
         feeds["guidance"] = np.full(n, 2.0, dtype=np.float32)
     out = sess.run(None, feeds)[0]
     torch_graph = DenoiserGraph(model, meta, meta.graph.guidance)
     with torch.no_grad():
-        expect = torch_graph(**{k: torch.from_numpy(v) for k, v in feeds.items()}).numpy()
+        expect = torch_graph(*[torch.from_numpy(feeds[k]) for k in meta.graph.inputs]).numpy()
     peak = float(np.max(expect) - np.min(expect))
     return ParityRow(path.name, "denoiser", meta.graph.precision, provider,
                      "network output, random inputs", float(np.max(np.abs(out - expect))),

@@ -1,4 +1,12 @@
-"""Export a fewstep checkpoint to ONNX, then run the parity gate.
+"""Export a model to ONNX, then run the parity gate.
+
+SOURCE is a checkpoint.pt written by `fewstep train`, or a diffusers folder: a pipeline
+folder (model_index.json, unet/ with safetensors weights, scheduler/ — DDPMPipeline,
+DDIMPipeline) or a model folder (config.json + safetensors) with --scheduler-config.
+UNet2DModel (class-conditional through num_class_embeds) and UNet1DModel import; the
+scheduler config (DDIMScheduler or DDPMScheduler) becomes the model's schedule, and its
+timestep_spacing the default spacing. Anything fewstep cannot reproduce exactly is one
+error naming the field and its value (exit 2, nothing written).
 
 Writes OUT (the denoiser graph, usable at any step count) and, with --fused, beside it
 OUT.step.onnx (denoiser + DDIM update: state stays on the device between steps) and
@@ -17,16 +25,23 @@ gate is then not passed, and the files are written unchecked on that provider.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+from typing import Any
 
 from fewstep.runtime import clitools
-from fewstep.runtime.fileio import check_writable_target, staging_dir
+from fewstep.runtime.fileio import check_writable_target
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
     p = clitools.parser(prog, __doc__)
-    p.add_argument("checkpoint", type=Path, help="checkpoint.pt written by fewstep train")
+    p.add_argument("checkpoint", type=Path, metavar="SOURCE",
+                   help="checkpoint.pt written by fewstep train, or a diffusers folder")
+    p.add_argument("--scheduler-config", type=Path, default=None, metavar="FILE",
+                   help="scheduler_config.json of a diffusers model folder (a pipeline "
+                        "folder's scheduler/ is used by default)")
+    p.add_argument("--sample-shape", type=_shape, default=None, metavar="C,H,W",
+                   help="sample shape of a diffusers model, without the batch (default: "
+                        "its config's sample_size)")
     p.add_argument("--out", type=Path, required=True, help="output .onnx path (the denoiser)")
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32",
                    help="fp16/bf16 keep GroupNorm statistics, softmax and the time embedding "
@@ -45,8 +60,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=None,
                    help="eta baked into sampler graphs (> 0 adds a noise input; default 0); "
                         "needs --fused sampler")
-    p.add_argument("--sampler-output", choices=["uint8", "float"], default="uint8",
-                   help="sampler graphs output uint8 NHWC images or float x0")
+    p.add_argument("--sampler-output", choices=["uint8", "float"], default=None,
+                   help="sampler graphs output uint8 NHWC images or float x0 (default: uint8 "
+                        "for image models, float otherwise)")
     p.add_argument("--opset", type=int, default=None,
                    help="ONNX opset, 17..23 (default: 18; 22 for bf16)")
     p.add_argument("--no-shared-weights", action="store_true",
@@ -67,6 +83,17 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     return p
 
 
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole "
+                                         "numbers, e.g. 3,64,64") from None
+    if not dims or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every dim must be >= 1")
+    return dims
+
+
 def body(args: argparse.Namespace) -> int:
     out = check_writable_target(args.out)
     if out.suffix != ".onnx":
@@ -77,7 +104,7 @@ def body(args: argparse.Namespace) -> int:
         triton.check_repository_target(args.triton)
     from fewstep.train import checkpoint as ckpt_io
 
-    from . import check, onnx_export
+    from . import api, onnx_export
 
     if "sampler" not in args.fused:
         for flag, value in (("--steps", args.steps), ("--spacing", args.spacing),
@@ -86,60 +113,40 @@ def body(args: argparse.Namespace) -> int:
                 raise ValueError(f"{flag} applies to sampler graphs; add --fused sampler "
                                  f"(or drop {flag})")
     eta = 0.0 if args.eta is None else args.eta
-    ck = ckpt_io.load(args.checkpoint)
-    meta = ck.meta
+    from . import diffusers_model
+
+    if args.checkpoint.is_dir():
+        loaded = diffusers_model.load(args.checkpoint, args.scheduler_config,
+                                      args.sample_shape)
+        model: Any = api.Adapted(loaded.module, loaded.call).eval()
+        meta = api.build_meta(loaded.sample_shape, loaded.scheduler.schedule,
+                              loaded.scheduler.prediction_type, loaded.cond, loaded.images,
+                              (), api.weights_hash(loaded.module))
+        api.probe(model, meta)
+        sampler_output = args.sampler_output or ("uint8" if meta.images else "float")
+    else:
+        for flag, value in (("--scheduler-config", args.scheduler_config),
+                            ("--sample-shape", args.sample_shape)):
+            if value is not None:
+                raise ValueError(f"{flag} applies to diffusers folders; a fewstep checkpoint "
+                                 f"records its schedule and shape (drop {flag})")
+        ck = ckpt_io.load(args.checkpoint)
+        meta = ck.meta
+        model = ck.build_model()
+        sampler_output = args.sampler_output or "uint8"
     steps = tuple(args.steps) if args.steps else (meta.distilled_steps[-1:] or (4,))
     options = onnx_export.ExportOptions(
         precision=args.precision, guidance=args.guidance, fused=tuple(dict.fromkeys(args.fused)),
         sampler_steps=tuple(dict.fromkeys(steps)), spacing=args.spacing, eta=eta,
-        sampler_output=args.sampler_output, opset=args.opset,
+        sampler_output=sampler_output, opset=args.opset,
         shared_weights=not args.no_shared_weights,
     )
     onnx_export.check_options_against(meta, options)
-    model = ck.build_model()
-    stem = out.name[: -len(".onnx")]
-    stages = onnx_export.graph_count(options) * (2 if args.no_check else 3)
-    with staging_dir(out.parent, f"export-{stem}") as staging, clitools.Progress(
-            stages, "export", unit="stage") as progress:
-        # On a terminal a bar: each graph traced, checked (onnx.checker), gated.
-        files, reports = onnx_export.export_to_folder(model, meta, staging, stem, options,
-                                                      progress)
-        for r in reports:
-            islands = ""
-            if r.fp32_islands:
-                ops = ", ".join(f"{k} x{v}" for k, v in r.fp32_islands.items())
-                islands = f"; fp32 islands: {sum(r.fp32_islands.values())} nodes ({ops})"
-            progress.line(f"  {r.path.name}: {r.nodes} nodes, {r.seconds:.1f} s{islands}")
-            for line in onnx_export.describe_islands(r.fp32_nodes,
-                                                     first=None if args.verbose else 3):
-                progress.line(f"    fp32 {line}")
-        if not args.no_check:
-            rows = check.check_artifact(
-                staging / out.name, model, meta, n=args.check_n, eta=eta,
-                gates={"fp32": args.min_psnr_fp32, "fp16": args.min_psnr_fp16,
-                       "bf16": args.min_psnr_bf16}, progress=progress,
-            )
-            progress.close()
-            print(check.table(rows), file=sys.stderr)
-            print(check.summary(rows), file=sys.stderr)
-            failed = [r for r in rows if r.failed]
-            if failed:
-                raise clitools.CheckFailed(
-                    f"{len(failed)} parity row(s) below the gate; nothing was written "
-                    f"to {out.parent}/ (try --precision fp32, or lower the gate knowingly)"
-                )
-            skipped = sorted({r.provider for r in rows if r.skipped})
-            if skipped:
-                fix = (f"check them with `fewstep check {out} --against {args.checkpoint} "
-                       "--providers cuda` on a machine with ONNX Runtime's CUDA provider"
-                       if "cuda" not in skipped else
-                       "no ONNX Runtime provider here runs them; build a TensorRT plan "
-                       "with `fewstep build` and compare it")
-                print(f"warning: the {args.precision} graphs were written without a parity "
-                      f"check on {', '.join(skipped)} (reasons above); {fix}",
-                      file=sys.stderr)
-        progress.close()
-        final = onnx_export.place(files, out.parent, stem, meta.source_hash)
+    final = api.write_artifact(
+        model, meta, out, options, check_parity=not args.no_check,
+        gates={"fp32": args.min_psnr_fp32, "fp16": args.min_psnr_fp16,
+               "bf16": args.min_psnr_bf16},
+        check_n=args.check_n, verbose=args.verbose, source=str(args.checkpoint))
     for path in final:
         if path.suffix == ".onnx":
             print(path)

@@ -1,6 +1,7 @@
 """The torch modules that become fewstep's ONNX graphs.
 
-``DenoiserGraph`` wraps the UNet (precision casts, classifier-free guidance inside);
+``DenoiserGraph`` wraps the network — fewstep's UNet, or any module adapted by
+``Adapted`` — (precision casts, classifier-free guidance inside);
 ``StepGraph`` adds one ``ddim.step``; ``SamplerGraph`` traces ``sampling.run_loop`` for
 a fixed plan. The DDIM math is the runtime's own code, traced — not a second copy.
 Graph inputs and outputs are float32 (int64 labels) whatever the internal precision.
@@ -8,7 +9,9 @@ Graph inputs and outputs are float32 (int64 labels) whatever the internal precis
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -26,27 +29,78 @@ GRAPH_DTYPES: dict[str, torch.dtype] = {
 }
 
 
-class DenoiserGraph(nn.Module):
-    """forward(x, t, [label], [guidance]) → the network output, float32.
+Cond = dict[str, torch.Tensor]
+Call = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
 
-    ``precision`` (fp32, fp16 or bf16) is the dtype of the UNet inside; graph inputs and
-    outputs stay float32.
+
+class Adapted(nn.Module):
+    """Any denoiser: ``module`` (it holds the weights) and ``call(x, t, cond)``, which maps
+    fewstep's arguments onto it — x (B, *sample_shape) float32, t (B,) float32 timesteps,
+    cond {name: (B, ...)} with ``label`` (B,) int64 for a model with classes — and returns
+    the network output, shaped like x. E.g. for a diffusers UNet2DModel:
+    ``Adapted(unet, lambda x, t, cond: unet(x, t).sample)``.
+
+    ``call`` may close over ``module`` itself, so graphs use the module in place (never a
+    copy); ``cast`` changes its precision for an export and restores it after.
+    """
+
+    def __init__(self, module: nn.Module, call: Call) -> None:
+        super().__init__()
+        self.module = module
+        self.call = call
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        return self.call(x, t, cond)
+
+
+@contextlib.contextmanager
+def cast(model: nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """``model``'s parameters and buffers in ``dtype`` inside the block; restored exactly
+    (from a copy of the state) after it."""
+    if dtype == torch.float32:
+        yield
+        return
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.to(dtype)
+    try:
+        yield
+    finally:
+        model.float()
+        model.load_state_dict(saved)
+
+
+class DenoiserGraph(nn.Module):
+    """forward(x, t, [label], [cond...], [guidance]) → the network output, float32.
+
+    ``precision`` (fp32, fp16 or bf16) is the dtype of the network inside; graph inputs
+    and outputs stay float32. fewstep's UNet is copied, folded and cast here; an
+    ``Adapted`` module is used as it is (cast it with ``cast`` around the export).
     """
 
     def __init__(self, unet: nn.Module, meta: ModelMeta, guidance: bool, *,
                  precision: str = "fp32") -> None:
         super().__init__()
         checks.choice("precision", precision, tuple(GRAPH_DTYPES))
-        # A copy: folding and casting in place would change the caller's weights.
-        model = copy.deepcopy(unet).float()
-        fold_attention_norms(model)
         self.precision = precision
         self.dtype = GRAPH_DTYPES[precision]
-        self.unet = model.to(self.dtype)
+        if isinstance(unet, Adapted):
+            self.unet: nn.Module = unet
+        else:
+            # A copy: folding and casting in place would change the caller's weights.
+            model = copy.deepcopy(unet).float()
+            fold_attention_norms(model)
+            self.unet = model.to(self.dtype)
+        self.adapted = isinstance(unet, Adapted)
         self.conditional = meta.conditional
         self.guidance = guidance
-        self.null_label = meta.null_label
-        self.image_shape = meta.image_shape
+        self.null_label = meta.null_label if meta.null_label is not None else 0
+        self.sample_shape = meta.sample_shape
+        self.cond_names = tuple(c.name for c in meta.cond)
+        self.nulls = {c.name: (c.null or 0.0) for c in meta.cond}
+
+    def ones(self) -> tuple[int, ...]:
+        """Trailing singleton dims that broadcast a (B,) vector over a sample."""
+        return (1,) * len(self.sample_shape)
 
     def denoise(
         self,
@@ -56,20 +110,34 @@ class DenoiserGraph(nn.Module):
         guidance: torch.Tensor | None,
         shared_t: bool = False,
         tables: list[torch.Tensor] | None = None,
+        cond: Cond | None = None,
     ) -> torch.Tensor:
-        """The UNet on x (B, C, H, W) at t, CFG-combined when guided.
+        """The network on x (B, *sample_shape) at t, CFG-combined when guided.
 
-        t is (B,), or (1,) with ``shared_t`` (one constant timestep for the batch).
-        ``tables``: the UNet's ``block_tables`` at that constant t (then t is not used):
-        one row lookup per residual block replaces the time/label embedding.
+        t is (B,), or (1,) with ``shared_t`` (one constant timestep for the batch: an
+        adapted module still gets it as (B,)). ``tables``: fewstep's UNet's
+        ``block_tables`` at that constant t (then t is not used): one row lookup per
+        residual block replaces the time/label embedding.
         """
+        cond = dict(cond or {})
         if self.guidance:
-            assert label is not None and guidance is not None
+            assert guidance is not None
             x = torch.cat([x, x])
             t = t if shared_t else torch.cat([t, t])
-            label = torch.cat([label, torch.full_like(label, self.null_label)])
-        if tables is None:
-            out: torch.Tensor = self.unet(x.to(self.dtype), t, label).float()
+            if label is not None:
+                label = torch.cat([label, torch.full_like(label, self.null_label)])
+            cond = {k: torch.cat([v, torch.full_like(v, self.nulls[k])])
+                    for k, v in cond.items()}
+        if self.adapted:
+            if shared_t:
+                t = t.expand(x.shape[0])
+            args = {k: (v.to(self.dtype) if v.is_floating_point() else v)
+                    for k, v in cond.items()}
+            if label is not None:
+                args["label"] = label
+            out: torch.Tensor = self.unet(x.to(self.dtype), t.to(self.dtype), args).float()
+        elif tables is None:
+            out = self.unet(x.to(self.dtype), t, label).float()
         else:
             if self.conditional:
                 assert label is not None
@@ -80,23 +148,28 @@ class DenoiserGraph(nn.Module):
             out = self.unet(x.to(self.dtype), None, None, block_proj=proj).float()
         if self.guidance:
             assert guidance is not None
-            pair = out.reshape(2, -1, *self.image_shape)  # (2, B, C, H, W); no chunk guards
-            guided: torch.Tensor = sampling.guided(pair[0], pair[1], guidance.reshape(-1, 1, 1, 1))
+            pair = out.reshape(2, -1, *self.sample_shape)  # (2, B, ...); no chunk guards
+            guided: torch.Tensor = sampling.guided(pair[0], pair[1],
+                                                   guidance.reshape(-1, *self.ones()))
             return guided
         return out
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        label: torch.Tensor | None = None,
-        guidance: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return self.denoise(x, t, label, guidance)
+    def split(self, args: tuple[torch.Tensor, ...]) -> tuple[
+            torch.Tensor | None, Cond, torch.Tensor | None]:
+        """(label, cond, guidance) from the graph's trailing inputs, in graph order."""
+        rest = list(args)
+        label = rest.pop(0) if self.conditional else None
+        cond = {name: rest.pop(0) for name in self.cond_names}
+        guidance = rest.pop(0) if self.guidance else None
+        return label, cond, guidance
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        label, cond, guidance = self.split(args)
+        return self.denoise(x, t, label, guidance, cond=cond)
 
 
 class StepGraph(nn.Module):
-    """forward(x, t, a_t, a_prev, eta, noise, [label], [guidance]) → x_prev."""
+    """forward(x, t, a_t, a_prev, eta, noise, [label], [cond...], [guidance]) → x_prev."""
 
     def __init__(self, denoiser: DenoiserGraph, meta: ModelMeta) -> None:
         super().__init__()
@@ -112,13 +185,13 @@ class StepGraph(nn.Module):
         a_prev: torch.Tensor,
         eta: torch.Tensor,
         noise: torch.Tensor,
-        label: torch.Tensor | None = None,
-        guidance: torch.Tensor | None = None,
+        *args: torch.Tensor,
     ) -> torch.Tensor:
-        out = self.denoiser.denoise(x, t, label, guidance)
+        label, cond, guidance = self.denoiser.split(args)
+        out = self.denoiser.denoise(x, t, label, guidance, cond=cond)
 
         def col(v: torch.Tensor) -> torch.Tensor:
-            return v.reshape(-1, 1, 1, 1)
+            return v.reshape(-1, *self.denoiser.ones())
 
         x_prev: torch.Tensor = ddim.step(
             out, x, col(a_t), col(a_prev), prediction_type=self.prediction_type,
@@ -128,7 +201,7 @@ class StepGraph(nn.Module):
 
 
 class SamplerGraph(nn.Module):
-    """forward(x_T, [label], [guidance], [noise (B, S, C, H, W)]) → image or x0.
+    """forward(x_T, [label], [cond...], [guidance], [noise (B, S, ...)]) → image or x0.
 
     The plan's timesteps and ᾱ values are Python numbers, so they become constants. For
     the fewstep UNet the time and label embeddings are precomputed per step: each
@@ -153,28 +226,25 @@ class SamplerGraph(nn.Module):
                 self.n_tables = len(tables)
                 for b, tab in enumerate(tables):
                     self.register_buffer(f"table_{i}_{b}", tab.detach().clone(), persistent=False)
-        c, h, w = denoiser.image_shape
-        marker = torch.from_numpy(images.nonfinite_marker((h, w, c)).astype(np.float32))
-        self.register_buffer("marker", marker, persistent=False)  # (H, W, C)
+        if uint8:
+            c, h, w = denoiser.sample_shape
+            marker = torch.from_numpy(images.nonfinite_marker((h, w, c)).astype(np.float32))
+            self.register_buffer("marker", marker, persistent=False)  # (H, W, C)
 
     def _tables(self, i: int) -> list[torch.Tensor] | None:
         if not self.n_tables:
             return None
         return [getattr(self, f"table_{i}_{b}") for b in range(self.n_tables)]
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        label: torch.Tensor | None = None,
-        guidance: torch.Tensor | None = None,
-        noise: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
         plan = self.plan
+        noise = args[-1] if plan.stochastic else None
+        label, cond, guidance = self.denoiser.split(args[:-1] if plan.stochastic else args)
 
         def denoise(x_i: torch.Tensor, i: int) -> torch.Tensor:
             t = torch.tensor([float(plan.timesteps[i])], dtype=torch.float32, device=x_i.device)
             return self.denoiser.denoise(x_i, t, label, guidance, shared_t=True,
-                                         tables=self._tables(i))
+                                         tables=self._tables(i), cond=cond)
 
         x0: torch.Tensor = sampling.run_loop(plan, denoise, x, noise)
         if not self.uint8:

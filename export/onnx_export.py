@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import hashlib
+import inspect
 import io
 import sys
 import time
@@ -18,6 +19,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -92,10 +94,11 @@ class GraphReport:
 
 def check_options_against(meta: ModelMeta, options: ExportOptions) -> None:
     """Refuse options the model cannot honour, before any work."""
-    if options.guidance and not meta.conditional:
+    if options.guidance and not meta.guidable:
         raise ValueError(
-            "--guidance needs a class-conditional checkpoint; this one has no classes "
-            "(train without --unconditional)"
+            "--guidance needs a conditional model with null conditioning (a null label, a "
+            "null value for every conditioning input); this one has none (train without "
+            "--unconditional, or give each Conditioning a null)"
         )
     if "sampler" in options.fused:
         for s in options.sampler_steps:
@@ -112,23 +115,26 @@ def _spacing(meta: ModelMeta) -> str:
 
 
 def example_inputs(meta: ModelMeta, batch: int = 2) -> dict[str, torch.Tensor]:
-    """Inputs in ``meta.graph.inputs`` order, of a batch that avoids 0/1 specialisation."""
-    c, h, w = meta.image_shape
+    """Inputs in graph order, shaped and typed as ``meta.io`` says, of a batch that avoids
+    0/1 specialisation."""
     g = torch.Generator().manual_seed(0)
-    make: dict[str, Callable[[], torch.Tensor]] = {
-        "x": lambda: torch.randn(batch, c, h, w, generator=g),
+    special: dict[str, Callable[[], torch.Tensor]] = {
         "t": lambda: torch.rand(batch, generator=g) * (meta.schedule.num_train_timesteps - 1),
         "label": lambda: torch.arange(batch) % max(1, meta.num_classes),
         "guidance": lambda: torch.full((batch,), 2.0),
         "a_t": lambda: torch.full((batch,), 0.3),
         "a_prev": lambda: torch.full((batch,), 0.6),
         "eta": lambda: torch.zeros(batch),
-        "noise": lambda: (
-            torch.randn(batch, meta.graph.steps, c, h, w, generator=g)
-            if meta.graph.kind == "sampler" else torch.randn(batch, c, h, w, generator=g)
-        ),
     }
-    return {name: make[name]() for name in meta.graph.inputs}
+    out: dict[str, torch.Tensor] = {}
+    for name, spec in meta.io.inputs.items():
+        if name in special:
+            out[name] = special[name]()
+        elif spec.dtype == np.int64:
+            out[name] = torch.zeros(spec.shape(batch), dtype=torch.int64)
+        else:
+            out[name] = torch.randn(spec.shape(batch), generator=g)
+    return out
 
 
 @contextlib.contextmanager
@@ -156,11 +162,19 @@ def trace(module: torch.nn.Module, meta: ModelMeta, opset: int,
     """
     inputs = example_inputs(meta)
     batch = torch.export.Dim("batch", min=1, max=65536)
-    dynamic = {name: {0: batch} for name in inputs}
+    # One spec per positional parameter of forward; a *args parameter takes a tuple of
+    # the remaining inputs' specs (torch.export matches the signature's structure; it
+    # leaves out an empty *args).
+    fixed = [p for p in inspect.signature(module.forward).parameters.values()
+             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    specs = [{0: batch} for _ in inputs]
+    dynamic: tuple[Any, ...] = tuple(specs[:len(fixed)])
+    if len(specs) > len(fixed):
+        dynamic += (tuple(specs[len(fixed):]),)
     module.eval()
     with _quiet(), torch.no_grad():
         program = torch.onnx.export(
-            module, (), None, kwargs=inputs, input_names=list(inputs),
+            module, tuple(inputs.values()), None, input_names=list(inputs),
             output_names=list(meta.graph.outputs), dynamic_shapes=dynamic,
             opset_version=opset, dynamo=True, external_data=False, verbose=False,
         )

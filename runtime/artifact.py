@@ -456,7 +456,9 @@ def mismatch(main: ModelMeta, other: ModelMeta, *, precision: bool = True) -> st
         ("source_hash", main.source_hash, other.source_hash),
         ("schedule", main.schedule, other.schedule),
         ("prediction type", main.prediction_type, other.prediction_type),
-        ("image shape", main.image_shape, other.image_shape),
+        ("sample shape", main.sample_shape, other.sample_shape),
+        ("images", main.images, other.images), ("conditioning", main.cond, other.cond),
+        ("null label", main.null_label, other.null_label),
     ]
     if precision:
         checks.append(("precision", main.graph.precision, other.graph.precision))

@@ -101,7 +101,7 @@ def _size(n: int) -> str:
 def render(info: dict[str, Any]) -> str:
     m = info["model"]
     s = m["schedule"]
-    c, h, w = m["image_shape"]
+    shape = m["sample_shape"]
     names = ", ".join(f"{i}={n}" for i, n in enumerate(m["class_names"]))
     classes = (f"{m['num_classes']} ({names})" if names else str(m["num_classes"])) \
         if m["num_classes"] else "unconditional"
@@ -111,9 +111,19 @@ def render(info: dict[str, Any]) -> str:
         f"schedule     {s['beta_schedule']}, T={s['num_train_timesteps']}, "
         f"beta {s['beta_start']:g}..{s['beta_end']:g}"
         + (", zero terminal SNR" if s["rescale_zero_terminal_snr"] else "")
-        + f", clip {s['clip_sample_range']}",
-        f"image        {c}x{h}x{w} (C x H x W)",
-        f"classes      {classes}",
+        + f", clip {s['clip_sample_range']}"
+        + (f", {s['trained_betas']} trained betas" if s["trained_betas"] else ""),
+        f"spacing      {s['timestep_spacing']} (default)"
+        + (f", steps offset {s['steps_offset']}" if s["steps_offset"] else "")
+        + ("" if s["set_alpha_to_one"] else ", final alpha = alpha_bar[0]"),
+        (f"image        {'x'.join(map(str, shape))} (C x H x W)" if m["images"] else
+         f"sample       ({', '.join(map(str, shape))}) float32 arrays"),
+        f"classes      {classes}"
+        + (" (no null label: no guidance)" if m["num_classes"] and m["null_label"] is None
+           else ""),
+        *(f"cond         {inert(c['name'], 80)}: {c['dtype']} ({', '.join(map(str, c['shape']))})"
+          + (f", null {c['null']:g}" if c["null"] is not None else ", no null")
+          for c in m["cond"]),
         f"precision    {m['precision']}",
         "distilled    " + (f"{', '.join(map(str, m['distilled_steps']))} "
                             f"{'step' if m['distilled_steps'] == [1] else 'steps'} "

@@ -9,7 +9,11 @@ model was distilled for. --out writes one image: a grid with a white frame, or w
 written, one a line, alone go to stdout. Images are the same for the same --seed
 whatever --batch-size or backend. img2img: --init-image with --strength < 1;
 inpainting: also --mask (white = regenerate, black = keep). An init image or mask
-of another size than the model's is resized, with a warning saying so.
+of another size than the model's is resized, with a warning saying so. A model whose
+samples are not images (a diffusion policy's action sequences, ...) writes .npy: --out
+FILE.npy holds all samples (n, *sample_shape) float32, --out-dir one SEED-INDEX.npy
+each; its conditioning inputs come from --cond NAME=FILE.npy (one value for all
+samples, or one per sample).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import artifact, clitools, ddim, fileio, images, sampling
+from .errors import inert
 from .meta import ModelMeta
 
 DEFAULT_STRENGTH = 0.75
@@ -80,6 +85,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help=f"enlarge the images this many times (nearest neighbour), at most "
                         f"{MAX_SCALE}; a written image may have at most "
                         f"{images.MAX_GRID_PIXELS // 1_000_000} megapixels")
+    p.add_argument("--cond", action="append", default=[], metavar="NAME=FILE.npy",
+                   help="a conditioning input of the model from a .npy file: its shape, or "
+                        "(n, *its shape) (repeatable; `fewstep info` lists the inputs)")
     out = p.add_mutually_exclusive_group(required=True)
     out.add_argument("--out", type=Path, default=None,
                      help="the image to write: a grid, or with --n 1 the image alone; its "
@@ -163,9 +171,11 @@ def body(args: argparse.Namespace) -> int:
     from .pipeline import Pipeline
 
     err = sys.stderr
+    arrays = args.out is not None and args.out.suffix.lower() == ".npy"
+    cond = read_cond(args.cond)
     if args.out is not None:
         target: Path | None = fileio.check_writable_target(args.out)  # before any work
-        fmt = images.image_format(args.out)
+        fmt = "NPY" if arrays else images.image_format(args.out)
     else:
         target = None
         out_dir = check_out_dir(args.out_dir)
@@ -193,6 +203,8 @@ def body(args: argparse.Namespace) -> int:
         steps = args.steps
         if steps is None:
             steps = pipe.default_steps(args.spacing, args.eta)
+        if not pipe.meta.images or arrays:
+            return _sample_arrays(args, pipe, steps, target, cond, loaded)
         nrow = args.nrow
         k = pipe.meta.num_classes
         if nrow is None and args.labels is None and 1 < k <= args.n:
@@ -229,7 +241,7 @@ def body(args: argparse.Namespace) -> int:
                     args.n, steps, eta=args.eta, seed=args.seed, labels=labels,
                     guidance=args.guidance, spacing=args.spacing, init_image=args.init_image,
                     strength=strength, mask=args.mask, batch_size=args.batch_size,
-                    progress=progress,
+                    progress=progress, cond=cond or None,
                 )
         except MemoryError:
             need = args.n * c * h * w * 4 / 2**30
@@ -251,6 +263,78 @@ def body(args: argparse.Namespace) -> int:
     for image, name in zip(made, image_names(args.seed, args.n), strict=True):
         images.save_image(image, out_dir / name, scale=args.scale, format=fmt)
         print(out_dir / name)
+    return 0
+
+
+MAX_COND_FILE_BYTES = 256 * 1024**2
+
+
+def read_cond(items: list[str]) -> dict[str, Any]:
+    """--cond NAME=FILE.npy values as {name: array}: plain .npy files (no pickles) of at
+    most MAX_COND_FILE_BYTES, each named once."""
+    import numpy as np
+
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--cond {inert(item, 200)!r} is not NAME=FILE.npy")
+        if name in out:
+            raise ValueError(f"--cond {inert(name, 80)!r} given twice; pass each input once")
+        f = Path(path)
+        try:
+            size = f.stat().st_size
+            if size > MAX_COND_FILE_BYTES:
+                raise ValueError(f"--cond {inert(name, 80)}: {inert(path, 200)!r} has {size:,} "
+                                 f"bytes, more than {MAX_COND_FILE_BYTES:,}")
+            out[name] = np.load(f, allow_pickle=False)
+        except OSError as e:
+            raise ValueError(f"--cond {inert(name, 80)}: cannot read {inert(path, 200)!r} "
+                             f"({e.strerror or e}); pass a .npy file") from None
+        except ValueError as e:
+            if "--cond" in str(e):
+                raise
+            raise ValueError(f"--cond {inert(name, 80)}: {inert(path, 200)!r} is not a plain "
+                             f".npy array ({inert(str(e), 200)}); save it with "
+                             "numpy.save") from None
+    return out
+
+
+def _sample_arrays(args: argparse.Namespace, pipe: Any, steps: int, target: Path | None,
+                   cond: dict[str, Any], loaded: str) -> int:
+    """Samples of any model as .npy: one file with all, or one per sample."""
+    import numpy as np
+
+    err = sys.stderr
+    if target is not None and target.suffix.lower() != ".npy":
+        raise ValueError(f"--out {str(target)!r}: this model's samples are "
+                         f"{pipe.meta.sample_shape} arrays, not images; write a .npy file")
+    for flag, value in (("--init-image", args.init_image), ("--mask", args.mask)):
+        if value is not None and not pipe.meta.images:
+            raise ValueError(f"{flag} needs an image model; this model's samples are arrays")
+    print(loaded, file=err)
+    made = pipe.generate(args.n, steps, eta=args.eta, seed=args.seed, labels=(
+        args.labels[0] if args.labels and len(args.labels) == 1 else args.labels),
+        guidance=args.guidance, spacing=args.spacing, init_image=args.init_image,
+        strength=1.0 if args.strength is None else args.strength, mask=args.mask,
+        batch_size=args.batch_size, cond=cond or None, output="samples")
+    info = pipe.last_info
+    assert info is not None
+    print(f"{clitools.plural(info.n, 'sample')} {tuple(made.shape[1:])}, "
+          f"{clitools.plural(info.steps, 'step')} ({info.spacing}, eta={info.eta:g}) via the "
+          f"{info.path} path: {info.graph} [{info.backend}], {info.seconds:.2f} s", file=err)
+    if target is not None:
+        with fileio.atomic_path(target) as tmp, open(tmp, "wb") as f:
+            np.save(f, made)
+        print(target)
+        return 0
+    out_dir = check_out_dir(args.out_dir)
+    out_dir.mkdir(exist_ok=True)
+    for sample, name in zip(made, image_names(args.seed, args.n), strict=True):
+        path = out_dir / (Path(name).stem + ".npy")
+        with fileio.atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, sample)
+        print(path)
     return 0
 
 

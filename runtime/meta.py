@@ -24,10 +24,17 @@ from numpy.typing import NDArray
 
 from . import checks, ddim
 from .errors import ArtifactError
+from .graphio import OUTPUT_NAME as OUTPUT_NAME
+from .graphio import GraphIO as GraphIO
+from .graphio import TensorSpec as TensorSpec
+from .graphio import graph_io
 
 # 2: the schedule records trained_betas and timestep_spacing; a version-1 document reads
 # as version 2 with no trained betas and trailing spacing (what version 1 meant).
-SCHEMA_VERSION: Final = 2
+# 3: sample_shape (any rank) and images replace channels/height/width; named conditioning
+# inputs (cond) and null_label. A version-1 or 2 document reads as an image model whose
+# null label is num_classes (what those versions meant).
+SCHEMA_VERSION: Final = 3
 META_KEY: Final = "fewstep.meta"
 DEFAULT_SPACING: Final = "trailing"
 MAX_TRAIN_TIMESTEPS: Final = 100_000
@@ -35,10 +42,20 @@ MAX_TRAIN_TIMESTEPS: Final = 100_000
 GRAPH_KINDS: Final = ("denoiser", "step", "sampler")
 PRECISIONS: Final = ("fp32", "fp16", "bf16")
 OUTPUT_FORMATS: Final = ("float", "uint8")
-OUTPUT_NAME: Final = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 MAX_CLASSES: Final = 100_000
 MAX_NAME_CHARS: Final = 100  # a class name
 MAX_TEXT_CHARS: Final = 200  # fewstep_version, source_hash, distilled_spacing
+MAX_SAMPLE_RANK: Final = 6
+MAX_DIM: Final = 65_536  # one dimension of a sample or a conditioning input
+MAX_SAMPLE_ELEMENTS: Final = 1 << 26  # 64 M values: a 4-channel 4096 x 4096 image
+MAX_COND_ELEMENTS: Final = 1 << 20
+MAX_COND_INPUTS: Final = 16
+MAX_COND_NAME: Final = 64
+COND_DTYPES: Final[dict[str, type[np.generic]]] = {"float32": np.float32, "int64": np.int64}
+# Names a conditioning input cannot take: the graphs' own inputs and outputs.
+RESERVED_NAMES: Final = frozenset({"x", "t", "label", "guidance", "a_t", "a_prev", "eta",
+                                   "noise", "eps", "v", "x0", "x_prev", "image"})
+AUTO: Final = -1  # null_label default: num_classes when the model has classes
 
 
 def text_problem(text: str, limit: int) -> str | None:
@@ -58,6 +75,12 @@ def class_name_problem(name: str) -> str | None:
     if not name.strip():
         return "is empty or blank"
     return text_problem(name, MAX_NAME_CHARS)
+
+
+def _short(value: object) -> str:
+    """``repr(value)``, elided in the middle past 40 characters (one readable line)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:18]}...{text[-18:]} ({len(text)} chars)"
 
 
 def _fail(where: str, msg: str) -> ArtifactError:
@@ -171,14 +194,56 @@ class GraphInfo:
 
 
 @dataclass(frozen=True)
+class CondSpec:
+    """A named conditioning input beside the sample (an observation vector, ...): dtype,
+    the shape of one sample's value (no batch axis), and the value meaning "no
+    conditioning" for classifier-free guidance (None: the model has none)."""
+
+    name: str
+    dtype: str = "float32"
+    shape: tuple[int, ...] = ()
+    null: float | None = None
+
+    def __post_init__(self) -> None:
+        where = f"cond[{_short(self.name)}]"
+        if not (isinstance(self.name, str) and self.name.isascii() and self.name.isidentifier()
+                and len(self.name) <= MAX_COND_NAME):
+            raise _fail(where, f"name must be a Python identifier of at most {MAX_COND_NAME} "
+                        "ASCII characters")
+        if self.name in RESERVED_NAMES:
+            raise _fail(where, f"{self.name!r} is a name fewstep's graphs use; rename it")
+        _check_choice(f"{where}.dtype", self.dtype, tuple(COND_DTYPES))
+        _check_dims(f"{where}.shape", self.shape, MAX_COND_ELEMENTS, 0)
+        if self.null is not None:
+            if not math.isfinite(self.null):
+                raise _fail(f"{where}.null", f"{self.null!r} is not finite")
+            if self.dtype == "int64" and self.null != int(self.null):
+                raise _fail(f"{where}.null", f"{self.null!r} is not a whole number (int64)")
+
+    @property
+    def np_dtype(self) -> type[np.generic]:
+        return COND_DTYPES[self.dtype]
+
+
+def _check_dims(where: str, dims: tuple[int, ...], max_elements: int, min_rank: int) -> None:
+    if not min_rank <= len(dims) <= MAX_SAMPLE_RANK:
+        raise _fail(where, f"{_short(dims)} must have {min_rank} to {MAX_SAMPLE_RANK} dims")
+    if not all(checks.is_whole_number(d) and 1 <= d <= MAX_DIM for d in dims):
+        raise _fail(where, f"{_short(dims)}: every dim must be a whole number in 1..{MAX_DIM}")
+    if math.prod(dims) > max_elements:
+        raise _fail(where, f"{_short(dims)} holds more than {max_elements:,} values")
+
+
+@dataclass(frozen=True)
 class ModelMeta:
     prediction_type: str
     schedule: Schedule
-    channels: int
-    height: int
-    width: int
+    sample_shape: tuple[int, ...]
+    images: bool = True  # samples are (C, H, W) images in [-1, 1]
     num_classes: int = 0
     class_names: tuple[str, ...] = ()
+    null_label: int | None = AUTO  # the "no class" label for guidance; None: there is none
+    cond: tuple[CondSpec, ...] = ()
     graph: GraphInfo = field(default_factory=GraphInfo)
     distilled_steps: tuple[int, ...] = ()
     distilled_spacing: str = ""
@@ -195,12 +260,27 @@ class ModelMeta:
                 "'epsilon' cannot recover x0 at zero terminal SNR; "
                 "train with prediction type v_prediction or sample",
             )
-        for name in ("channels", "height", "width"):
-            value = getattr(self, name)
-            if not 1 <= value <= 8192:
-                raise _fail(name, f"{_short(value)} not in 1..8192")
+        _check_dims("sample_shape", self.sample_shape, MAX_SAMPLE_ELEMENTS, 1)
+        if self.images and (len(self.sample_shape) != 3 or not 1 <= self.sample_shape[0] <= 4
+                            or max(self.sample_shape[1:]) > 8192):
+            raise _fail("sample_shape", f"{_short(self.sample_shape)} is not an image shape "
+                        "(C, H, W) with C in 1..4 and H, W <= 8192; set images to false")
         if not 0 <= self.num_classes <= MAX_CLASSES:
             raise _fail("num_classes", f"{_short(self.num_classes)} not in 0..{MAX_CLASSES}")
+        if self.null_label == AUTO:
+            object.__setattr__(self, "null_label", self.num_classes or None)
+        if self.null_label is not None and not (
+                self.num_classes and 0 <= self.null_label <= self.num_classes):
+            raise _fail("null_label", f"{_short(self.null_label)} not in 0..num_classes="
+                        f"{self.num_classes}")
+        if len(self.cond) > MAX_COND_INPUTS:
+            raise _fail("cond", f"{len(self.cond)} inputs, more than {MAX_COND_INPUTS}")
+        names = [c.name for c in self.cond]
+        if len(set(names)) != len(names):
+            raise _fail("cond", f"names {_short(names)} are not unique")
+        if self.graph.output_format == "uint8" and not self.images:
+            raise _fail("graph.output_format", "uint8 images from a model whose samples are "
+                        "not images")
         if self.graph.steps > self.schedule.num_train_timesteps:
             raise _fail("graph.steps", f"{_short(self.graph.steps)} exceeds num_train_timesteps="
                         f"{self.schedule.num_train_timesteps}")
@@ -216,8 +296,9 @@ class ModelMeta:
             problem = text_problem(getattr(self, what), MAX_TEXT_CHARS)
             if problem:
                 raise _fail(what, f"{_short(getattr(self, what))} {problem}")
-        if self.graph.guidance and not self.num_classes:
-            raise _fail("graph.guidance", "guidance needs a class-conditional model")
+        if self.graph.guidance and not self.guidable:
+            raise _fail("graph.guidance", "guidance needs conditioning with a null value "
+                        "(a null label, a null for each conditioning input)")
         if self.distilled_steps:
             _check_choice("distilled_spacing", self.distilled_spacing, ddim.SPACINGS)
             if any(s < 1 or s > self.schedule.num_train_timesteps for s in self.distilled_steps):
@@ -238,8 +319,13 @@ class ModelMeta:
     def build(cls, graph: GraphInfo | None = None, **fields: Any) -> ModelMeta:
         """Construct with the graph's input/output names filled in from the rest."""
         g = graph or GraphInfo()
-        io = graph_io(fields["prediction_type"], fields.get("num_classes", 0) > 0,
-                      (fields["channels"], fields["height"], fields["width"]), g)
+        if "channels" in fields:  # shorthand for an image model
+            fields["sample_shape"] = (fields.pop("channels"), fields.pop("height"),
+                                      fields.pop("width"))
+        fields["sample_shape"] = tuple(fields["sample_shape"])
+        fields["cond"] = tuple(fields.get("cond", ()))
+        io = graph_io(fields["prediction_type"], fields["sample_shape"],
+                      fields.get("num_classes", 0) > 0, fields["cond"], g)
         return cls(graph=dataclasses.replace(g, inputs=io.input_names,
                                              outputs=(io.output.name,)), **fields)
 
@@ -250,24 +336,45 @@ class ModelMeta:
         return self.num_classes > 0
 
     @property
-    def null_label(self) -> int:
-        """The label index that means "no class" (classifier-free guidance)."""
-        return self.num_classes
+    def guidable(self) -> bool:
+        """Classifier-free guidance is possible: there is conditioning, and a null value
+        for each part of it."""
+        return (self.conditional or bool(self.cond)) and (
+            not self.conditional or self.null_label is not None) and all(
+            c.null is not None for c in self.cond)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        """(C, H, W)."""
-        return (self.channels, self.height, self.width)
+        """(C, H, W) of an image model; a ValueError for other samples."""
+        if not self.images:
+            raise ValueError(f"this model's samples are arrays of shape {self.sample_shape}, "
+                             "not images; use output='samples' (fewstep sample writes .npy)")
+        c, h, w = self.sample_shape
+        return (c, h, w)
+
+    @property
+    def channels(self) -> int:
+        return self.image_shape[0]
+
+    @property
+    def height(self) -> int:
+        return self.image_shape[1]
+
+    @property
+    def width(self) -> int:
+        return self.image_shape[2]
 
     @functools.cached_property
     def io(self) -> GraphIO:
         """Names, dtypes and shapes of this graph's inputs and output (``graph_io``)."""
-        return graph_io(self.prediction_type, self.conditional, self.image_shape, self.graph)
+        return graph_io(self.prediction_type, self.sample_shape, self.conditional, self.cond,
+                        self.graph)
 
     def for_graph(self, **changes: Any) -> ModelMeta:
         """This model's meta for another graph; inputs/outputs follow from the rest."""
         graph = dataclasses.replace(self.graph, **changes)
-        io = graph_io(self.prediction_type, self.conditional, self.image_shape, graph)
+        io = graph_io(self.prediction_type, self.sample_shape, self.conditional, self.cond,
+                      graph)
         return dataclasses.replace(self, graph=dataclasses.replace(
             graph, inputs=io.input_names, outputs=(io.output.name,)))
 
@@ -292,7 +399,9 @@ class ModelMeta:
     @classmethod
     def from_dict(cls, data: object, source: str = "metadata") -> ModelMeta:
         try:
-            return _parse(data)
+            from .meta_json import parse
+
+            return parse(data)
         except ArtifactError as e:
             raise ArtifactError(f"{source}: {e}") from None
         except (TypeError, ValueError, OverflowError, RecursionError) as e:
@@ -306,190 +415,6 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a finite number")
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """One input or output of a graph: name, dtype and the dims after the batch axis."""
-
-    name: str
-    dtype: type[np.generic]
-    dims: tuple[int, ...]  # without the batch axis: () for a (B,) input
-
-    def shape(self, batch: int) -> tuple[int, ...]:
-        return (batch, *self.dims)
-
-    def describe(self) -> str:
-        dims = ", ".join(["B", *map(str, self.dims)])
-        return f"{np.dtype(self.dtype).name} ({dims})"
-
-
-@dataclass(frozen=True)
-class GraphIO:
-    """The inputs (in graph order) and the single output of one graph."""
-
-    inputs: Mapping[str, TensorSpec]
-    output: TensorSpec
-
-    @property
-    def input_names(self) -> tuple[str, ...]:
-        return tuple(self.inputs)
-
-    def shapes(self, batch: int) -> dict[str, tuple[int, ...]]:
-        """The shape of every input at batch size ``batch``."""
-        if batch < 1:
-            raise ValueError(f"batch={batch} must be at least 1")
-        return {name: spec.shape(batch) for name, spec in self.inputs.items()}
-
-
-def graph_io(prediction_type: str, conditional: bool, image_shape: tuple[int, int, int],
-             g: GraphInfo) -> GraphIO:
-    """The inputs and output a graph of kind ``g.kind`` must have (``g``'s own names are
-    ignored): the one definition of names, dtypes and shapes that the backends, the
-    TensorRT build, the Triton configs and the benchmarks read.
-
-    x, out and a step graph's noise are (B, C, H, W); t, a_t, a_prev, eta, guidance are
-    (B,) float32 and label (B,) int64; a stochastic sampler's noise is (B, S, C, H, W);
-    a uint8 sampler's image is (B, H, W, C).
-    """
-    c, h, w = image_shape
-    dims: dict[str, tuple[int, ...]] = {"x": image_shape}
-    cond = ("label",) if conditional else ()
-    guid = ("guidance",) if g.guidance else ()
-    if g.kind == "denoiser":
-        names: tuple[str, ...] = ("x", "t", *cond, *guid)
-        out = TensorSpec(OUTPUT_NAME[prediction_type], np.float32, image_shape)
-    elif g.kind == "step":
-        names = ("x", "t", "a_t", "a_prev", "eta", "noise", *cond, *guid)
-        dims["noise"] = image_shape
-        out = TensorSpec("x_prev", np.float32, image_shape)
-    else:
-        names = ("x", *cond, *guid, *(("noise",) if g.eta > 0 else ()))
-        dims["noise"] = (g.steps, *image_shape)
-        out = (TensorSpec("image", np.uint8, (h, w, c)) if g.output_format == "uint8"
-               else TensorSpec("x0", np.float32, image_shape))
-    inputs = {n: TensorSpec(n, np.int64 if n == "label" else np.float32, dims.get(n, ()))
-              for n in names}
-    return GraphIO(inputs, out)
-
-
-# ---------------------------------------------------------------------------------
-# Strict parsing: anything but well-formed metadata becomes one ArtifactError.
-# ---------------------------------------------------------------------------------
-
-_MISSING = object()
-
-
-def _get(d: Mapping[str, Any], key: str, kind: type | tuple[type, ...], where: str,
-         default: object = _MISSING) -> Any:
-    if key not in d:
-        if default is _MISSING:
-            raise _fail(f"{where}{key}", "missing")
-        return default
-    value = d[key]
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-        try:
-            value = float(value)
-        except OverflowError:  # a whole number beyond float range, e.g. 10**400
-            raise _fail(f"{where}{key}", f"{_short(value)} is too large for a number "
-                        "(float64)") from None
-    if isinstance(value, bool) and bool not in kinds:
-        raise _fail(f"{where}{key}", f"{_short(value)} is not {_names(kinds)}")
-    if not isinstance(value, kinds):
-        raise _fail(f"{where}{key}", f"{_short(value)} is not {_names(kinds)}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise _fail(f"{where}{key}", f"{value!r} is not finite")
-    return value
-
-
-def _short(value: object) -> str:
-    """``repr(value)``, elided in the middle past 40 characters (one readable line)."""
-    text = repr(value)
-    return text if len(text) <= 40 else f"{text[:18]}...{text[-18:]} ({len(text)} chars)"
-
-
-def _names(kinds: tuple[type, ...]) -> str:
-    return " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
-
-
-def _str_tuple(d: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
-    items = _get(d, key, list, where, [])
-    if not all(isinstance(s, str) for s in items):
-        raise _fail(f"{where}{key}", "must be a list of strings")
-    return tuple(items)
-
-
-def _no_extra(d: Mapping[str, Any], allowed: set[str], where: str) -> None:
-    extra = sorted(set(d) - allowed)
-    if extra:
-        raise _fail(where or "(top level)", f"unknown keys {extra}")
-
-
-def _parse(data: object) -> ModelMeta:
-    if not isinstance(data, dict):
-        raise _fail("(top level)", f"expected a JSON object, got {type(data).__name__}")
-    version = _get(data, "schema_version", int, "")
-    if version > SCHEMA_VERSION:
-        raise ArtifactError(
-            f"metadata schema version {_short(version)} is newer than this fewstep supports "
-            f"({SCHEMA_VERSION}); upgrade fewstep (pip install -U fewstep)"
-        )
-    if version < 1:
-        raise _fail("schema_version", f"{_short(version)} is not a valid version")
-    top = {f.name for f in dataclasses.fields(ModelMeta)}
-    _no_extra(data, top, "")
-
-    s = _get(data, "schedule", dict, "")
-    added_in_2 = {"trained_betas", "timestep_spacing"} if version < 2 else set()
-    _no_extra(s, {f.name for f in dataclasses.fields(Schedule)} - added_in_2, "schedule")
-    trained = _get(s, "trained_betas", list, "schedule.", [])
-    if not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in trained):
-        raise _fail("schedule.trained_betas", "must be a list of numbers")
-    schedule = Schedule(
-        beta_schedule=_get(s, "beta_schedule", str, "schedule."),
-        num_train_timesteps=_get(s, "num_train_timesteps", int, "schedule."),
-        beta_start=_get(s, "beta_start", float, "schedule."),
-        beta_end=_get(s, "beta_end", float, "schedule."),
-        rescale_zero_terminal_snr=_get(s, "rescale_zero_terminal_snr", bool, "schedule."),
-        set_alpha_to_one=_get(s, "set_alpha_to_one", bool, "schedule."),
-        clip_sample_range=_get(s, "clip_sample_range", (float, type(None)), "schedule."),
-        steps_offset=_get(s, "steps_offset", int, "schedule.", 0),
-        trained_betas=tuple(float(b) for b in trained),
-        timestep_spacing=_get(s, "timestep_spacing", str, "schedule.", DEFAULT_SPACING),
-    )
-    g = _get(data, "graph", dict, "")
-    _no_extra(g, {f.name for f in dataclasses.fields(GraphInfo)}, "graph")
-    graph = GraphInfo(
-        kind=_get(g, "kind", str, "graph."),
-        precision=_get(g, "precision", str, "graph."),
-        inputs=_str_tuple(g, "inputs", "graph."),
-        outputs=_str_tuple(g, "outputs", "graph."),
-        guidance=_get(g, "guidance", bool, "graph.", False),
-        steps=_get(g, "steps", int, "graph.", 0),
-        spacing=_get(g, "spacing", str, "graph.", ""),
-        eta=_get(g, "eta", float, "graph.", 0.0),
-        output_format=_get(g, "output_format", str, "graph.", "float"),
-    )
-    distilled = _get(data, "distilled_steps", list, "", [])
-    if not all(checks.is_whole_number(v) for v in distilled):
-        raise _fail("distilled_steps", "must be a list of whole numbers")
-    return ModelMeta(
-        prediction_type=_get(data, "prediction_type", str, ""),
-        schedule=schedule,
-        channels=_get(data, "channels", int, ""),
-        height=_get(data, "height", int, ""),
-        width=_get(data, "width", int, ""),
-        num_classes=_get(data, "num_classes", int, "", 0),
-        class_names=_str_tuple(data, "class_names", ""),
-        graph=graph,
-        distilled_steps=tuple(distilled),
-        distilled_spacing=_get(data, "distilled_spacing", str, "", ""),
-        train_config=_get(data, "train_config", dict, "", {}),
-        source_hash=_get(data, "source_hash", str, "", ""),
-        fewstep_version=_get(data, "fewstep_version", str, "", ""),
-        schema_version=SCHEMA_VERSION,  # an older document is read as its current equivalent
-    )
-
-
 def meta_summary(meta: ModelMeta) -> dict[str, Any]:
     """The model-level fields of a ModelMeta (no per-graph fields), JSON-ready."""
     s = meta.schedule
@@ -500,11 +425,16 @@ def meta_summary(meta: ModelMeta) -> dict[str, Any]:
             "beta_start": s.beta_start, "beta_end": s.beta_end,
             "rescale_zero_terminal_snr": s.rescale_zero_terminal_snr,
             "set_alpha_to_one": s.set_alpha_to_one, "clip_sample_range": s.clip_sample_range,
-            "steps_offset": s.steps_offset,
+            "steps_offset": s.steps_offset, "timestep_spacing": s.timestep_spacing,
+            "trained_betas": len(s.trained_betas),
         },
-        "image_shape": list(meta.image_shape),
+        "sample_shape": list(meta.sample_shape),
+        "images": meta.images,
         "num_classes": meta.num_classes,
         "class_names": list(meta.class_names),
+        "null_label": meta.null_label,
+        "cond": [{"name": c.name, "dtype": c.dtype, "shape": list(c.shape), "null": c.null}
+                 for c in meta.cond],
         "distilled_steps": list(meta.distilled_steps),
         "distilled_spacing": meta.distilled_spacing,
         "source_hash": meta.source_hash,

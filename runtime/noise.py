@@ -30,10 +30,10 @@ def image_rng(seed: int, index: int) -> np.random.Generator:
 def generation_noise(
     seed: int,
     indices: range,
-    shape: tuple[int, int, int],
+    shape: tuple[int, ...],
     noise_steps: int = 0,
 ) -> tuple[NDArray[np.float32], NDArray[np.float32] | None]:
-    """(x_T (N, C, H, W), step noise (N, noise_steps, C, H, W) or None) for ``indices``."""
+    """(x_T (N, *shape), step noise (N, noise_steps, *shape) or None) for ``indices``."""
     x_T = np.empty((len(indices), *shape), dtype=np.float32)
     step_noise = (
         np.empty((len(indices), noise_steps, *shape), dtype=np.float32) if noise_steps else None

@@ -1,4 +1,4 @@
-"""Pipeline: load an exported model, generate images. numpy + a backend, no torch.
+"""Pipeline: load an exported model, generate samples. numpy + a backend, no torch.
 
 ``Pipeline.load(path)`` opens ``model.onnx`` (or a TensorRT ``.plan``, or an
 ``.oracle.json``) and knows its sibling graphs (``model.step.onnx``,
@@ -121,7 +121,7 @@ _name = runners.name
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    """The arguments of one ``generate``/``generate_float`` call, as the user gave them."""
+    """The arguments of one ``generate`` call, as the user gave them."""
 
     n: int
     steps: int | None = None
@@ -135,7 +135,9 @@ class GenerateRequest:
     mask: ImageInput | None = None
     batch_size: int | None = None
     progress: Progress | None = None
-    want_float: bool = False
+    output: str | None = None
+    cond: Any = None
+    latents: Any = None
 
 
 class Pipeline:
@@ -351,57 +353,48 @@ class Pipeline:
         mask: ImageInput | None = None,
         batch_size: int | None = None,
         progress: Progress | None = None,
-    ) -> U8:
-        """``n`` images as (n, H, W, C) uint8.
+        *,
+        cond: dict[str, Any] | None = None,
+        latents: Any = None,
+        output: str | None = None,
+    ) -> Any:
+        """``n`` samples: with ``output="images"`` (the default for an image model) uint8
+        (n, H, W, C); with ``output="samples"`` (the default otherwise) the final samples
+        (n, *sample_shape) float32 in model space.
 
         ``steps``: None = the model's own count, as ``fewstep sample`` picks it (the step
         count it was distilled for, else that of its fused sampler graph, else
         ``sampling.FALLBACK_STEPS``; ``default_steps`` says which).
         ``labels``: None (cycle the classes), a class index or name for all, or one per
-        image. ``guidance``: classifier-free guidance scale (needs a graph exported
-        with --guidance; None = the conditional model). ``spacing``: default the
-        model's distilled spacing, else its schedule's (trailing for fewstep's own
-        models). ``init_image`` + ``strength`` < 1: img2img; ``mask`` (1 = regenerate, 0 =
-        keep): inpainting; each a file path, a PIL image or an array of any size (another
-        size is resized, with a warning; see ``images.init_images`` and ``images.masks``).
-        ``progress(done, total)`` is called after each batch.
+        sample. ``cond``: the model's named conditioning inputs, {name: one value for all
+        or one per sample} (``describe()["model"]["cond"]`` lists them). ``latents``: the
+        initial noise x_T, (n, *sample_shape) float32, instead of the seed's (per-step
+        noise for eta > 0 still comes from ``seed``). ``guidance``: classifier-free
+        guidance scale (needs a graph exported with --guidance; None = the conditional
+        model). ``spacing``: default the model's distilled spacing, else its schedule's
+        (trailing for fewstep's own models, the scheduler's for an imported one).
+        ``init_image`` + ``strength`` < 1: img2img; ``mask`` (1 = regenerate, 0 = keep):
+        inpainting (image models); each a file path, a PIL image or an array of any size
+        (another size is resized, with a warning; see ``images.init_images`` and
+        ``images.masks``). ``progress(done, total)`` is called after each batch.
         """
-        out: U8 = self._generate(GenerateRequest(n, steps, eta, seed, labels, guidance, spacing,
-                                                 init_image, strength, mask, batch_size,
-                                                 progress, want_float=False))
-        assert out.dtype == np.uint8
-        return out
-
-    def generate_float(
-        self,
-        n: int,
-        steps: int | None = None,
-        eta: float = 0.0,
-        seed: int = 0,
-        labels: Any = None,
-        guidance: float | None = None,
-        spacing: str | None = None,
-        init_image: ImageInput | None = None,
-        strength: float = 1.0,
-        mask: ImageInput | None = None,
-        batch_size: int | None = None,
-        progress: Progress | None = None,
-    ) -> F32:
-        """Like ``generate``, but the final samples (n, C, H, W) float32 in model range.
-
-        A sampler graph that outputs uint8 images cannot serve this; the step or
-        denoiser graph is used instead (a ValueError says so when there is none).
-        """
-        out: F32 = self._generate(GenerateRequest(n, steps, eta, seed, labels, guidance,
-                                                  spacing, init_image, strength, mask,
-                                                  batch_size, progress, want_float=True))
-        assert out.dtype == np.float32
-        return out
+        return self._generate(GenerateRequest(n, steps, eta, seed, labels, guidance, spacing,
+                                              init_image, strength, mask, batch_size,
+                                              progress, output, cond, latents))
 
     def _generate(self, r: GenerateRequest) -> Any:
         meta = self.meta
-        n = checks.whole_number("n", r.n, 1, " (the number of images)")
+        n = checks.whole_number("n", r.n, 1, " (the number of samples)")
         seed = host_noise.check_seed(r.seed)
+        output = r.output if r.output is not None else ("images" if meta.images else "samples")
+        checks.choice("output", output, ("images", "samples"))
+        if output == "images" and not meta.images:
+            raise ValueError(f"output='images' needs an image model; this model's samples are "
+                             f"{meta.sample_shape} arrays: pass output='samples'")
+        want_float = output == "samples"
+        if not meta.images and (r.init_image is not None or r.mask is not None):
+            raise ValueError("init_image and mask (img2img, inpainting) need an image model; "
+                             f"this model's samples are {meta.sample_shape} arrays")
         steps = self.default_steps(r.spacing, r.eta) if r.steps is None else r.steps
         spacing = r.spacing if r.spacing is not None else sampling.default_spacing(meta)
         self._check_steps(steps)
@@ -418,6 +411,8 @@ class Pipeline:
             )
         limit = checks.optional_whole_number("batch_size", r.batch_size, 1)
         all_labels = sampling.resolve_labels(meta, n, r.labels)
+        all_cond = sampling.resolve_cond(meta, n, r.cond)
+        latents = None if r.latents is None else sampling.check_latents(meta, n, r.latents)
         g = sampling.check_guidance(meta, r.guidance)
         if g is not None and not any(e.meta.graph.guidance for e in self._entries):
             raise ValueError(
@@ -427,7 +422,7 @@ class Pipeline:
         self._warn_distilled(plan.steps)
         init = None if r.init_image is None else self._image(r.init_image, n)
         m = None if r.mask is None else self._mask(r.mask, n)
-        path, graph = self._choose(plan, spacing, g, init is None, r.want_float, m is not None)
+        path, graph = self._choose(plan, spacing, g, init is None, want_float, m is not None)
 
         if limit is not None and graph.max_batch is not None and limit > graph.max_batch:
             raise ValueError(
@@ -436,31 +431,37 @@ class Pipeline:
                 f"{graph.max_batch}, or rebuild the plan with a larger --batch MIN:OPT:MAX"
             )
         chunk = min(limit or DEFAULT_BATCH, graph.max_batch or DEFAULT_BATCH * 1024)
-        c, h, w = meta.image_shape
-        out: Any = (np.empty((n, c, h, w), np.float32) if r.want_float
-                    else np.empty((n, h, w, c), np.uint8))
+        if want_float:
+            out: Any = np.empty((n, *meta.sample_shape), np.float32)
+        else:
+            c, h, w = meta.image_shape
+            out = np.empty((n, h, w, c), np.uint8)
         started = time.perf_counter()
         for lo in range(0, n, chunk):
             hi = min(n, lo + chunk)
             x_T, step_noise = host_noise.generation_noise(
-                seed, range(lo, hi), meta.image_shape, plan.steps if plan.stochastic else 0)
+                seed, range(lo, hi), meta.sample_shape, plan.steps if plan.stochastic else 0)
+            if latents is not None:
+                x_T = latents[lo:hi]
             labels = None if all_labels is None else all_labels[lo:hi]
+            cond = {k: v[lo:hi] for k, v in all_cond.items()}
 
             def part(a: F32 | None, lo: int = lo, hi: int = hi) -> F32 | None:
                 return None if a is None else (a if a.shape[0] == 1 else a[lo:hi])
 
-            batch = Batch(x_T, step_noise, runners.extra_feeds(graph, labels, g, hi - lo),
+            batch = Batch(x_T, step_noise,
+                          runners.extra_feeds(graph, labels, g, hi - lo, cond),
                           part(init), part(m), lo)
             try:
                 y = runners.run(path, graph, plan, batch)
             except NumericalError as e:
                 if path != "sampler":
                     raise
-                raise self._locate(e, plan, spacing, g, batch, labels) from None
+                raise self._locate(e, plan, spacing, g, batch, labels, cond) from None
             if y.dtype == np.uint8:
                 out[lo:hi] = y
             else:
-                out[lo:hi] = y if r.want_float else to_uint8_nhwc(y)
+                out[lo:hi] = y if want_float else to_uint8_nhwc(y)
             if r.progress is not None:
                 r.progress(hi, n)
         self.last_info = GenerationInfo(
@@ -491,8 +492,8 @@ class Pipeline:
         return None if self.last_info is None else self.last_info.path
 
     def _locate(self, err: NumericalError, plan: SamplingPlan, spacing: str,
-                guidance: float | None, batch: Batch,
-                labels: NDArray[np.int64] | None) -> NumericalError:
+                guidance: float | None, batch: Batch, labels: NDArray[np.int64] | None,
+                cond: dict[str, Any]) -> NumericalError:
         """The fused sampler runs every step in one graph, so its NaN/Inf has no step: rerun
         the same inputs through the step or denoiser graph (when the artifact has one) to
         name it. Only on this failure path; ``err`` itself when nothing else reproduces it."""
@@ -500,7 +501,7 @@ class Pipeline:
             other = self._open(entry)
             if other is None:
                 continue
-            extra = runners.extra_feeds(other, labels, guidance, batch.x_T.shape[0])
+            extra = runners.extra_feeds(other, labels, guidance, batch.x_T.shape[0], cond)
             try:
                 runners.run(path, other, plan, Batch(batch.x_T, batch.step_noise, extra))
             except NumericalError as located:

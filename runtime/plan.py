@@ -21,6 +21,7 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import re
 import shlex
@@ -109,7 +110,8 @@ class BatchProfile:
 def default_profile(meta: ModelMeta, jetson: bool = False) -> BatchProfile:
     """1:1:16 on a desktop GPU (1:1:4 on Jetson), less for images above 128x128."""
     base = JETSON_MAX_BATCH if jetson else DEFAULT_MAX_BATCH
-    scale = max(1, (meta.height * meta.width) // _PIXELS_AT_FULL_BATCH)
+    values = math.prod(meta.sample_shape) // (meta.sample_shape[0] if meta.images else 1)
+    scale = max(1, values // _PIXELS_AT_FULL_BATCH)
     return BatchProfile(1, 1, max(1, base // scale))
 
 

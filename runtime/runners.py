@@ -29,9 +29,9 @@ F32 = NDArray[np.float32]
 
 @dataclass(frozen=True)
 class Batch:
-    """One batch's inputs: initial noise (B, C, H, W), per-step noise (B, steps, C, H, W)
-    when eta > 0, the label/guidance feeds, and for img2img/inpainting the init image and
-    mask (one row, or one per image of the batch)."""
+    """One batch's inputs: initial noise (B, *sample), per-step noise (B, steps, *sample)
+    when eta > 0, the label/conditioning/guidance feeds, and for img2img/inpainting the
+    init image and mask (one row, or one per image of the batch)."""
 
     x_T: F32
     step_noise: F32 | None
@@ -47,9 +47,11 @@ def name(path: str) -> str:
 
 
 def extra_feeds(graph: Graph, labels: NDArray[np.int64] | None, guidance: float | None,
-                n: int) -> dict[str, Array]:
-    """The label and guidance inputs ``graph`` takes, for a batch of ``n``."""
-    feeds: dict[str, Array] = {}
+                n: int, cond: dict[str, Array] | None = None) -> dict[str, Array]:
+    """The label, conditioning and guidance inputs ``graph`` takes, for a batch of ``n``
+    (``cond``: {name: (n, ...)} already checked)."""
+    feeds: dict[str, Array] = {k: v for k, v in (cond or {}).items()
+                               if k in graph.meta.graph.inputs}
     if "label" in graph.meta.graph.inputs:
         assert labels is not None
         feeds["label"] = np.ascontiguousarray(labels, dtype=np.int64)

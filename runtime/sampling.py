@@ -139,9 +139,12 @@ def guided(cond: A, uncond: A, guidance: Any) -> A:
 def check_guidance(meta: ModelMeta, guidance: float | None) -> float | None:
     if guidance is None:
         return None
-    if not meta.conditional:
+    if not meta.guidable:
+        why = ("it has no conditioning" if not (meta.conditional or meta.cond) else
+               "it records no null conditioning (the value meaning 'no condition')")
         raise ValueError(
-            f"guidance={guidance} needs a class-conditional model; this model has no classes"
+            f"guidance={guidance} needs a conditional model with null conditioning; {why}: "
+            "drop guidance"
         )
     if (
         not checks.is_number(guidance)
@@ -189,3 +192,58 @@ def resolve_labels(meta: ModelMeta, n: int, labels: Any = None) -> Any:
             raise ValueError(f"label {inert(repr(item))} is outside the model's classes 0..{k - 1}")
         out[j] = int(item)
     return out
+
+
+def resolve_cond(meta: ModelMeta, n: int, cond: Any = None) -> dict[str, Any]:
+    """The model's conditioning inputs as {name: (n, *shape) array of its dtype}.
+
+    ``cond`` maps each input's name to one value for all samples (its own shape) or one
+    per sample (n, *shape); float inputs must be finite, int64 inputs whole numbers.
+    """
+    import numpy as np
+
+    given = {} if cond is None else cond
+    if not isinstance(given, dict):
+        raise ValueError(f"cond must be a dict of name -> array, got {type(given).__name__}")
+    want = {c.name: c for c in meta.cond}
+    unknown = [k for k in given if k not in want]
+    if unknown:
+        names = ", ".join(want) if want else "none: this model takes no conditioning inputs"
+        raise ValueError(f"cond has unknown input {inert(repr(unknown[0]))}; the model's "
+                         f"conditioning inputs are {names}")
+    missing = [k for k in want if k not in given]
+    if missing:
+        spec = want[missing[0]]
+        raise ValueError(f"cond[{missing[0]!r}] is missing: this model needs it, {spec.dtype} "
+                         f"of shape {spec.shape} (one for all) or (n, *{spec.shape}); pass "
+                         f"cond={{{missing[0]!r}: array}}")
+    out: dict[str, Any] = {}
+    for name, spec in want.items():
+        a = np.asarray(given[name])
+        if a.dtype == object or not (a.dtype.kind in "iu" or (
+                spec.dtype == "float32" and a.dtype.kind == "f")):
+            raise ValueError(f"cond[{name!r}] is {a.dtype}; pass {spec.dtype} values")
+        if a.shape == spec.shape:
+            a = np.broadcast_to(a, (n, *spec.shape))
+        if a.shape != (n, *spec.shape):
+            raise ValueError(f"cond[{name!r}] has shape {a.shape}; pass {spec.shape} (one for "
+                             f"all) or {(n, *spec.shape)} (one per sample)")
+        if spec.dtype == "float32" and not np.all(np.isfinite(a)):
+            raise ValueError(f"cond[{name!r}] holds NaN or Inf; pass finite values")
+        out[name] = np.ascontiguousarray(a, dtype=spec.np_dtype)
+    return out
+
+
+def check_latents(meta: ModelMeta, n: int, latents: Any) -> Any:
+    """``latents`` (x_T, the initial noise) as a (n, *sample_shape) float32 array."""
+    import numpy as np
+
+    a = np.asarray(latents)
+    want = (n, *meta.sample_shape)
+    if a.shape != want:
+        raise ValueError(f"latents have shape {a.shape}; pass {want} (n, *sample_shape)")
+    if a.dtype.kind != "f":
+        raise ValueError(f"latents are {a.dtype}; pass float32 noise of shape {want}")
+    if not np.all(np.isfinite(a)):
+        raise ValueError("latents hold NaN or Inf; pass finite values (standard normal noise)")
+    return np.ascontiguousarray(a, dtype=np.float32)

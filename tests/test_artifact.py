@@ -77,7 +77,7 @@ def test_same_model_answer(meta: ModelMeta) -> None:
     for other, what in [
         (oo.make_meta(num_classes=2, source_hash="sha256:b"), "source_hash"),
         (oo.make_meta("v_prediction", num_classes=2), "prediction type"),
-        (oo.make_meta(num_classes=2, size=16), "image shape"),
+        (oo.make_meta(num_classes=2, size=16), "sample shape"),
         (oo.make_meta(num_classes=3), "classes"),
     ]:
         assert str(mismatch(meta, other, precision=False)).startswith(what)

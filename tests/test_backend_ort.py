@@ -528,7 +528,7 @@ def test_cuda_pipeline_threads(tmp_path: Path) -> None:
     results: dict[int, np.ndarray] = {}
 
     def work(s: int) -> None:
-        results[s] = gpu.generate_float(5, 6, eta=1.0, seed=s, batch_size=2)
+        results[s] = gpu.generate(5, 6, eta=1.0, seed=s, batch_size=2, output="samples")
 
     threads = [threading.Thread(target=work, args=(s,)) for s in range(8)]
     for t in threads:
@@ -536,7 +536,8 @@ def test_cuda_pipeline_threads(tmp_path: Path) -> None:
     for t in threads:
         t.join()
     for s in range(8):
-        np.testing.assert_allclose(results[s], cpu.generate_float(5, 6, eta=1.0, seed=s),
+        np.testing.assert_allclose(results[s], cpu.generate(5, 6, eta=1.0, seed=s,
+                output="samples"),
                                    atol=1e-4)
 
 
@@ -548,8 +549,8 @@ def test_tensorrt_ep_matches_cpu(tmp_path: Path) -> None:
     main = oo.write_artifact(tmp_path, meta, oo.pixel_x0(meta), bias_x=0.3)
     trt = Pipeline.load(main, backend="ort-tensorrt", max_batch=4)
     cpu = Pipeline.load(main, backend="ort-cpu")
-    np.testing.assert_allclose(trt.generate_float(6, 4, eta=1.0, seed=1),
-                               cpu.generate_float(6, 4, eta=1.0, seed=1), atol=1e-3)
+    np.testing.assert_allclose(trt.generate(6, 4, eta=1.0, seed=1, output="samples"),
+                               cpu.generate(6, 4, eta=1.0, seed=1, output="samples"), atol=1e-3)
     assert (tmp_path / ".fewstep-cache" / "ort-trt").is_dir()
 
 

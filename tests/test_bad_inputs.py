@@ -139,7 +139,7 @@ CASES = [
          "needs a graph exported with --guidance"),
     Case("guidance-on-unconditional",
          ("sample", "--model", "{uncond}", "--guidance", "2", "--out", "{tmp}/g.png"), 2,
-         "needs a class-conditional model"),
+         "needs a conditional model with null conditioning"),
     Case("guidance-negative",
          ("sample", "--model", "{guided}", "--guidance", "-1", "--out", "{tmp}/g.png"), 2,
          "guidance=-1.0 must be a number in [0, 50]"),

@@ -57,15 +57,15 @@ def good(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def small_image(meta: dict[str, Any], raw: dict[str, Any]) -> None:
-    meta["height"] = meta["width"] = 16
+    meta["sample_shape"] = [meta["sample_shape"][0], 16, 16]
 
 
 def fewer_classes(meta: dict[str, Any], raw: dict[str, Any]) -> None:
-    meta["num_classes"], meta["class_names"] = 3, ["a", "b", "c"]
+    meta["num_classes"], meta["class_names"], meta["null_label"] = 3, ["a", "b", "c"], 3
 
 
 def one_channel(meta: dict[str, Any], raw: dict[str, Any]) -> None:
-    meta["channels"] = 1
+    meta["sample_shape"] = [1, *meta["sample_shape"][1:]]
 
 
 def epsilon_meta(meta: dict[str, Any], raw: dict[str, Any]) -> None:

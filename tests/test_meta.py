@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 
 from fewstep.runtime.errors import ArtifactError
-from fewstep.runtime.meta import META_KEY, SCHEMA_VERSION, GraphInfo, ModelMeta, Schedule
+from fewstep.runtime.meta import (
+    META_KEY,
+    SCHEMA_VERSION,
+    CondSpec,
+    GraphInfo,
+    ModelMeta,
+    Schedule,
+)
 
 
 def make(**kw: object) -> ModelMeta:
@@ -87,8 +94,8 @@ def test_derived() -> None:
          "newer than this fewstep supports"),
         (lambda d: d.pop("prediction_type"), "field prediction_type: missing"),
         (lambda d: d.update(prediction_type="eps"), "'eps' is not one of epsilon"),
-        (lambda d: d.update(channels="3"), "field channels: '3' is not int"),
-        (lambda d: d.update(height=0), "field height: 0 not in 1..8192"),
+        (lambda d: d.update(sample_shape=["3", 32, 32]), "field sample_shape: ['3', 32, 32]"),
+        (lambda d: d.update(sample_shape=[3, 0, 32]), "every dim must be a whole number"),
         (lambda d: d["schedule"].update(num_train_timesteps=True), "is not int"),
         (lambda d: d["schedule"].update(beta_schedule="cosine"), "'cosine' is not one of"),
         (lambda d: d.update(surprise=1), "unknown keys ['surprise']"),
@@ -120,8 +127,10 @@ def test_epsilon_with_zero_terminal_snr_is_refused() -> None:
 
 
 def test_guidance_needs_classes() -> None:
-    with pytest.raises(ArtifactError, match="guidance needs a class-conditional model"):
+    with pytest.raises(ArtifactError, match="guidance needs conditioning with a null value"):
         make(num_classes=0, class_names=(), graph=GraphInfo(guidance=True))
+    with pytest.raises(ArtifactError, match="guidance needs conditioning with a null value"):
+        make(null_label=None).for_graph(guidance=True)  # classes, but no "no class" label
 
 
 def test_schedule_round_trip_with_trained_betas_and_spacing() -> None:
@@ -132,7 +141,7 @@ def test_schedule_round_trip_with_trained_betas_and_spacing() -> None:
     meta = make(schedule=schedule)
     again = ModelMeta.from_json(meta.to_json())
     assert again == meta and again.schedule.trained_betas == betas
-    assert json.loads(meta.to_json())["schema_version"] == SCHEMA_VERSION == 2
+    assert json.loads(meta.to_json())["schema_version"] == SCHEMA_VERSION == 3
     # trained betas replace the named schedule (whose beta range is then not checked)
     assert again.schedule.alphas_cumprod()[-1] == pytest.approx(np.prod(1 - np.array(betas)))
     ts, _, a_prev = again.schedule.step_alphas(4)  # the schedule's own spacing: leading
@@ -140,12 +149,91 @@ def test_schedule_round_trip_with_trained_betas_and_spacing() -> None:
     assert a_prev[-1] == again.schedule.alphas_cumprod()[0]  # set_alpha_to_one=False
 
 
+def version_2_document() -> dict:
+    """What fewstep wrote before samples of any shape and named conditioning."""
+    d = json.loads(make().to_json())
+    c, h, w = d.pop("sample_shape")
+    del d["images"], d["null_label"], d["cond"]
+    d.update(channels=c, height=h, width=w, schema_version=2)
+    return d
+
+
 def version_1_document() -> dict:
     """What fewstep wrote before the schedule recorded trained betas and spacing."""
-    d = json.loads(make().to_json())
+    d = version_2_document()
     del d["schedule"]["trained_betas"], d["schedule"]["timestep_spacing"]
     d["schema_version"] = 1
     return d
+
+
+def test_version_2_metadata_reads_as_an_image_model_with_num_classes_as_null_label() -> None:
+    meta = ModelMeta.from_json(json.dumps(version_2_document()))
+    assert meta == make() and meta.images and meta.sample_shape == (3, 32, 32)
+    assert meta.null_label == 6 and meta.cond == ()
+    late = version_2_document()
+    late["sample_shape"] = [3, 32, 32]
+    with pytest.raises(ArtifactError, match=r"unknown keys \['sample_shape'\]"):
+        ModelMeta.from_json(json.dumps(late))
+
+
+def sequence_meta(**changes: object) -> ModelMeta:
+    """A diffusion-policy-like model: (16, 2) action sequences, an observation vector."""
+    fields: dict = dict(prediction_type="epsilon", schedule=Schedule(num_train_timesteps=100),
+                        sample_shape=(16, 2), images=False,
+                        cond=(CondSpec("global_cond", "float32", (36,), null=0.0),))
+    fields.update(changes)
+    return ModelMeta.build(**fields)
+
+
+def test_any_sample_shape_and_named_conditioning_round_trip_and_shape_the_graphs() -> None:
+    meta = sequence_meta()
+    assert ModelMeta.from_json(meta.to_json()) == meta
+    assert meta.graph.inputs == ("x", "t", "global_cond")
+    io = meta.io
+    assert io.inputs["x"].dims == (16, 2) and io.inputs["global_cond"].dims == (36,)
+    assert io.inputs["global_cond"].dtype == np.float32 and io.output.dims == (16, 2)
+    step = meta.for_graph(kind="step", guidance=True)
+    assert step.graph.inputs == ("x", "t", "a_t", "a_prev", "eta", "noise", "global_cond",
+                                 "guidance")
+    sampler = meta.for_graph(kind="sampler", steps=8, spacing="leading", eta=0.5)
+    assert sampler.graph.inputs == ("x", "global_cond", "noise")
+    assert sampler.io.inputs["noise"].dims == (8, 16, 2)
+    both = sequence_meta(num_classes=3, null_label=None,
+                         cond=(CondSpec("obs", "float32", (4, 5)), CondSpec("k", "int64")))
+    assert both.graph.inputs == ("x", "t", "label", "obs", "k")
+    assert both.io.inputs["k"].dtype == np.int64 and both.io.inputs["k"].dims == ()
+    assert not both.guidable
+    with pytest.raises(ValueError, match="not images"):
+        _ = meta.image_shape
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(sample_shape=()), "must have 1 to 6 dims"),
+        (dict(sample_shape=(0, 2)), "every dim must be a whole number"),
+        (dict(sample_shape=(1 << 14, 1 << 14)), "holds more than"),
+        (dict(sample_shape=(16, 2), images=True), "is not an image shape"),
+        (dict(cond=[("x",)]), "'x' is a name fewstep's graphs use"),
+        (dict(cond=[("a b",)]), "must be a Python identifier"),
+        (dict(cond=[("o",), ("o",)]), "are not unique"),
+        (dict(cond=[("o", "float64")]), "'float64' is not one of"),
+        (dict(cond=[("o", "int64", (), 0.5)]), "is not a whole number"),
+        (dict(num_classes=3, null_label=7), "not in 0..num_classes=3"),
+    ],
+)
+def test_bad_sample_shapes_and_conditioning_are_one_artifact_error(changes: dict,
+                                                                  message: str) -> None:
+    with pytest.raises(ArtifactError, match=message):
+        if "cond" in changes:  # built inside: a bad CondSpec fails on construction
+            changes = {**changes, "cond": tuple(CondSpec(*c) for c in changes["cond"])}
+        sequence_meta(**changes)
+
+
+def test_uint8_output_needs_an_image_model() -> None:
+    with pytest.raises(ArtifactError, match="uint8 images from a model whose samples are not"):
+        sequence_meta().for_graph(kind="sampler", steps=4, spacing="trailing",
+                                  output_format="uint8")
 
 
 def test_version_1_metadata_reads_as_trailing_spacing_without_trained_betas() -> None:

@@ -100,7 +100,7 @@ def test_oracle_returns_x0_on_every_path(path: str, spacing: str, eta: float,
         assert pipe.last_path == path.split("-")[0]
         np.testing.assert_array_equal(images, pixels(want), err_msg=f"{path} steps={steps}")
         if path != "sampler-uint8":
-            x = pipe.generate_float(5, steps, eta=eta, spacing=spacing, seed=steps)
+            x = pipe.generate(5, steps, eta=eta, spacing=spacing, seed=steps, output="samples")
             err = np.abs(x - want).max()
             assert err <= float_tol(cond_meta, steps, spacing, path), (path, steps, err)
 
@@ -115,7 +115,7 @@ def test_oracle_exact_for_every_parameterisation(prediction_type: str, schedule:
     pipe = pipe_of(meta, x0, kind)
     for spacing in SPACINGS:
         for steps in (1, 2, 3, 4, 8, 20):
-            x = pipe.generate_float(4, steps, spacing=spacing)
+            x = pipe.generate(4, steps, spacing=spacing, output="samples")
             err = np.abs(x - x0).max()
             if schedule == "squaredcos_cap_v2" and prediction_type == "epsilon" and (
                 meta.schedule.timesteps(steps, spacing)[0] == 999
@@ -134,7 +134,7 @@ def test_fused_step_with_eta_1_stays_finite_near_zero_snr(tmp_path: Path) -> Non
     ort_pipe = Pipeline.load(oo.write_artifact(tmp_path, meta, x0), backend="ort-cpu")
     for pipe in (pipe_of(meta, x0, "step"), ort_pipe):
         for steps in (2, 3):
-            x = pipe.generate_float(4, steps, eta=1.0, spacing="linspace")
+            x = pipe.generate(4, steps, eta=1.0, spacing="linspace", output="samples")
             assert pipe.last_path == "step"
             assert np.abs(x - x0).max() <= 1e-5
 
@@ -156,7 +156,7 @@ def test_guidance_scales_between_conditional_and_null(kind: str, cond_meta: Mode
             pipe = pipe_of(gmeta, x0, "sampler", steps=4, spacing="trailing", eta=0.0)
         else:
             pipe = pipe_of(gmeta, x0, kind)
-        x = pipe.generate_float(3, 4, guidance=g)
+        x = pipe.generate(3, 4, guidance=g, output="samples")
         scale = 1.0 if g is None else g
         want = np.clip(x0[3] + scale * (x0[:3] - x0[3]), -1, 1)
         assert np.abs(x - want).max() <= TOL, (kind, g)
@@ -270,9 +270,10 @@ def test_seed_changes_images_and_same_seed_repeats(cond_meta: ModelMeta,
 
 def test_paths_agree_with_each_other(cond_meta: ModelMeta, cond_x0: np.ndarray) -> None:
     pipes = _toy_pipes(cond_meta, cond_x0)
-    ref = pipes["denoiser"].generate_float(6, 4, eta=1.0, seed=2)
+    ref = pipes["denoiser"].generate(6, 4, eta=1.0, seed=2, output="samples")
     for name in ("step", "sampler"):
-        assert np.abs(pipes[name].generate_float(6, 4, eta=1.0, seed=2) - ref).max() <= 1e-4
+        assert np.abs(pipes[name].generate(6, 4, eta=1.0, seed=2,
+                output="samples") - ref).max() <= 1e-4
 
 
 def _threads_vs_serial(pipe: Pipeline, **kw: Any) -> None:
@@ -357,7 +358,7 @@ def test_ort_oracle_exact(kind: str, eta: float, ort_artifacts: dict[str, Path],
     want = cond_x0[np.arange(4) % 3]
     for spacing in SPACINGS:
         for steps in (1, 2, 3, 5, 8, 20):
-            x = pipe.generate_float(4, steps, eta=eta, spacing=spacing, seed=steps)
+            x = pipe.generate(4, steps, eta=eta, spacing=spacing, seed=steps, output="samples")
             assert pipe.last_path == kind
             assert np.abs(x - want).max() <= float_tol(cond_meta, steps, spacing, kind)
             np.testing.assert_array_equal(
@@ -372,7 +373,7 @@ def test_ort_fused_samplers_exact(ort_artifacts: dict[str, Path], cond_meta: Mod
     want = cond_x0[np.arange(4) % 3]
     for steps, spacing in FUSED:
         for eta in (0.0, 1.0):
-            x = pipe.generate_float(4, steps, eta=eta, spacing=spacing)
+            x = pipe.generate(4, steps, eta=eta, spacing=spacing, output="samples")
             assert pipe.last_info is not None
             assert pipe.last_info.path == "sampler"
             assert f"sampler-{steps}" in pipe.last_info.graph
@@ -394,20 +395,21 @@ def test_ort_matches_numpy_on_every_path(ort_artifacts: dict[str, Path], cond_me
                                          cond_x0: np.ndarray) -> None:
     pipe = Pipeline.load(ort_artifacts["toy"], backend="ort-cpu")
     numpy_pipes = _toy_pipes(cond_meta, cond_x0)
-    x = pipe.generate_float(6, 4, eta=1.0, seed=7, spacing="trailing")
+    x = pipe.generate(6, 4, eta=1.0, seed=7, spacing="trailing", output="samples")
     assert pipe.last_path == "sampler"
-    np.testing.assert_allclose(x, numpy_pipes["sampler"].generate_float(6, 4, eta=1.0, seed=7),
-                               atol=1e-5)
-    x = pipe.generate_float(6, 5, eta=1.0, seed=7)
+    np.testing.assert_allclose(
+        x, numpy_pipes["sampler"].generate(6, 4, eta=1.0, seed=7, output="samples"), atol=1e-5)
+    x = pipe.generate(6, 5, eta=1.0, seed=7, output="samples")
     assert pipe.last_path == "step"
-    np.testing.assert_allclose(x, numpy_pipes["step"].generate_float(6, 5, eta=1.0, seed=7),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        x, numpy_pipes["step"].generate(6, 5, eta=1.0, seed=7, output="samples"), atol=1e-5)
     m = _mask(cond_meta)
     init = oo.pixel_x0(cond_meta, rows=1, seed=5)[0].astype(np.float32)
-    x = pipe.generate_float(3, 5, eta=1.0, seed=7, init_image=init, mask=m)
+    x = pipe.generate(3, 5, eta=1.0, seed=7, init_image=init, mask=m, output="samples")
     assert pipe.last_path == "step-blend"
     np.testing.assert_allclose(
-        x, numpy_pipes["step"].generate_float(3, 5, eta=1.0, seed=7, init_image=init, mask=m),
+        x, numpy_pipes["step"].generate(3, 5, eta=1.0, seed=7, init_image=init, mask=m,
+                                        output="samples"),
         atol=1e-5)
 
 
@@ -459,7 +461,7 @@ def test_same_images_as_the_pytorch_reference(cond_meta: ModelMeta) -> None:
         kw["init_image"] = case.get("init")
         for kind in ("denoiser", "step"):
             pipe = Pipeline.from_graphs([oo.toy(meta.for_graph(kind=kind), x0, 0.3)])
-            x = pipe.generate_float(5, 6, seed=3, **kw)
+            x = pipe.generate(5, 6, seed=3, **kw, output="samples")
             tol = 1e-5 if kind == "denoiser" else 2e-4  # fused: coefficients in float32
             assert np.abs(x - ref).max() <= tol, (kind, case, np.abs(x - ref).max())
 
@@ -525,7 +527,8 @@ def test_labels_on_an_unconditional_model() -> None:
     pipe = pipe_of(meta, oo.pixel_x0(meta), "denoiser")
     with pytest.raises(ValueError, match="this model is unconditional; drop the labels"):
         pipe.generate(2, 2, labels=[0, 1])
-    with pytest.raises(ValueError, match="needs a class-conditional model"):
+    with pytest.raises(ValueError, match="needs a conditional model with null conditioning; "
+                                         "it has no conditioning"):
         pipe.generate(2, 2, guidance=3.0)
 
 
@@ -672,16 +675,16 @@ def test_inpainting_step_path_checks_every_step(cond_meta: ModelMeta,
 # ---------------------------------------------------------------------------------
 
 
-def test_generate_float_falls_back_from_a_uint8_sampler(cond_meta: ModelMeta,
+def test_samples_output_falls_back_from_a_uint8_sampler(cond_meta: ModelMeta,
                                                         cond_x0: np.ndarray) -> None:
     u8 = sampler_of(cond_meta, cond_x0, 4, "trailing", 0.0, fmt="uint8")
     only = Pipeline.from_graphs([u8])
     with pytest.raises(ValueError, match="with float output"):
-        only.generate_float(2, 4)
+        only.generate(2, 4, output="samples")
     both = Pipeline.from_graphs([u8, oo.toy(cond_meta, cond_x0, 0.0)])
     both.generate(2, 4)
     assert both.last_path == "sampler"
-    both.generate_float(2, 4)
+    both.generate(2, 4, output="samples")
     assert both.last_path == "denoiser"
     with pytest.raises(ValueError, match="img2img and inpainting need a step or denoiser"):
         only.generate(2, 4, init_image=np.zeros((3, 8, 8), np.float32), strength=0.5)
@@ -758,7 +761,7 @@ def test_oracle_json_artifact(tmp_path: Path, cond_meta: ModelMeta) -> None:
     write_oracle_file(tmp_path / "bench.step.oracle.json", cond_meta.for_graph(kind="step"), 3)
     pipe = Pipeline.load(main)
     assert pipe.backend == "oracle"
-    x = pipe.generate_float(3, 5)
+    x = pipe.generate(3, 5, output="samples")
     assert pipe.last_path == "step"
     x0 = np.random.default_rng(3).uniform(-1, 1, (3, *cond_meta.image_shape))
     assert np.abs(x - x0).max() <= TOL

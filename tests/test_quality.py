@@ -252,7 +252,7 @@ def test_eval_refuses_bad_inputs(teacher: Path, unconditional: Path, tmp_path: P
                                  capsys: pytest.CaptureFixture[str]) -> None:
     cases = [
         ([str(unconditional), "--guidance", "2", "--out", str(tmp_path / "r.jsonl")],
-         "needs a class-conditional model"),
+         "needs a conditional model with null conditioning"),
         ([str(tmp_path / "missing.pt"), "--out", str(tmp_path / "r.jsonl")], "does not exist"),
         ([str(teacher), "--out", str(tmp_path / "r.md")], "pass a .jsonl path"),
         ([str(teacher), "--out", str(tmp_path / "no" / "r.jsonl")], "does not exist"),

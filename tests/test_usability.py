@@ -239,7 +239,7 @@ def test_generate_defaults_to_the_models_own_steps(meta: ModelMeta, x0: np.ndarr
         out = pipe.generate(2)
     assert pipe.last_info is not None and pipe.last_info.steps == 3
     np.testing.assert_array_equal(out, pipe.generate(2, 3))
-    assert pipe.generate_float(1).shape == (1, 3, SIZE, SIZE)
+    assert pipe.generate(1, output="samples").shape == (1, 3, SIZE, SIZE)
     plain = oo.make_meta("v_prediction", num_classes=3, size=SIZE)  # nothing recorded
     bare = denoiser_pipe(plain, x0)
     bare.generate(1)
