@@ -82,7 +82,7 @@ def weights_hash(module: torch.nn.Module) -> str:
     for name, value in sorted(module.state_dict().items()):
         t = value.detach().cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}:".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return "sha256:" + h.hexdigest()
 
 
