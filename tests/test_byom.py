@@ -322,3 +322,15 @@ def test_old_artifacts_still_load(tmp_path: Path) -> None:
     pipe = Pipeline.load(default_model_path())
     assert isinstance(pipe.meta, ModelMeta) and pipe.meta.images
     assert pipe.generate(1).shape == (1, 32, 32, 3)
+
+
+def test_fp16_export_passes_its_gate_and_leaves_the_module_as_it_was(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    before = {k: v.clone() for k, v in SequenceNet().state_dict().items()}
+    net, out = export_policy(tmp_path, precision="fp16", fused=("sampler",), guidance=False)
+    after = net.state_dict()
+    assert all(after[k].dtype == torch.float32 and torch.equal(after[k], v)
+               for k, v in before.items())
+    pipe = Pipeline.load(out)
+    assert pipe.meta.graph.precision == "fp16"
+    assert pipe.generate(2, 8, cond={"global_cond": obs(2)}).shape == (2, HORIZON, ACTIONS)
