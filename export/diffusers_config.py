@@ -25,8 +25,11 @@ diffusers option            fewstep
 ``variance_type``           DDPM: the ``fixed_*`` kinds, which DDIM sampling does not use
 =========================== ================================================================
 
-fewstep's sampler differs from ``DDIMScheduler.step`` in one place, on purpose: the
-previous timestep is the next entry of the timestep sequence (see runtime/ddim.py).
+A DDIMScheduler config records ``prev_rule="ratio"``: each step goes to ``t - T //
+steps``, the previous timestep ``DDIMScheduler.step`` takes; a DDPMScheduler config
+steps to the next entry of the sequence, as ``DDPMScheduler.previous_timestep`` (and
+fewstep's own models) do. The two differ for trailing and linspace spacing when
+``T / steps`` is not whole (see runtime/ddim.py).
 """
 
 from __future__ import annotations
@@ -230,6 +233,9 @@ def schedule_from_config(config: object, source: str = "scheduler config",
             steps_offset=steps_offset,
             trained_betas=tuple(float(b) for b in trained) if trained is not None else (),
             timestep_spacing=spacing,
+            # The previous timestep the model's own scheduler steps to: t - T // steps in
+            # DDIMScheduler.step, the next entry in DDPMScheduler.previous_timestep.
+            prev_rule="ratio" if cls == "DDIMScheduler" else "next",
         )
     except ArtifactError as e:  # a combination the checks above did not foresee
         raise ArtifactError(f"{source}: {e}") from None

@@ -51,9 +51,11 @@ configs that fewstep reproduces: ``num_train_timesteps``, ``beta_schedule``,
   — the last image sits at another noise level than the one it was asked for), nor for
   leading spacing with ``steps_offset >= T // steps``, where diffusers' last step lands
   at ``alphas_cumprod[steps_offset - T // steps]`` instead of the final alpha. fewstep
-  always takes the next entry, then the final alpha: what
+  takes the next entry, then the final alpha, for its own models: what
   ``DDPMScheduler.previous_timestep`` returns (diffusers' DDPM has no
-  ``set_alpha_to_one``: its final alpha is always 1.0). Wherever the two previous
+  ``set_alpha_to_one``: its final alpha is always 1.0). A model imported from a diffusers
+  scheduler config records ``prev_rule="ratio"`` and is sampled as DDIMScheduler does.
+  Wherever the two previous
   timesteps coincide, ``step`` equals ``DDIMScheduler.step`` (also for eta > 0: σ_t is
   the same formula, and ε is the network's, as with ``use_clipped_model_output=False``).
 """
@@ -258,16 +260,28 @@ def timesteps(
     return np.ascontiguousarray(ts)
 
 
-def step_alphas(
-    alphas_cumprod: F64, ts: NDArray[np.int64], set_alpha_to_one: bool = True
-) -> tuple[F64, F64]:
-    """(a_t, a_prev) for every entry of ``ts``; a_prev comes from the next entry.
+PREV_RULES: Final = ("next", "ratio")
 
-    After the last entry a_prev is 1.0 (``set_alpha_to_one``) or alphas_cumprod[0].
+
+def step_alphas(
+    alphas_cumprod: F64, ts: NDArray[np.int64], set_alpha_to_one: bool = True,
+    prev_rule: str = "next",
+) -> tuple[F64, F64]:
+    """(a_t, a_prev) for every entry of ``ts``.
+
+    ``prev_rule`` "next": a_prev comes from the next entry (fewstep's own models);
+    "ratio": from ``t - T // steps``, as ``DDIMScheduler.step`` takes it (imported
+    models: the loop their library runs). Past the last entry (or below 0) a_prev is
+    1.0 (``set_alpha_to_one``) or alphas_cumprod[0].
     """
+    checks.choice("prev_rule", prev_rule, PREV_RULES)
     final = 1.0 if set_alpha_to_one else float(alphas_cumprod[0])
     a_t = alphas_cumprod[ts]
-    a_prev = np.append(alphas_cumprod[ts[1:]], final)
+    if prev_rule == "ratio":
+        prev = ts - len(alphas_cumprod) // len(ts)
+        a_prev = np.where(prev >= 0, alphas_cumprod[np.maximum(prev, 0)], final)
+    else:
+        a_prev = np.append(alphas_cumprod[ts[1:]], final)
     return a_t.astype(np.float64), a_prev.astype(np.float64)
 
 

@@ -113,10 +113,12 @@ class Schedule:
     steps_offset: int = 0
     trained_betas: tuple[float, ...] = ()
     timestep_spacing: str = DEFAULT_SPACING
+    prev_rule: str = "next"  # "ratio": a_prev at t - T // steps, as DDIMScheduler.step
 
     def __post_init__(self) -> None:
         _check_choice("schedule.beta_schedule", self.beta_schedule, ddim.BETA_SCHEDULES)
         _check_choice("schedule.timestep_spacing", self.timestep_spacing, ddim.SPACINGS)
+        _check_choice("schedule.prev_rule", self.prev_rule, ddim.PREV_RULES)
         if not 1 <= self.num_train_timesteps <= MAX_TRAIN_TIMESTEPS:
             raise _fail(
                 "schedule.num_train_timesteps",
@@ -159,7 +161,8 @@ class Schedule:
     ) -> tuple[NDArray[np.int64], NDArray[np.float64], NDArray[np.float64]]:
         """(timesteps, a_t, a_prev) for a ``steps``-step sampler."""
         ts = self.timesteps(steps, spacing)
-        a_t, a_prev = ddim.step_alphas(self.alphas_cumprod(), ts, self.set_alpha_to_one)
+        a_t, a_prev = ddim.step_alphas(self.alphas_cumprod(), ts, self.set_alpha_to_one,
+                                       self.prev_rule)
         return ts, a_t, a_prev
 
 
@@ -426,7 +429,7 @@ def meta_summary(meta: ModelMeta) -> dict[str, Any]:
             "rescale_zero_terminal_snr": s.rescale_zero_terminal_snr,
             "set_alpha_to_one": s.set_alpha_to_one, "clip_sample_range": s.clip_sample_range,
             "steps_offset": s.steps_offset, "timestep_spacing": s.timestep_spacing,
-            "trained_betas": len(s.trained_betas),
+            "trained_betas": len(s.trained_betas), "prev_rule": s.prev_rule,
         },
         "sample_shape": list(meta.sample_shape),
         "images": meta.images,

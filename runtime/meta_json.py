@@ -84,8 +84,9 @@ def parse(data: object) -> ModelMeta:
     _no_extra(data, top, "")
 
     s = _get(data, "schedule", dict, "")
-    added_in_2 = {"trained_betas", "timestep_spacing"} if version < 2 else set()
-    _no_extra(s, {f.name for f in dataclasses.fields(Schedule)} - added_in_2, "schedule")
+    later = ({"trained_betas", "timestep_spacing"} if version < 2 else set()) | (
+        {"prev_rule"} if version < 3 else set())
+    _no_extra(s, {f.name for f in dataclasses.fields(Schedule)} - later, "schedule")
     trained = _get(s, "trained_betas", list, "schedule.", [])
     if not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in trained):
         raise _fail("schedule.trained_betas", "must be a list of numbers")
@@ -100,6 +101,7 @@ def parse(data: object) -> ModelMeta:
         steps_offset=_get(s, "steps_offset", int, "schedule.", 0),
         trained_betas=tuple(float(b) for b in trained),
         timestep_spacing=_get(s, "timestep_spacing", str, "schedule.", DEFAULT_SPACING),
+        prev_rule=_get(s, "prev_rule", str, "schedule.", "next"),
     )
     g = _get(data, "graph", dict, "")
     _no_extra(g, {f.name for f in dataclasses.fields(GraphInfo)}, "graph")

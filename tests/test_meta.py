@@ -153,7 +153,7 @@ def version_2_document() -> dict:
     """What fewstep wrote before samples of any shape and named conditioning."""
     d = json.loads(make().to_json())
     c, h, w = d.pop("sample_shape")
-    del d["images"], d["null_label"], d["cond"]
+    del d["images"], d["null_label"], d["cond"], d["schedule"]["prev_rule"]
     d.update(channels=c, height=h, width=w, schema_version=2)
     return d
 

@@ -2,17 +2,18 @@
 tables, ``set_timesteps``, and whole sampling loops (``scheduler.step``) with a fixed
 model output function, in numpy and in torch.
 
-DDIMScheduler.step takes the previous timestep as ``t - T // steps``; fewstep takes the
-next entry of the sequence (what DDPMScheduler.previous_timestep returns). Where the
-two coincide the plain diffusers loop is the reference. Where they differ, two checks:
-fewstep's ``ddim.step`` fed diffusers' previous timesteps equals the plain diffusers
-loop, and fewstep's own loop equals ``DDIMScheduler.step`` with its table entry at
+DDIMScheduler.step takes the previous timestep as ``t - T // steps``; an imported
+schedule records that rule (``prev_rule="ratio"``), so the plain diffusers loop is the
+reference for every spacing and step count. fewstep's own models take the next entry
+of the sequence (what DDPMScheduler.previous_timestep returns): where the two rules
+differ, that loop equals ``DDIMScheduler.step`` with its table entry at
 ``t - T // steps`` holding ᾱ of the next entry (diffusers' arithmetic, fewstep's
 choice of previous timestep).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import itertools
 import json
@@ -145,20 +146,23 @@ def check_loop(sched: Any, steps: int, what: object, plain: bool = True) -> None
     """fewstep's loop (numpy float64, torch float32) against diffusers'; ``plain``: also
     diffusers' unchanged loop against ``ddim.step`` fed its previous timesteps."""
     meta = meta_of(sched)
+    ratio = meta.schedule.prev_rule == "ratio"
+    assert ratio == (type(sched).__name__ == "DDIMScheduler")
     use_float64_tables(sched, meta.schedule)
     x_T = np.random.default_rng(steps).standard_normal(SHAPE)
     ours = fewstep_loop(meta, steps, x_T)
     ours_torch = fewstep_loop(meta, steps, torch.from_numpy(x_T).float())
     assert ours_torch.dtype == torch.float32
-    if same_previous_timesteps(meta, steps):
-        ref = diffusers_loop(sched, steps, x_T, next_entry=False)
-    else:
-        if plain:
-            theirs = diffusers_loop(sched, steps, x_T, next_entry=False)
-            assert_close(fewstep_with_diffusers_prev(meta, steps, x_T), theirs, 1e-9, what)
-        ref = diffusers_loop(sched, steps, x_T, next_entry=True)
+    same = same_previous_timesteps(meta, steps)
+    ref = diffusers_loop(sched, steps, x_T, next_entry=not (ratio or same))
     assert_close(ours, ref, 1e-9, what)
     assert_close(ours_torch.numpy(), ref, TORCH_RTOL, what)  # float32 arithmetic
+    if plain and ratio and not same:
+        # fewstep's own rule (the next entry) against diffusers' arithmetic with that entry
+        own = dataclasses.replace(meta, schedule=dataclasses.replace(meta.schedule,
+                                                                     prev_rule="next"))
+        assert_close(fewstep_loop(own, steps, x_T),
+                     diffusers_loop(sched, steps, x_T, next_entry=True), 1e-9, what)
 
 
 # ---------------------------------------------------------------------------------
@@ -257,21 +261,25 @@ def test_loop_equals_diffusers_for_every_option_combination(spacing: str,
 
 def test_where_diffusers_ddim_takes_another_previous_timestep() -> None:
     """T=1000, 3 trailing steps visit 999, 666, 332: DDIMScheduler.step goes 666 → 333
-    and 332 → the final alpha; fewstep goes 666 → 332, as DDPMScheduler's
-    previous_timestep says, and the loops differ by far more than rounding."""
+    and 332 → the final alpha, and so does an imported model (prev_rule "ratio");
+    fewstep's own rule goes 666 → 332, as DDPMScheduler's previous_timestep says, and
+    the loops differ by far more than rounding."""
     sched = scheduler(timestep_spacing="trailing", clip_sample=False)
     meta = meta_of(sched)
     use_float64_tables(sched, meta.schedule)
     assert not same_previous_timesteps(meta, 3)
+    ac = meta.schedule.alphas_cumprod()
+    assert meta.schedule.step_alphas(3)[2].tolist() == [ac[666], ac[333], 1.0]
+    own = dataclasses.replace(meta, schedule=dataclasses.replace(meta.schedule,
+                                                                 prev_rule="next"))
     ddpm = scheduler("DDPMScheduler", timestep_spacing="trailing")
     ddpm.set_timesteps(3)
     assert [int(ddpm.previous_timestep(t)) for t in ddpm.timesteps] == [666, 332, -1]
-    _, _, a_prev = meta.schedule.step_alphas(3)
-    ac = meta.schedule.alphas_cumprod()
-    assert a_prev.tolist() == [ac[666], ac[332], 1.0]
+    assert own.schedule.step_alphas(3)[2].tolist() == [ac[666], ac[332], 1.0]
     x_T = np.random.default_rng(0).standard_normal(SHAPE)
     theirs = diffusers_loop(sched, 3, x_T, next_entry=False)
-    assert np.max(np.abs(fewstep_loop(meta, 3, x_T) - theirs)) > 1e-3
+    assert_close(fewstep_loop(meta, 3, x_T), theirs, 1e-9, "imported")
+    assert np.max(np.abs(fewstep_loop(own, 3, x_T) - theirs)) > 1e-3
     assert_close(fewstep_with_diffusers_prev(meta, 3, x_T), theirs, 1e-9, "plain")
 
 
@@ -302,7 +310,8 @@ def test_eta_loop_equals_diffusers(eta: float, spacing: str, prediction_type: st
         ours = fewstep_loop(meta, steps, x_T, eta, noise)
         ours_torch = fewstep_loop(meta, steps, torch.from_numpy(x_T).float(), eta,
                                   torch.from_numpy(noise).float())
-        ref = diffusers_loop(sched, steps, x_T, next_entry=True, eta=eta, noise=noise)
+        ref = diffusers_loop(sched, steps, x_T, next_entry=meta.schedule.prev_rule == "next",
+                             eta=eta, noise=noise)
         assert_close(ours, ref, 1e-9, steps)
         assert_close(ours_torch.numpy(), ref, TORCH_RTOL, steps)
 
@@ -358,7 +367,8 @@ def test_every_option_is_mapped() -> None:
     assert mapped.schedule == Schedule(
         beta_schedule="scaled_linear", num_train_timesteps=500, beta_start=2e-4,
         beta_end=0.03, rescale_zero_terminal_snr=True, set_alpha_to_one=False,
-        clip_sample_range=2.5, steps_offset=3, trained_betas=(), timestep_spacing="linspace")
+        clip_sample_range=2.5, steps_offset=3, trained_betas=(), timestep_spacing="linspace",
+        prev_rule="ratio")
     no_clip = dc.schedule_from_scheduler(scheduler(clip_sample=False, clip_sample_range=3.0))
     assert no_clip.schedule.clip_sample_range is None
     ddpm = dc.schedule_from_scheduler(scheduler("DDPMScheduler", variance_type="fixed_large"))
