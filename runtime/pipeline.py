@@ -12,14 +12,11 @@ fastest graph that can do what was asked:
    on the host in between;
 3. ``denoiser``: the network alone, the DDIM update on the host (``sampling.run_loop``).
 
-Every path uses the same host noise (``noise.generation_noise``: image i of a seed
-has its own stream), so an image is the same whatever the batch split, the graph
-or the backend, and the same as ``fewstep.train.reference.sample`` gives for the
-same arguments, up to float rounding.
-
-One Pipeline may be used from several threads at once: graphs are opened under a
-lock, ONNX Runtime sessions are thread-safe and device-resident state is locked
-per graph by its backend.
+Every path uses the same host noise (``noise.generation_noise``: sample i of a seed
+has its own stream), so a sample is the same whatever the batch split, graph or
+backend, and as ``fewstep.train.reference.sample`` gives, up to float rounding. One
+Pipeline may be used from several threads at once (graphs open under a lock; backends
+lock their device-resident state).
 """
 
 from __future__ import annotations
@@ -69,24 +66,6 @@ def default_model_path() -> Path:
             f"{str(folder)!r}); pass --model PATH to a model.onnx made by `fewstep export`"
         )
     return path
-
-
-def default_steps(meta: ModelMeta, graphs: list[dict[str, Any]], spacing: str | None,
-                  eta: float) -> int:
-    """The steps ``generate`` and ``fewstep sample`` run when none are given: the model's
-    distilled step count (the last recorded, as `fewstep export` picks it), else the steps
-    of its fused sampler graph (one baked for this spacing and eta first, fewest steps
-    first), else ``sampling.FALLBACK_STEPS``. ``graphs``: ``graph_summary`` dicts."""
-    if meta.distilled_steps:
-        return meta.distilled_steps[-1]
-    spacing = spacing or sampling.default_spacing(meta)
-    samplers = [g for g in graphs if g.get("kind") == "sampler"]
-    if not samplers:
-        return sampling.FALLBACK_STEPS
-    best = min(samplers, key=lambda g: (g.get("spacing") != spacing or
-                                         abs(float(g.get("eta", 0.0)) - eta) > 1e-9,
-                                         int(g["steps"])))
-    return int(best["steps"])
 
 
 @dataclass(frozen=True)
@@ -230,9 +209,9 @@ class Pipeline:
                 "model": meta_summary(self.meta), "graphs": graphs}
 
     def default_steps(self, spacing: str | None = None, eta: float = 0.0) -> int:
-        """The steps ``generate`` runs when ``steps`` is None (see ``default_steps``)."""
+        """The steps ``generate`` runs when ``steps`` is None (``sampling.default_steps``)."""
         real = isinstance(eta, (int, float)) and not isinstance(eta, bool)
-        return default_steps(self.meta, [graph_summary(e.meta) for e in self._entries
+        return sampling.default_steps(self.meta, [graph_summary(e.meta) for e in self._entries
                                          if not e.failed], spacing, eta if real else 0.0)
 
     def _open(self, entry: _Entry) -> Graph | None:

@@ -247,3 +247,21 @@ def check_latents(meta: ModelMeta, n: int, latents: Any) -> Any:
     if not np.all(np.isfinite(a)):
         raise ValueError("latents hold NaN or Inf; pass finite values (standard normal noise)")
     return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def default_steps(meta: ModelMeta, graphs: list[dict[str, Any]], spacing: str | None,
+                  eta: float) -> int:
+    """The steps ``generate`` and ``fewstep sample`` run when none are given: the model's
+    distilled step count (the last recorded, as `fewstep export` picks it), else the steps
+    of its fused sampler graph (one baked for this spacing and eta first, fewest steps
+    first), else ``FALLBACK_STEPS``. ``graphs``: ``graph_summary`` dicts."""
+    if meta.distilled_steps:
+        return meta.distilled_steps[-1]
+    spacing = spacing or default_spacing(meta)
+    samplers = [g for g in graphs if g.get("kind") == "sampler"]
+    if not samplers:
+        return FALLBACK_STEPS
+    best = min(samplers, key=lambda g: (g.get("spacing") != spacing or
+                                         abs(float(g.get("eta", 0.0)) - eta) > 1e-9,
+                                         int(g["steps"])))
+    return int(best["steps"])

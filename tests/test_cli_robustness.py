@@ -22,7 +22,7 @@ import onnx_oracle as oo
 import pytest
 from PIL import Image
 
-from fewstep.runtime import cli, cli_info, clitools, images, pipeline
+from fewstep.runtime import cli, cli_info, clitools, images, sampling
 from fewstep.runtime.artifact import Artifact
 from fewstep.runtime.errors import ArtifactError
 from fewstep.runtime.meta import ModelMeta
@@ -437,11 +437,11 @@ def test_default_steps_prefers_a_sampler_for_the_asked_spacing_and_eta(
               {"kind": "sampler", "steps": 2, "spacing": "leading", "eta": 0.0},
               {"kind": "sampler", "steps": 8, "spacing": "trailing", "eta": 1.0},
               {"kind": "sampler", "steps": 6, "spacing": "trailing", "eta": 0.0}]
-    assert pipeline.default_steps(cond_meta, graphs, None, 0.0) == 6
-    assert pipeline.default_steps(cond_meta, graphs, None, 1.0) == 8
-    assert pipeline.default_steps(cond_meta, graphs, "leading", 0.0) == 2
-    assert pipeline.default_steps(cond_meta, graphs, "linspace", 0.0) == 2  # fewest
-    assert pipeline.default_steps(cond_meta, graphs[:2], None, 0.0) == 4
+    assert sampling.default_steps(cond_meta, graphs, None, 0.0) == 6
+    assert sampling.default_steps(cond_meta, graphs, None, 1.0) == 8
+    assert sampling.default_steps(cond_meta, graphs, "leading", 0.0) == 2
+    assert sampling.default_steps(cond_meta, graphs, "linspace", 0.0) == 2  # fewest
+    assert sampling.default_steps(cond_meta, graphs[:2], None, 0.0) == 4
 
 
 def test_help_explains_the_computed_defaults(capfd: pytest.CaptureFixture[str]) -> None:
