@@ -596,7 +596,21 @@ class Artifact:
         """The TensorRT plans of this artifact's graphs in ``folder`` (default: beside the
         main file), each with its sidecar; a plan whose sidecar is unreadable or describes
         another model comes with its ``problem``."""
+        return self.files_of(".plan", folder)
+
+    def files_of(self, ext: str, folder: str | Path | None = None) -> tuple[GraphFile, ...]:
+        """The files of this artifact's graphs with extension ``ext`` in ``folder`` (default:
+        beside the main file): the plans of an ONNX model, the ONNX graphs of a plan. Each
+        lies inside ``folder`` (an ArtifactError otherwise, before it is opened); one that
+        is unreadable or describes another model comes with its ``problem``."""
         where = Path(folder) if folder is not None else self.path.parent
         base = base_stem(self.path, self.ext)
-        return tuple(_read_sibling(f, ".plan", self.main)
-                     for f in siblings(where / f"{base}.plan", ".plan") if f.is_file())
+        found = []
+        for f in siblings(where / f"{base}{ext}", ext):
+            if f == self.path:
+                found.append(self.main)
+                continue
+            contained_file(where, f.name, "graph file", must_exist=False)
+            if f.is_file():
+                found.append(_read_sibling(f, ext, self.main))
+        return tuple(found)
