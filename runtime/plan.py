@@ -31,6 +31,7 @@ from typing import Any, Final
 
 from . import fileio
 from .artifact import contained_file, external_files, read_onnx_header
+from .checks import is_whole_number, whole_number
 from .errors import ArtifactError
 from .meta import ModelMeta
 
@@ -69,9 +70,7 @@ class BatchProfile:
 
     def __post_init__(self) -> None:
         for name in ("min", "opt", "max"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"batch {name}={value!r} must be a whole number")
+            object.__setattr__(self, name, whole_number(f"batch {name}", getattr(self, name)))
         if self.min < 1:
             raise ValueError(f"batch min={self.min} must be at least 1; pass e.g. --batch 1:4:16")
         if not self.min <= self.opt <= self.max:
@@ -357,9 +356,7 @@ def _parse_sidecar(data: object, source: str) -> PlanSidecar:
             f"{source}: a plan sidecar is a JSON object, got {type(data).__name__}; {fix}"
         )
     version = data.get("schema_version")
-    if isinstance(version, int) and not isinstance(version, bool) and (
-        version > SIDECAR_SCHEMA_VERSION
-    ):
+    if is_whole_number(version) and version > SIDECAR_SCHEMA_VERSION:
         raise ArtifactError(
             f"{source}: plan sidecar schema version {version} is newer than this fewstep "
             f"supports ({SIDECAR_SCHEMA_VERSION}); upgrade fewstep (pip install -U fewstep) "
@@ -380,9 +377,7 @@ def _parse_sidecar(data: object, source: str) -> PlanSidecar:
     if version is None or version < 1:
         raise fail("schema_version", f"{version} is not a valid version")
     prof = data["profile"]
-    if sorted(prof) != ["max", "min", "opt"] or not all(
-        isinstance(prof[k], int) and not isinstance(prof[k], bool) for k in prof
-    ):
+    if sorted(prof) != ["max", "min", "opt"] or not all(is_whole_number(v) for v in prof.values()):
         raise fail("profile", f"{prof!r} is not {{'min': int, 'opt': int, 'max': int}}")
     ext = data["external_data_sha256"]
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in ext.items()):
