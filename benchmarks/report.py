@@ -145,7 +145,7 @@ def loses_lines(comps: Sequence[Comparison]) -> list[str]:
 
 
 def target_lines(rows: Sequence[dict[str, Any]], steps: int = 4, batch: int = 1) -> list[str]:
-    """Issue 5's targets at (steps, batch): met, or missed by how much."""
+    """The latency targets (``TARGETS``) at (steps, batch): met, or missed by how much."""
     best = best_fewstep(rows, steps, batch)
     if best is None:
         return [f"no fewstep row at steps={steps}, batch={batch}: targets not evaluated"]
@@ -357,7 +357,7 @@ def render_markdown(run: dict[str, Any], rows: Sequence[dict[str, Any]],
         out.append("")
     else:
         out += ["No configuration has both a fewstep row and a baseline row.", ""]
-    out += ["## Issue 5 targets (batch 1, 4 steps)", ""]
+    out += ["## Latency targets (batch 1, 4 steps)", ""]
     out += [f"- {line}" for line in target_lines(rows)]
     out += ["", "## Roofline", "", *_roofline_lines(run, rows), ""]
     out += ["## All rows", ""]
