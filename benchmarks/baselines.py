@@ -35,7 +35,7 @@ import numpy as np
 from fewstep.runtime import backends, images, sampling
 from fewstep.runtime.errors import ArtifactError
 
-from .paths import SEEDS, Artifact, BenchPath, Workload
+from .paths import SEEDS, BenchModel, BenchPath, Workload
 
 NO_CHECKPOINT = ("no --checkpoint given: the torch baselines and the PyTorch fp32 reference "
                  "need the training checkpoint's weights")
@@ -67,7 +67,7 @@ class TorchSource:
         self.model = ck.build_model().float().eval()
         self.cuda = bool(torch.cuda.is_available())
 
-    def check_matches(self, art: Artifact) -> None:
+    def check_matches(self, art: BenchModel) -> None:
         if self.meta is None:
             return
         if self.meta.source_hash != art.meta.source_hash:
@@ -346,7 +346,7 @@ class OrtStepsPath(BenchPath):
     family = "baseline"
     path = "ort-steps"
 
-    def __init__(self, art: Artifact, backend: str, work: Workload,
+    def __init__(self, art: BenchModel, backend: str, work: Workload,
                  threads: int | None) -> None:
         self.art, self.backend, self.work, self.threads = art, backend, work, threads
         self.device = "cpu" if backend == "ort-cpu" else "cuda"

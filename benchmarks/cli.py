@@ -31,13 +31,11 @@ from .latency import BASELINES, DEFAULT_BATCHES, DEFAULT_STEPS, Runner, SuiteCon
 from .paths import (
     FEWSTEP_BACKENDS,
     GRAPH_KINDS,
-    Artifact,
+    BenchModel,
     BenchPath,
     FewstepPath,
     Workload,
-    check_same_model,
-    discover,
-    label_artifacts,
+    open_models,
 )
 from .probes import Cuda
 from .stats import TimingConfig
@@ -246,7 +244,7 @@ def _backend_options(backend: str, cfg: SuiteConfig) -> dict[str, Any]:
     return {}
 
 
-def build_paths(cfg: SuiteConfig, arts: Sequence[Artifact], work: Workload,
+def build_paths(cfg: SuiteConfig, arts: Sequence[BenchModel], work: Workload,
                 src: Any) -> list[tuple[BenchPath, Workload]]:
     from . import baselines as bl
 
@@ -272,21 +270,22 @@ def build_paths(cfg: SuiteConfig, arts: Sequence[Artifact], work: Workload,
         paths += [bl.TorchEagerPath(src, work, p) for p in precisions]
     if "torch-compile" in cfg.baselines:
         for mode in cfg.compile_modes:
-            # fp16 first: the strongest baseline (issue 5), measured first under a budget
+            # fp16 first: torch.compile at fp16 is the strongest baseline fewstep is compared
+            # with, so it is measured before a time budget runs out
             for p in sorted(precisions, key=lambda p: p != "fp16"):
                 paths.append(bl.TorchCompilePath(src, work, p, mode, cfg.compile_steps,
                                                  cfg.compile_batches))
     return [(p, work) for p in paths]
 
 
-def _workload(cfg: SuiteConfig, arts: Sequence[Artifact]) -> Workload:
+def _workload(cfg: SuiteConfig, arts: Sequence[BenchModel]) -> Workload:
     meta = arts[0].meta
     T = meta.schedule.num_train_timesteps
     for s in cfg.steps:
         if s > T:
             raise ValueError(f"--steps {s} exceeds num_train_timesteps={T} recorded in "
                              f"{arts[0].path.name}; pass --steps <= {T}")
-    guided = any(m.graph.guidance for a in arts for files in a.files.values() for _, m in files)
+    guided = any(m.graph.guidance for a in arts for _, m in a.all_graphs())
     g = cfg.guidance if (meta.conditional and guided) else None
     return Workload(meta, default_spacing(meta), g)
 
@@ -300,9 +299,7 @@ def run(cfg: SuiteConfig, out: Path, log: Callable[[str], None] | None = None,
     say = log or (lambda s: print(s, file=sys.stderr, flush=True))
     started = time.perf_counter()
     gpus_start = envinfo.gpu_snapshot()  # clocks as found, before this run touches the GPU
-    arts = [discover(m) for m in cfg.models]
-    check_same_model(arts)
-    label_artifacts(arts)
+    arts = open_models(cfg.models)
     work = _workload(cfg, arts)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -336,7 +333,7 @@ def run(cfg: SuiteConfig, out: Path, log: Callable[[str], None] | None = None,
     record: dict[str, Any] = {
         "run_id": run_id, "command": cfg.command, "config": _config_dict(cfg),
         "models": [{"path": str(a.path), "precision": a.precision, "label": a.label,
-                    "graphs": [str(p) for files in a.files.values() for p, _ in files]}
+                    "graphs": [str(p) for p, _ in a.all_graphs()]}
                    for a in arts],
         "checkpoint": None if cfg.checkpoint is None else str(cfg.checkpoint),
         "workload": {"guidance": work.guidance, "spacing": work.spacing, "eta": work.eta,
@@ -367,9 +364,9 @@ def run(cfg: SuiteConfig, out: Path, log: Callable[[str], None] | None = None,
     return record, rows
 
 
-def _run_notes(cfg: SuiteConfig, arts: Sequence[Artifact], work: Workload) -> list[str]:
+def _run_notes(cfg: SuiteConfig, arts: Sequence[BenchModel], work: Workload) -> list[str]:
     notes = []
-    guided = any(m.graph.guidance for a in arts for files in a.files.values() for _, m in files)
+    guided = any(m.graph.guidance for a in arts for _, m in a.all_graphs())
     if work.guidance is None and guided:
         notes.append("guidance none with guided graphs: fewstep's graphs still evaluate the "
                      "UNet twice per step (at scale 1) while the torch baselines evaluate it "

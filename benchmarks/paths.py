@@ -17,8 +17,9 @@ from typing import Any, Final
 
 import numpy as np
 
-from fewstep.runtime import artifact, backends, sampling
+from fewstep.runtime import backends, sampling
 from fewstep.runtime import noise as host_noise
+from fewstep.runtime.artifact import Artifact, GraphFile
 from fewstep.runtime.errors import ArtifactError
 from fewstep.runtime.meta import ModelMeta
 
@@ -103,87 +104,79 @@ class BenchPath:
 # ---------------------------------------------------------------------------------
 
 
-@dataclass
-class Artifact:
-    """The graph files of one exported model (``--model``), by kind and file type."""
+MODEL_EXTENSIONS: Final = (".onnx", ".plan")
 
-    path: Path
-    meta: ModelMeta
-    label: str  # "fp32", or "fp32 [stem]" where two artifacts share a precision
-    files: dict[str, list[tuple[Path, ModelMeta]]] = field(default_factory=dict)
+
+@dataclass
+class BenchModel:
+    """One ``--model``: its artifact, the graphs of both file types (ONNX graphs and
+    TensorRT plans, whichever the user named), and its label in the report."""
+
+    artifact: Artifact
+    label: str  # "fp32", or "fp32 [stem]" where two models share a precision
+    files: dict[str, tuple[GraphFile, ...]] = field(default_factory=dict)
+
+    @property
+    def path(self) -> Path:
+        return self.artifact.path
+
+    @property
+    def meta(self) -> ModelMeta:
+        return self.artifact.meta
 
     @property
     def precision(self) -> str:
         return self.meta.graph.precision
 
     def graphs(self, kind: str, ext: str) -> list[tuple[Path, ModelMeta]]:
-        return [(p, m) for p, m in self.files.get(ext, []) if m.graph.kind == kind]
+        return [(f.path, f.meta) for f in self.files.get(ext, ())
+                if f.meta is not None and f.meta.graph.kind == kind]
+
+    def all_graphs(self) -> list[tuple[Path, ModelMeta]]:
+        return [(f.path, f.meta) for ext in MODEL_EXTENSIONS for f in self.files.get(ext, ())
+                if f.meta is not None]
 
     def denoiser_onnx(self) -> Path | None:
         found = self.graphs("denoiser", ".onnx")
         return found[0][0] if found else None
 
 
-def discover(model: Path) -> Artifact:
-    """Every graph (ONNX and TensorRT plans) of the artifact ``model`` belongs to."""
-    if not model.is_file():
-        raise ArtifactError(
-            f"model file {str(model)!r} does not exist; pass --model PATH to a model.onnx "
-            "made by `fewstep export`"
-        )
-    ext = ".plan" if model.name.endswith(".plan") else ".onnx"
-    if ext == ".onnx" and not model.name.endswith(".onnx"):
+def open_model(model: Path) -> BenchModel:
+    """The model ``--model`` names, with every graph (ONNX and plans) of its artifact; a
+    file named like one of its graphs that is not (unreadable, another model) is left out
+    with a warning."""
+    if not model.name.endswith(MODEL_EXTENSIONS) and model.is_file():
         raise ArtifactError(
             f"--model {str(model)!r} is neither a .onnx nor a .plan file; pass a model.onnx "
             "made by `fewstep export`"
         )
-    stem = artifact.base_stem(model, ext)
-    files: dict[str, list[tuple[Path, ModelMeta]]] = {}
-    for e in (".onnx", ".plan"):
-        found = []
-        for f in artifact.siblings(model.parent / f"{stem}{e}", e):
-            if not f.is_file():
-                continue
-            try:
-                if e == ".onnx":
-                    meta = artifact.read_onnx_meta(f)
-                else:
-                    from fewstep.runtime.plan import load_sidecar
-
-                    meta = load_sidecar(f).meta
-            except (ArtifactError, ValueError, OSError) as err:
-                if f == model:
-                    raise
-                warnings.warn(f"ignoring {f}: {err}", stacklevel=2)
-                continue
-            found.append((f, meta))
-        files[e] = found
-    main = next((m for p, m in files[ext] if p == model), None)
-    assert main is not None
-    return Artifact(model, main, main.graph.precision, files)
+    art = Artifact.open(model)
+    other = ".onnx" if art.ext == ".plan" else ".plan"
+    files = {art.ext: art.files, other: art.files_of(other)}
+    for ext in MODEL_EXTENSIONS:
+        for f in files[ext]:
+            if f.problem is not None:
+                warnings.warn(f"ignoring {f.path}: {f.problem}", stacklevel=2)
+        files[ext] = tuple(f for f in files[ext] if f.problem is None)
+    return BenchModel(art, art.meta.graph.precision, files)
 
 
-def check_same_model(arts: Sequence[Artifact]) -> None:
-    a = arts[0].meta
-    for other in arts[1:]:
-        b = other.meta
-        for what, x, y in (("source_hash", a.source_hash, b.source_hash),
-                           ("image shape", a.image_shape, b.image_shape),
-                           ("schedule", a.schedule, b.schedule),
-                           ("prediction type", a.prediction_type, b.prediction_type),
-                           ("classes", a.num_classes, b.num_classes)):
-            if x != y:
-                raise ArtifactError(
-                    f"--model {other.path} is another model than {arts[0].path}: its {what} "
-                    f"differs ({y!r} vs {x!r}); pass artifacts exported from one checkpoint"
-                )
-
-
-def label_artifacts(arts: Sequence[Artifact]) -> None:
-    """Precision as the label; add the file stem where two artifacts share a precision."""
-    for a in arts:
-        twins = [b for b in arts if b.precision == a.precision]
+def open_models(models: Sequence[Path]) -> list[BenchModel]:
+    """Every ``--model``, checked to be one model (precisions may differ), and labelled:
+    by precision, with the file stem where two share a precision."""
+    opened = [open_model(m) for m in models]
+    first = opened[0]
+    for other in opened[1:]:
+        different = first.artifact.same_model(other.artifact)
+        if different:
+            raise ArtifactError(
+                f"--model {other.path} is another model than {first.path}: its {different} "
+                "differs; pass artifacts exported from one checkpoint"
+            )
+    for a in opened:
+        twins = [b for b in opened if b.precision == a.precision]
         a.label = a.precision if len(twins) == 1 else f"{a.precision} [{a.path.stem}]"
+    return opened
 
 
 class FewstepPath(BenchPath):
@@ -192,7 +185,7 @@ class FewstepPath(BenchPath):
     family = "fewstep"
     path = "fewstep"
 
-    def __init__(self, art: Artifact, backend: str, kind: str, work: Workload,
+    def __init__(self, art: BenchModel, backend: str, kind: str, work: Workload,
                  options: dict[str, Any]) -> None:
         self.art, self.backend, self.graph, self.work = art, backend, kind, work
         self.kind = kind

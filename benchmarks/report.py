@@ -22,7 +22,9 @@ RESULTS: Final = "results.jsonl"
 REPORT: Final = "report.md"
 PLOT_STEPS: Final = "latency_vs_steps.png"
 PLOT_BATCH: Final = "throughput_vs_batch.png"
-TARGETS: Final = {"compile": 0.6, "eager": 0.1, "overhead_pct": 3.0}  # issue 5
+# The project's latency goals: fewstep's best path at most 0.6x torch.compile's and 0.1x
+# eager PyTorch's p50, and host overhead at most 3 % of the network's own time.
+TARGETS: Final = {"compile": 0.6, "eager": 0.1, "overhead_pct": 3.0}
 
 
 def _clean(v: Any) -> Any:
@@ -143,7 +145,7 @@ def loses_lines(comps: Sequence[Comparison]) -> list[str]:
 
 
 def target_lines(rows: Sequence[dict[str, Any]], steps: int = 4, batch: int = 1) -> list[str]:
-    """Issue 5's targets at (steps, batch): met, or missed by how much."""
+    """The latency targets (``TARGETS``) at (steps, batch): met, or missed by how much."""
     best = best_fewstep(rows, steps, batch)
     if best is None:
         return [f"no fewstep row at steps={steps}, batch={batch}: targets not evaluated"]
@@ -355,7 +357,7 @@ def render_markdown(run: dict[str, Any], rows: Sequence[dict[str, Any]],
         out.append("")
     else:
         out += ["No configuration has both a fewstep row and a baseline row.", ""]
-    out += ["## Issue 5 targets (batch 1, 4 steps)", ""]
+    out += ["## Latency targets (batch 1, 4 steps)", ""]
     out += [f"- {line}" for line in target_lines(rows)]
     out += ["", "## Roofline", "", *_roofline_lines(run, rows), ""]
     out += ["## All rows", ""]

@@ -29,9 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from . import onnx_header
 from .errors import ArtifactError, quote
 from .fileio import check_name_lengths
 from .meta import META_KEY, ModelMeta
+from .onnx_header import OnnxHeader
 
 if TYPE_CHECKING:
     from .plan import PlanSidecar
@@ -162,177 +164,6 @@ def external_files(path: str | Path, header: OnnxHeader | None = None) -> list[P
     return files
 
 
-# ---------------------------------------------------------------------------------
-# Reading onnx.ModelProto far enough for metadata_props and external-data locations.
-#
-# Written by hand on purpose (measured on the shipped landscapes graphs, 2-core CPU):
-# 10-21 ms per graph here; onnx.load(load_external_data=False) takes 0.6-4 ms, but onnx
-# is not a runtime dependency (numpy, pillow, onnxruntime only) and importing it alone
-# costs 0.2-0.8 s, more than reading every graph of an artifact here. An onnxruntime
-# session gives the metadata too, but costs 250-540 ms per graph and reads the weights
-# first, so the external-data locations could no longer be checked before any weight
-# byte is read.
-# The reader also bounds what it reads: each top-level field's length is checked against
-# the file before its bytes are read, and every tensor's external-data location (in
-# initializers, attributes, nested graphs and functions) is collected for containment.
-# ---------------------------------------------------------------------------------
-
-MAX_ONNX_BYTES: Final = 2 * 1024**3  # protobuf's limit for one message
-MAX_METADATA_BYTES: Final = 8 * 1024**2  # all metadata_props together
-_MAX_NESTING: Final = 32  # graphs inside attributes inside graphs ...
-
-# Where TensorProtos can sit (field numbers of onnx.proto3), for the external-data walk.
-_MODEL_GRAPH, _MODEL_TRAINING, _MODEL_FUNCTIONS = 7, 20, 25
-_GRAPH_NODE, _GRAPH_INIT, _GRAPH_SPARSE = 1, 5, 15
-_NODE_ATTR, _FUNCTION_NODE = 5, 7
-_ATTR_T, _ATTR_G, _ATTR_TENSORS, _ATTR_GRAPHS, _ATTR_SPARSE, _ATTR_SPARSES = 5, 6, 10, 11, 22, 23
-_TENSOR_EXTERNAL = 13
-
-
-@dataclass(frozen=True)
-class OnnxHeader:
-    ir_version: int
-    producer: str
-    metadata: dict[str, str]
-    external_data: tuple[str, ...]  # locations referenced by any tensor of the model
-
-
-Buf = bytes | memoryview
-
-
-def _varint(buf: Buf, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise ValueError("truncated varint")
-        b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, pos
-        shift += 7
-
-
-def _fields(buf: Buf) -> list[tuple[int, int, int | memoryview]]:
-    """Top-level (field number, wire type, value) of one protobuf message."""
-    view = memoryview(buf)
-    out: list[tuple[int, int, int | memoryview]] = []
-    pos = 0
-    while pos < len(view):
-        key, pos = _varint(view, pos)
-        field, wire = key >> 3, key & 7
-        if field == 0:
-            raise ValueError("field number 0")
-        if wire == 0:
-            value, pos = _varint(view, pos)
-            out.append((field, wire, value))
-        elif wire == 1:
-            pos += 8
-        elif wire == 2:
-            n, pos = _varint(view, pos)
-            if pos + n > len(view):
-                raise ValueError("truncated length-delimited field")
-            out.append((field, wire, view[pos : pos + n]))
-            pos += n
-        elif wire == 5:
-            pos += 4
-        else:
-            raise ValueError(f"wire type {wire}")
-        if pos > len(view):
-            raise ValueError("truncated field")
-    return out
-
-
-def _messages(buf: Buf, *numbers: int) -> list[memoryview]:
-    return [v for f, w, v in _fields(buf) if f in numbers and w == 2
-            and isinstance(v, memoryview)]
-
-
-def _strings(entry: Buf) -> dict[int, str]:
-    return {f: bytes(v).decode("utf-8") for f, w, v in _fields(entry)
-            if w == 2 and isinstance(v, memoryview)}
-
-
-def _tensor_locations(tensor: Buf, out: set[str]) -> None:
-    for entry in _messages(tensor, _TENSOR_EXTERNAL):
-        kv = _strings(entry)
-        if kv.get(1) == "location" and 2 in kv:
-            out.add(kv[2])
-
-
-def _graph_locations(graph: Buf, out: set[str], depth: int) -> None:
-    """External-data locations of every tensor in a GraphProto: initializers, sparse
-    initializers and tensors in node attributes, in nested graphs too."""
-    if depth > _MAX_NESTING:
-        raise ValueError(f"graphs nested more than {_MAX_NESTING} deep")
-    for f, w, v in _fields(graph):
-        if w != 2 or not isinstance(v, memoryview):
-            continue
-        if f == _GRAPH_INIT:
-            _tensor_locations(v, out)
-        elif f == _GRAPH_SPARSE:
-            for t in _messages(v, 1, 2):  # SparseTensorProto values, indices
-                _tensor_locations(t, out)
-        elif f == _GRAPH_NODE:
-            _node_locations(v, out, depth)
-
-
-def _node_locations(node: Buf, out: set[str], depth: int) -> None:
-    for attr in _messages(node, _NODE_ATTR):
-        for f, w, v in _fields(attr):
-            if w != 2 or not isinstance(v, memoryview):
-                continue
-            if f in (_ATTR_T, _ATTR_TENSORS):
-                _tensor_locations(v, out)
-            elif f in (_ATTR_SPARSE, _ATTR_SPARSES):
-                for t in _messages(v, 1, 2):
-                    _tensor_locations(t, out)
-            elif f in (_ATTR_G, _ATTR_GRAPHS):
-                _graph_locations(v, out, depth + 1)
-
-
-def _read_top_level(path: Path, size: int) -> list[tuple[int, int, int | bytes]]:
-    """The model's top-level fields, read from the file one at a time: each length is
-    checked against the file before its bytes are read, and the fields that can hold
-    nothing the runtime reads without a session are skipped, not read."""
-    wanted = {2, 14, _MODEL_GRAPH, _MODEL_TRAINING, _MODEL_FUNCTIONS}
-    out: list[tuple[int, int, int | bytes]] = []
-    metadata = 0
-    with open(path, "rb") as f:
-        pos = 0
-        while pos < size:
-            head = f.read(20)
-            key, used = _varint(head, 0)
-            field, wire = key >> 3, key & 7
-            if field == 0:
-                raise ValueError("field number 0")
-            if wire == 0:
-                value, end = _varint(head, used)
-                out.append((field, wire, value))
-                pos += end
-            elif wire in (1, 5):
-                pos += used + (8 if wire == 1 else 4)
-            elif wire == 2:
-                n, end = _varint(head, used)
-                start = pos + end
-                if start + n > size:
-                    raise ValueError("truncated length-delimited field")
-                if field == 14:
-                    metadata += n
-                    if metadata > MAX_METADATA_BYTES:
-                        raise ValueError(f"metadata_props over {MAX_METADATA_BYTES} bytes")
-                if field in wanted:
-                    f.seek(start)
-                    out.append((field, wire, f.read(n)))
-                pos = start + n
-            else:
-                raise ValueError(f"wire type {wire}")
-            if pos > size:
-                raise ValueError("truncated field")
-            f.seek(pos)
-    return out
-
-
 def _main_files(folder: Path) -> list[Path]:
     """The model files a folder holds: model.onnx, model.plan, *.oracle.json (no
     .step/.sampler-N siblings)."""
@@ -382,44 +213,7 @@ def read_onnx_header(path: str | Path) -> OnnxHeader:
     check_model_path(p)
     if not p.is_file():
         raise ArtifactError(f"model file {str(p)!r} does not exist")
-    size = p.stat().st_size
-    if size > MAX_ONNX_BYTES:
-        raise ArtifactError(
-            f"{str(p)!r} is {size} bytes, more than an ONNX file can hold ({MAX_ONNX_BYTES}); "
-            "it is not an ONNX model: pass the model.onnx made by `fewstep export`"
-        )
-    try:
-        fields = _read_top_level(p, size)
-        ir = next((v for f, w, v in fields if f == 1 and w == 0), None)
-        graph = next((v for f, w, v in fields if f == _MODEL_GRAPH and w == 2), None)
-        if not isinstance(ir, int) or not isinstance(graph, bytes):
-            raise ValueError("no ir_version or graph")
-        producer = next((v for f, w, v in fields if f == 2 and w == 2), None)
-        meta = {}
-        for f, w, v in fields:
-            if f == 14 and w == 2 and isinstance(v, bytes):
-                kv = _strings(v)
-                meta[kv.get(1, "")] = kv.get(2, "")
-        locations: set[str] = set()
-        _graph_locations(graph, locations, 0)
-        for f, _w, v in fields:
-            if f == _MODEL_TRAINING and isinstance(v, bytes):
-                for g in _messages(v, 1, 2):  # initialization, algorithm
-                    _graph_locations(g, locations, 1)
-            elif f == _MODEL_FUNCTIONS and isinstance(v, bytes):
-                for node in _messages(v, _FUNCTION_NODE):
-                    _node_locations(node, locations, 1)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ArtifactError(
-            f"{str(p)!r} is not an ONNX model ({e}); the file is truncated or of another kind"
-        ) from None
-    return OnnxHeader(
-        ir_version=ir,
-        producer=bytes(producer).decode("utf-8", "replace")
-        if isinstance(producer, bytes) else "",
-        metadata=meta,
-        external_data=tuple(sorted(locations)),
-    )
+    return onnx_header.read(p)
 
 
 def _meta_of_header(path: Path, header: OnnxHeader) -> ModelMeta:
@@ -598,7 +392,21 @@ class Artifact:
         """The TensorRT plans of this artifact's graphs in ``folder`` (default: beside the
         main file), each with its sidecar; a plan whose sidecar is unreadable or describes
         another model comes with its ``problem``."""
+        return self.files_of(".plan", folder)
+
+    def files_of(self, ext: str, folder: str | Path | None = None) -> tuple[GraphFile, ...]:
+        """The files of this artifact's graphs with extension ``ext`` in ``folder`` (default:
+        beside the main file): the plans of an ONNX model, the ONNX graphs of a plan. Each
+        lies inside ``folder`` (an ArtifactError otherwise, before it is opened); one that
+        is unreadable or describes another model comes with its ``problem``."""
         where = Path(folder) if folder is not None else self.path.parent
         base = base_stem(self.path, self.ext)
-        return tuple(_read_sibling(f, ".plan", self.main)
-                     for f in siblings(where / f"{base}.plan", ".plan") if f.is_file())
+        found = []
+        for f in siblings(where / f"{base}{ext}", ext):
+            if f == self.path:
+                found.append(self.main)
+                continue
+            contained_file(where, f.name, "graph file", must_exist=False)
+            if f.is_file():
+                found.append(_read_sibling(f, ext, self.main))
+        return tuple(found)

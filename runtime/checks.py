@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
 ETA_RANGE = "[0, 1] (0 = deterministic DDIM, 1 = DDPM-like)"
 
 
-def is_whole_number(value: object) -> bool:
+def is_whole_number(value: object) -> TypeGuard[int | np.integer[Any]]:
     """An int or numpy integer; ``True``/``False`` are not numbers here."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 

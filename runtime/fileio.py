@@ -1,6 +1,7 @@
 """Atomic file writes: a temporary file in the target's directory, then a rename.
 
 A crash or Ctrl-C mid-write leaves the previous file intact and no stray temporary.
+``file_lock`` and ``locked_update`` keep two processes from interleaving their writes.
 """
 
 from __future__ import annotations
@@ -9,8 +10,13 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+try:  # POSIX only; fewstep targets Linux x86-64 and Jetson
+    import fcntl as _fcntl
+except ImportError:  # pragma: no cover - Windows
+    _fcntl = None  # type: ignore[assignment]
 
 TMP_MARK = ".fewstep-tmp-"
 NAME_MAX = 255  # bytes in one file or folder name on Linux, macOS and Windows file systems
@@ -151,3 +157,42 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:
     return write_bytes(path, text.encode("utf-8"))
+
+
+def lock_path(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    return p.with_name(f".{p.name}.lock")
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """An exclusive advisory lock (fcntl.flock) on ``.<name>.lock`` beside ``path``.
+
+    Held across a read-modify-write so that two processes (two ``fewstep build`` runs)
+    never interleave their writes of the same timing cache or plan + sidecar pair. The
+    lock file stays behind (deleting it would race with a waiting process).
+    """
+    lp = lock_path(path)
+    fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if _fcntl is not None:
+            _fcntl.flock(fd, _fcntl.LOCK_EX)
+        yield
+    finally:
+        if _fcntl is not None:
+            _fcntl.flock(fd, _fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def locked_update(path: str | os.PathLike[str], update: Callable[[bytes | None], bytes]) -> bytes:
+    """Read ``path`` (None when absent), write ``update(old)`` atomically, under a file lock.
+
+    The byte-level writer behind the timing cache: ``update`` merges what another
+    process may have written since this one read the file.
+    """
+    target = Path(path)
+    with file_lock(target):
+        old = target.read_bytes() if target.is_file() else None
+        new = update(old)
+        write_bytes(target, new)
+        return new

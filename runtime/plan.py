@@ -9,15 +9,15 @@ The input shapes come from the graph I/O contract, ``ModelMeta.io``.
 ``plan_check.check_compatible`` compares a sidecar with the machine about to run the
 plan and says exactly why a plan must be rebuilt, and with which command.
 
-Nothing here imports TensorRT or CUDA: the sidecar, the profile maths (``BatchProfile``,
-``profile_shapes``) and the file locking are pure Python, tested without a GPU.
+Nothing here imports TensorRT or CUDA: the sidecar and the profile maths
+(``BatchProfile``, ``profile_shapes``) are pure Python, tested without a GPU. Timing
+caches and plans are written under ``fileio.file_lock``.
 
 Notation: B batch, C/H/W image channels/height/width, S the steps of a fused sampler.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -25,20 +25,18 @@ import math
 import os
 import re
 import shlex
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 from . import fileio
 from .artifact import contained_file, external_files, read_onnx_header
+from .checks import is_whole_number, whole_number
 from .errors import ArtifactError
+from .fileio import file_lock as file_lock  # re-exported: export/ imports them from here
+from .fileio import locked_update as locked_update
 from .meta import ModelMeta
-
-try:  # POSIX only; fewstep targets Linux x86-64 and Jetson
-    import fcntl as _fcntl
-except ImportError:  # pragma: no cover - Windows
-    _fcntl = None  # type: ignore[assignment]
 
 SIDECAR_SCHEMA_VERSION: Final = 1
 SIDECAR_SUFFIX: Final = ".json"  # model.plan -> model.plan.json
@@ -70,9 +68,7 @@ class BatchProfile:
 
     def __post_init__(self) -> None:
         for name in ("min", "opt", "max"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"batch {name}={value!r} must be a whole number")
+            object.__setattr__(self, name, whole_number(f"batch {name}", getattr(self, name)))
         if self.min < 1:
             raise ValueError(f"batch min={self.min} must be at least 1; pass e.g. --batch 1:4:16")
         if not self.min <= self.opt <= self.max:
@@ -359,9 +355,7 @@ def _parse_sidecar(data: object, source: str) -> PlanSidecar:
             f"{source}: a plan sidecar is a JSON object, got {type(data).__name__}; {fix}"
         )
     version = data.get("schema_version")
-    if isinstance(version, int) and not isinstance(version, bool) and (
-        version > SIDECAR_SCHEMA_VERSION
-    ):
+    if is_whole_number(version) and version > SIDECAR_SCHEMA_VERSION:
         raise ArtifactError(
             f"{source}: plan sidecar schema version {version} is newer than this fewstep "
             f"supports ({SIDECAR_SCHEMA_VERSION}); upgrade fewstep (pip install -U fewstep) "
@@ -382,9 +376,7 @@ def _parse_sidecar(data: object, source: str) -> PlanSidecar:
     if version is None or version < 1:
         raise fail("schema_version", f"{version} is not a valid version")
     prof = data["profile"]
-    if sorted(prof) != ["max", "min", "opt"] or not all(
-        isinstance(prof[k], int) and not isinstance(prof[k], bool) for k in prof
-    ):
+    if sorted(prof) != ["max", "min", "opt"] or not all(is_whole_number(v) for v in prof.values()):
         raise fail("profile", f"{prof!r} is not {{'min': int, 'opt': int, 'max': int}}")
     ext = data["external_data_sha256"]
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in ext.items()):
@@ -456,7 +448,7 @@ def new_sidecar(**fields: Any) -> PlanSidecar:
 
 
 # ---------------------------------------------------------------------------------
-# Timing cache files and locked, atomic writes
+# Timing cache files (written with fileio.locked_update)
 # ---------------------------------------------------------------------------------
 
 
@@ -487,42 +479,3 @@ def timing_cache_path(
     """``<cache dir>/timing-<gpu slug>-cc<major><minor>-trt<version>.cache``."""
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return folder / timing_cache_key(gpu_name, compute_capability, tensorrt_version)
-
-
-def lock_path(path: str | os.PathLike[str]) -> Path:
-    p = Path(path)
-    return p.with_name(f".{p.name}.lock")
-
-
-@contextlib.contextmanager
-def file_lock(path: str | os.PathLike[str]) -> Iterator[None]:
-    """An exclusive advisory lock (fcntl.flock) on ``.<name>.lock`` beside ``path``.
-
-    Held across a read-modify-write so that two processes (two ``fewstep build`` runs)
-    never interleave their writes of the same timing cache or plan + sidecar pair. The
-    lock file stays behind (deleting it would race with a waiting process).
-    """
-    lp = lock_path(path)
-    fd = os.open(lp, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        if _fcntl is not None:
-            _fcntl.flock(fd, _fcntl.LOCK_EX)
-        yield
-    finally:
-        if _fcntl is not None:
-            _fcntl.flock(fd, _fcntl.LOCK_UN)
-        os.close(fd)
-
-
-def locked_update(path: str | os.PathLike[str], update: Callable[[bytes | None], bytes]) -> bytes:
-    """Read ``path`` (None when absent), write ``update(old)`` atomically, under a file lock.
-
-    The byte-level writer behind the timing cache: ``update`` merges what another
-    process may have written since this one read the file.
-    """
-    target = Path(path)
-    with file_lock(target):
-        old = target.read_bytes() if target.is_file() else None
-        new = update(old)
-        fileio.write_bytes(target, new)
-        return new

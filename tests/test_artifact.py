@@ -161,6 +161,12 @@ def test_plans_with_sidecars(tmp_path: Path, meta: ModelMeta, x0: np.ndarray) ->
     assert art.ext == ".plan" and art.meta == meta and art.main.sidecar is not None
     assert [g.path.name for g in art.graphs] == ["model.plan", "model.step.plan"]
     assert [f.path.name for f in art.rejected] == ["model.sampler-4.plan"]
+    # ... and finds the ONNX graphs it was built from, each checked against the plan's meta.
+    onnx_files = {f.path.name: f for f in art.files_of(".onnx", tmp_path)}
+    assert set(onnx_files) == {"model.onnx", "model.step.onnx", "model.sampler-4.onnx"}
+    assert all(f.problem is None for f in onnx_files.values())
+    assert onnx_files["model.step.onnx"].meta == step
+    assert art.files_of(".onnx") == ()  # none beside the plans
     (plans / "model.plan.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(ArtifactError, match="is not valid JSON"):
         Artifact.open(plans / "model.plan")

@@ -97,7 +97,7 @@ CASES = [
     Case("checkpoint-groups-zero", ("export", "{groups0_pt}", "--out", "{tmp}/m.onnx"), 2,
          "groups=0 must be a whole number"),
     Case("checkpoint-step-not-a-number", ("export", "{steplist_pt}", "--out", "{tmp}/m.onnx"),
-         2, "step=[1, 2] is not a whole number"),
+         2, "step=[1, 2] must be a whole number"),
     Case("checkpoint-preset-disagrees", ("export", "{preset_pt}", "--out", "{tmp}/m.onnx"), 2,
          "preset 'base' in the metadata has base_channels=128"),
     Case("checkpoint-not-a-checkpoint", ("export", "{junk_pt}", "--out", "{tmp}/m.onnx"), 2,

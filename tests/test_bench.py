@@ -454,3 +454,27 @@ def test_cli_bad_arguments(args: list[str], message: str, tmp_path: Path,
     assert message in err and "Traceback" not in err
     assert err.count("\n") == 1, err
     assert not (tmp_path / "o" / report.RESULTS).exists()
+
+
+def test_models_of_another_source_are_refused_and_precisions_label_them(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fewstep.benchmarks.paths import open_models
+
+    meta = oo.make_meta(num_classes=2)
+    x0 = oo.pixel_x0(meta)
+    for name in "abho":
+        (tmp_path / name).mkdir()
+    a = oo.write_artifact(tmp_path / "a", meta, x0)
+    b = oo.write_artifact(tmp_path / "b", meta, x0)
+    half = oo.write_artifact(tmp_path / "h", meta.for_graph(precision="fp16"), x0)
+    other = oo.write_artifact(tmp_path / "o", oo.make_meta(num_classes=2,
+                                                           source_hash="sha256:other"), x0)
+    models = open_models([a, b, half])
+    assert [m.label for m in models] == ["fp32 [model]", "fp32 [model]", "fp16"]
+    assert [p.name for p, _ in models[0].graphs("step", ".onnx")] == ["model.step.onnx"]
+    code = cli.main(["--model", str(a), "--model", str(other), "--baselines",
+                     "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "is another model than" in err and "source_hash ('sha256:other'" in err
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()

@@ -213,7 +213,7 @@ def _set_train(key: str, value: Any) -> Any:
 
 
 @pytest.mark.parametrize(("edit", "message"), [
-    (lambda raw: raw.__setitem__("step", [1, 2]), "step=[1, 2] is not a whole number"),
+    (lambda raw: raw.__setitem__("step", [1, 2]), "step=[1, 2] must be a whole number"),
     (_set_config("groups", 0), "groups=0 must be a whole number in 1..1024"),
     (_set_config("base_channels", 8192), "base_channels=8192 must be a whole number"),
     (lambda raw: raw["unet_config"].update(base_channels=512, channel_mults=[1, 16]),

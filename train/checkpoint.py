@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from fewstep.runtime.checks import whole_number
 from fewstep.runtime.errors import ArtifactError, inert
 from fewstep.runtime.fileio import atomic_path
 from fewstep.runtime.meta import ModelMeta
@@ -128,9 +129,7 @@ def load(path: str | os.PathLike[str], map_location: str | torch.device = "cpu")
         meta = ModelMeta.from_json(raw["meta"], source=str(p))
         config = UNetConfig.from_dict(raw["unet_config"])
         ema = raw["ema"]
-        step = raw.get("step", 0)
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step={step!r} is not a whole number >= 0")
+        step = whole_number("step", raw.get("step", 0), 0)
         for key in ("ema", "model", "optimizer", "extra"):
             if raw.get(key) is not None and not isinstance(raw[key], dict):
                 raise ValueError(f"{key!r} is a {type(raw[key]).__name__}, not a dict")

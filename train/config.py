@@ -24,9 +24,10 @@ _INT_LIMITS = (("image_channels", 1, 64), ("image_size", 1, MAX_IMAGE_SIZE),
                ("groups", 1, 1024))
 
 
-def _whole(name: str, value: object, low: int, high: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+def _whole(name: str, value: object, low: int, high: int) -> int:
+    if not checks.is_whole_number(value) or not low <= value <= high:
         raise ValueError(f"{name}={value!r} must be a whole number in {low}..{high}")
+    return int(value)
 
 
 def estimated_parameters(c: UNetConfig) -> int:
@@ -54,8 +55,9 @@ class UNetConfig:
 
     def __post_init__(self) -> None:
         # Checked before anything is allocated: a config read from a checkpoint is data.
+        # Stored as ints (numpy integers too): a checkpoint holds plain Python values.
         for name, low, high in _INT_LIMITS:
-            _whole(name, getattr(self, name), low, high)
+            object.__setattr__(self, name, _whole(name, getattr(self, name), low, high))
         for name in ("channel_mults", "attention_resolutions"):
             value = getattr(self, name)
             if not isinstance(value, tuple) or len(value) > MAX_LEVELS:
@@ -63,10 +65,11 @@ class UNetConfig:
                                  "whole numbers")
         if not self.channel_mults:
             raise ValueError("channel_mults=() needs at least one resolution level")
-        for m in self.channel_mults:
-            _whole("channel_mults entry", m, 1, MAX_MULT)
-        for r in self.attention_resolutions:
+        object.__setattr__(self, "channel_mults", tuple(
+            _whole("channel_mults entry", m, 1, MAX_MULT) for m in self.channel_mults))
+        object.__setattr__(self, "attention_resolutions", tuple(
             _whole("attention_resolutions entry", r, 1, MAX_IMAGE_SIZE)
+            for r in self.attention_resolutions))
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not (
                 0.0 <= self.dropout < 1.0):
             raise ValueError(f"dropout={self.dropout!r} must be a number in [0, 1)")

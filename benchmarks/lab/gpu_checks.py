@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from fewstep.runtime import Pipeline, backends, clitools
-from fewstep.runtime.artifact import read_onnx_meta, siblings
+from fewstep.runtime.artifact import Artifact
 from fewstep.runtime.fileio import check_writable_target, write_text
 
 GATES = {"fp32": 40.0, "fp16": 35.0}
@@ -35,8 +35,9 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def check_model(model: Path, n: int, steps: int, repeats: int) -> list[dict[str, Any]]:
     rows = []
-    for path in siblings(model):
-        meta = read_onnx_meta(path)
+    for graph in Artifact.open(model).graphs:
+        path, meta = graph.path, graph.meta
+        assert meta is not None
         kind = meta.graph.kind
         if kind == "sampler" and meta.graph.steps != steps:
             continue

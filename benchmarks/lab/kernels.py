@@ -121,10 +121,10 @@ def paths(model: Path, checkpoint: Path, steps: int, batch: int,
     """(name, BenchPath) for every path this script profiles, built from the bench suite's
     own classes so that the work is exactly what `fewstep bench` times."""
     from fewstep.benchmarks import baselines as bl
-    from fewstep.benchmarks.paths import FewstepPath, Workload, discover
+    from fewstep.benchmarks.paths import FewstepPath, Workload, open_model
     from fewstep.runtime.sampling import default_spacing
 
-    art = discover(model)
+    art = open_model(model)
     meta = art.meta
     src = bl.TorchSource(checkpoint)
     src.check_matches(art)

@@ -32,6 +32,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from numpy.typing import NDArray
 
+from ..checks import whole_number
 from ..errors import BackendUnavailable
 from ..meta import ModelMeta
 
@@ -81,9 +82,7 @@ def host_loop(graph: Graph, x: Array, fixed: Feeds, per_step: Sequence[Feeds]) -
 
 
 def check_launches(launches: int) -> int:
-    if isinstance(launches, bool) or not isinstance(launches, int) or launches < 1:
-        raise ValueError(f"launches={launches!r} must be a whole number >= 1")
-    return launches
+    return whole_number("launches", launches, 1)
 
 
 def _module(name: str) -> Any:

@@ -34,6 +34,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .. import ddim, sampling
+from ..checks import whole_number
 from ..errors import ArtifactError
 from ..images import to_uint8_nhwc_marked
 from ..meta import ModelMeta
@@ -233,9 +234,10 @@ def read_oracle_file(path: str | Path) -> tuple[ModelMeta, int]:
             f"{str(p)!r} has {keys}; an oracle file is a JSON object with exactly the keys "
             "'meta' (a ModelMeta object) and 'x0_seed' (an int)"
         )
-    seed = data["x0_seed"]
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ArtifactError(f"{str(p)!r}: x0_seed={seed!r} must be a whole number >= 0")
+    try:
+        seed = whole_number("x0_seed", data["x0_seed"], 0)
+    except ValueError as e:
+        raise ArtifactError(f"{str(p)!r}: {e}") from None
     return ModelMeta.from_dict(data["meta"], source=str(p)), seed
 
 

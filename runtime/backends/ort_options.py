@@ -15,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-import numpy as np
-
 from .. import jetson
+from ..checks import whole_number
 from ..meta import ModelMeta
 
 OPTIONS: Final = {
@@ -50,9 +49,7 @@ class OrtConfig:
 
 
 def _int_option(name: str, value: Any, low: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name}={value!r} must be a whole number >= {low}")
-    return int(value)
+    return whole_number(name, value, low)
 
 
 def _bool_option(name: str, value: Any) -> bool:

@@ -25,11 +25,8 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from ..errors import ArtifactError, BackendUnavailable
 from ..meta import ModelMeta
@@ -37,6 +34,7 @@ from ..plan import BatchProfile, PlanSidecar, load_sidecar
 from ..plan_check import RuntimeInfo, check_compatible
 from . import Array, Feeds, NetworkRun, check_launches, cuda, host_loop
 from .tensorrt_engine import engine_io, import_tensorrt, make_logger, tensorrt_problem
+from .tensorrt_io import PlanBuffers, Staging, free_staging
 
 OPTIONS = ("device_id", "cuda_graph", "verbose", "check_source")
 MAX_CAPTURED_BATCHES = 4  # CUDA graphs (one execution context each) kept per plan
@@ -61,18 +59,6 @@ def unavailable_reason(name: str = "tensorrt") -> str | None:
     return None
 
 
-@dataclass
-class _Tensor:
-    name: str
-    is_input: bool
-    dtype: np.dtype[Any]
-    max_shape: tuple[int, ...]
-    device: cuda.DeviceBuffer
-    host: cuda.PinnedBuffer
-
-
-# per-step input -> (all steps' host staging, all steps' device copy)
-_Staging = dict[str, tuple[cuda.PinnedBuffer, cuda.DeviceBuffer]]
 _LoopKey = tuple[int, int, tuple[str, ...]]  # (batch, steps, the per-step input names)
 
 
@@ -95,11 +81,10 @@ class TensorRTGraph:
         self._context: Any = None
         self._engine: Any = None
         self._runtime: Any = None
-        self._stream: Any = None
-        self._tensors: dict[str, _Tensor] = {}
+        self._io: PlanBuffers  # set once the plan is deserialized
         self._graphs: dict[int, cuda.CapturedGraph] = {}
         self._loop_graphs: dict[_LoopKey, cuda.CapturedGraph] = {}
-        self._staging: dict[_LoopKey, _Staging] = {}
+        self._staging: dict[_LoopKey, Staging] = {}
         self._seen: set[int] = set()
         self._seen_loops: set[_LoopKey] = set()
         self._prepared: int | None = None  # the batch network_run left the context at
@@ -134,9 +119,11 @@ class TensorRTGraph:
                     f"TensorRT {trt.__version__} could not deserialize {Path(plan_path).name} "
                     f"({self._errors()}); rebuild it with `fewstep build`"
                 )
-            self._stream = cuda.new_stream(cudart)
+            self._io = PlanBuffers(cudart, self.meta, self.profile, self.path)
             self._context = self._new_context()
-            self._allocate()
+            self._io.allocate(engine_io(trt, self._engine, self._context, self.meta,
+                                        self.profile.max, self.path, self._errors))
+            self._bind(self._context)
         except BaseException:
             self.close()
             raise
@@ -156,18 +143,8 @@ class TensorRTGraph:
     def _drop_context(self, ctx: Any) -> None:
         self._contexts = [c for c in self._contexts if c is not ctx]
 
-    def _allocate(self) -> None:
-        """One device + one pinned buffer per I/O tensor, sized for the profile's max batch."""
-        for t in engine_io(self._trt, self._engine, self._context, self.meta, self.profile.max,
-                           self.path, self._errors):
-            nbytes = int(np.prod(t.max_shape, dtype=np.int64)) * t.dtype.itemsize
-            self._tensors[t.name] = _Tensor(t.name, t.is_input, t.dtype, t.max_shape,
-                                            cuda.DeviceBuffer(self._cudart, nbytes),
-                                            cuda.PinnedBuffer(self._cudart, nbytes))
-        self._bind(self._context)
-
     def _bind(self, ctx: Any, overrides: dict[str, int] | None = None) -> None:
-        for name, t in self._tensors.items():
+        for name, t in self._io.tensors.items():
             ptr = (overrides or {}).get(name, t.device.ptr)
             if not ctx.set_tensor_address(name, ptr):
                 raise BackendUnavailable(
@@ -196,28 +173,28 @@ class TensorRTGraph:
         g = self.meta.graph
         with self._lock:
             batch = self._stage_inputs(feeds)
-            out = self._tensors[g.outputs[0]]
+            out = self._io.tensors[g.outputs[0]]
             graph = self._graphs.get(batch)
             if graph is None and self.cuda_graph and batch in self._seen:
                 graph = self._capture_run(batch)
             if graph is not None:
-                graph.launch(self._stream)
+                graph.launch(self._io.stream)
             else:
                 self._prepared = None
                 self._set_batch(self._context, batch)
                 self._bind(self._context)
-                self._copies_in(batch, g.inputs)
+                self._io.copies_in(batch, g.inputs)
                 self._enqueue(self._context)
-                self._copy_out(out, batch)
+                self._io.copy_out(out, batch)
                 self._seen.add(batch)
-            self._sync()
-            return self._result(out, batch)
+            self._io.sync()
+            return self._io.result(out, batch)
 
     def run_loop(self, x: Array, fixed: Feeds, per_step: Sequence[Feeds]) -> Array:
         """A step plan run once per entry of ``per_step`` with x kept on the device."""
         g = self.meta.graph
-        out = self._tensors.get(g.outputs[0])
-        xt = self._tensors.get("x")
+        out = self._io.tensors.get(g.outputs[0])
+        xt = self._io.tensors.get("x")
         if (g.kind != "step" or not per_step or out is None or xt is None
                 or out.dtype != xt.dtype or out.max_shape != xt.max_shape):
             return host_loop(self, x, fixed, per_step)
@@ -226,47 +203,43 @@ class TensorRTGraph:
             step_names = tuple(per_step[0])
             if any(set(f) != set(step_names) for f in per_step):
                 raise ValueError("every entry of per_step must feed the same inputs")
-            batch = self._validate({"x": x, **fixed, **per_step[0]}, g.inputs)
+            batch = self._io.validate({"x": x, **fixed, **per_step[0]}, g.inputs)
             steps = len(per_step)
             key: _LoopKey = (batch, steps, tuple(sorted(step_names)))
             staging = self._staging.get(key)
             temporary = staging is None and len(self._staging) >= MAX_CAPTURED_LOOPS
             if staging is None:
-                staging = {}
-                for name in step_names:
-                    n = steps * self._nbytes(name, batch)
-                    staging[name] = (cuda.PinnedBuffer(self._cudart, n),
-                                     cuda.DeviceBuffer(self._cudart, n))
+                staging = self._io.new_staging(step_names, steps, batch)
                 if not temporary:
                     self._staging[key] = staging
             try:
-                self._stage("x", x, batch)
+                self._io.stage("x", x, batch)
                 for name, value in fixed.items():
-                    self._stage(name, value, batch)
+                    self._io.stage(name, value, batch)
                 for i, feeds in enumerate(per_step):
                     for name in step_names:
-                        arr = self._checked(name, feeds[name], batch)
+                        arr = self._io.checked(name, feeds[name], batch)
                         staging[name][0].view(arr.dtype, arr.shape,
-                                              i * self._nbytes(name, batch))[...] = arr
+                                              i * self._io.nbytes(name, batch))[...] = arr
                 loop = self._loop_graphs.get(key)
                 if loop is None and self.cuda_graph and key in self._seen_loops and (
                     not temporary
                 ):
                     loop = self._capture_loop(key, step_names, tuple(fixed), staging)
                 if loop is not None:
-                    loop.launch(self._stream)
+                    loop.launch(self._io.stream)
                 else:
                     self._prepared = None
                     self._device_loop(self._context, batch, steps, step_names, tuple(fixed),
                                       staging)
                     self._bind(self._context)
                     self._seen_loops.add(key)
-                self._sync()
-                return self._result(xt if steps % 2 == 0 else out, batch)
+                self._io.sync()
+                return self._io.result(xt if steps % 2 == 0 else out, batch)
             finally:
                 if temporary:
-                    self._sync()
-                    _free_staging(staging)
+                    self._io.sync()
+                    free_staging(staging)
 
     def network_run(self, feeds: Feeds, launches: int = 1) -> NetworkRun:
         """The engine alone on ``feeds``: see ``backends.Graph.network_run``.
@@ -280,8 +253,8 @@ class TensorRTGraph:
             batch = self._stage_inputs(feeds)
             self._set_batch(self._context, batch)
             self._bind(self._context)
-            self._copies_in(batch, g.inputs)
-            self._sync()
+            self._io.copies_in(batch, g.inputs)
+            self._io.sync()
             self._prepared = batch
         ctx = self._context
 
@@ -294,7 +267,7 @@ class TensorRTGraph:
                     self._prepared = batch
                 for _ in range(launches):
                     self._enqueue(ctx)
-                self._sync()
+                self._io.sync()
 
         return NetworkRun(call, f"{launches} × execute_async_v3 on the plan's device buffers, "
                                 "then cudaStreamSynchronize")
@@ -306,82 +279,19 @@ class TensorRTGraph:
             raise ValueError(f"{self.path} was closed; open it again with backends.load")
 
     def _stage_inputs(self, feeds: Feeds) -> int:
-        """Check ``feeds`` against the graph's inputs and copy them to the staging buffers;
-        the batch size. Called with the lock held."""
+        """``PlanBuffers.stage_inputs`` on an open plan; called with the lock held."""
         self._check_open()
-        batch = self._validate(feeds, self.meta.graph.inputs)
-        for name in self.meta.graph.inputs:
-            self._stage(name, feeds[name], batch)
-        return batch
-
-    def _validate(self, feeds: Feeds, names: Sequence[str]) -> int:
-        missing = sorted(set(names) - set(feeds))
-        extra = sorted(set(feeds) - set(names))
-        if missing or extra:
-            raise ValueError(
-                f"feeds {sorted(feeds)} do not match the plan's inputs {sorted(names)}"
-                + (f" (missing {missing})" if missing else "")
-                + (f" (unexpected {extra})" if extra else "")
-            )
-        batch = int(np.shape(feeds["x"])[0]) if np.ndim(feeds["x"]) else 0
-        if not self.profile.contains(batch):
-            raise ValueError(
-                f"batch {batch} is outside {Path(self.path).name}'s profile {self.profile} "
-                f"(min {self.profile.min}, max {self.profile.max}); pass at most "
-                f"{self.profile.max} images per call or rebuild with `fewstep build "
-                f"--batch {min(self.profile.min, max(batch, 1))}:{self.profile.opt}:"
-                f"{max(batch, self.profile.max)}`"
-            )
-        return batch
-
-    def _checked(self, name: str, value: Any, batch: int) -> Array:
-        want = self.meta.io.inputs[name].shape(batch)
-        arr = np.asarray(value)
-        if arr.shape != want:
-            raise ValueError(f"input {name!r} has shape {arr.shape}, expected {want}")
-        return np.ascontiguousarray(arr, dtype=self._tensors[name].dtype)
-
-    def _nbytes(self, name: str, batch: int) -> int:
-        count = int(np.prod(self.meta.io.inputs[name].shape(batch), dtype=np.int64))
-        return count * self._tensors[name].dtype.itemsize
-
-    def _stage(self, name: str, value: Any, batch: int) -> None:
-        arr = self._checked(name, value, batch)
-        self._tensors[name].host.view(arr.dtype, arr.shape)[...] = arr
-
-    def _memcpy(self, dst: int, src: int, nbytes: int, to_device: bool) -> None:
-        cuda.copy_async(self._cudart, self._stream, dst, src, nbytes, to_device)
-
-    def _copies_in(self, batch: int, names: Sequence[str]) -> None:
-        for name in names:
-            t = self._tensors[name]
-            assert t.device.ptr is not None and t.host.ptr is not None
-            self._memcpy(t.device.ptr, t.host.ptr, self._nbytes(name, batch), True)
-
-    @staticmethod
-    def _out_shape(t: _Tensor, batch: int) -> tuple[int, ...]:
-        return (batch, *t.max_shape[1:])
-
-    def _copy_out(self, t: _Tensor, batch: int, src: int | None = None) -> None:
-        nbytes = int(np.prod(self._out_shape(t, batch), dtype=np.int64)) * t.dtype.itemsize
-        assert t.host.ptr is not None and t.device.ptr is not None
-        self._memcpy(t.host.ptr, src if src is not None else t.device.ptr, nbytes, False)
+        return self._io.stage_inputs(feeds)
 
     def _enqueue(self, ctx: Any) -> None:
-        if not ctx.execute_async_v3(int(self._stream)):
+        if not ctx.execute_async_v3(int(self._io.stream)):
             raise RuntimeError(f"TensorRT execute_async_v3 failed: {self._errors()}")
-
-    def _sync(self) -> None:
-        cuda.synchronize(self._cudart, self._stream)
-
-    def _result(self, t: _Tensor, batch: int) -> Array:
-        return np.array(t.host.view(t.dtype, self._out_shape(t, batch)), copy=True)
 
     # -- CUDA graphs -----------------------------------------------------------------------
 
     def _capture(self, body: Callable[[], None]) -> Any:
         """``cuda.capture_graph`` on this plan's stream; None (and no more graphs) on failure."""
-        exec_, error = cuda.capture_graph(self._cudart, self._stream, body)
+        exec_, error = cuda.capture_graph(self._cudart, self._io.stream, body)
         if error is not None:
             return self._no_graphs(error)
         return exec_
@@ -397,13 +307,13 @@ class TensorRTGraph:
         self._set_batch(ctx, batch)
         self._bind(ctx)
         self._enqueue(ctx)  # TensorRT needs one enqueue after a shape change before capture
-        self._sync()
-        out = self._tensors[self.meta.graph.outputs[0]]
+        self._io.sync()
+        out = self._io.tensors[self.meta.graph.outputs[0]]
 
         def body() -> None:
-            self._copies_in(batch, self.meta.graph.inputs)
+            self._io.copies_in(batch, self.meta.graph.inputs)
             self._enqueue(ctx)
-            self._copy_out(out, batch)
+            self._io.copy_out(out, batch)
 
         exec_ = self._capture(body)
         if exec_ is None:
@@ -415,38 +325,38 @@ class TensorRTGraph:
     # -- the device-resident loop ----------------------------------------------------------
 
     def _device_loop(self, ctx: Any, batch: int, steps: int, step_names: Sequence[str],
-                     fixed_names: Sequence[str], staging: _Staging) -> None:
+                     fixed_names: Sequence[str], staging: Staging) -> None:
         """H2D of x, fixed and every step's inputs; the steps with x ping-ponging between
         the x and output buffers (step i reads buffer i % 2); D2H of the final x."""
         out_name = self.meta.graph.outputs[0]
-        xt, out = self._tensors["x"], self._tensors[out_name]
+        xt, out = self._io.tensors["x"], self._io.tensors[out_name]
         assert xt.device.ptr is not None and out.device.ptr is not None
         self._set_batch(ctx, batch)
-        self._copies_in(batch, ("x", *fixed_names))
+        self._io.copies_in(batch, ("x", *fixed_names))
         for name in step_names:
             host, dev = staging[name]
             assert host.ptr is not None and dev.ptr is not None
-            self._memcpy(dev.ptr, host.ptr, steps * self._nbytes(name, batch), True)
+            self._io.memcpy(dev.ptr, host.ptr, steps * self._io.nbytes(name, batch), True)
         buffers = (xt.device.ptr, out.device.ptr)
         for i in range(steps):
             addresses = {"x": buffers[i % 2], out_name: buffers[(i + 1) % 2]}
             for name in step_names:
                 dev_ptr = staging[name][1].ptr
                 assert dev_ptr is not None
-                addresses[name] = dev_ptr + i * self._nbytes(name, batch)
+                addresses[name] = dev_ptr + i * self._io.nbytes(name, batch)
             self._bind(ctx, addresses)
             self._enqueue(ctx)
         final = xt if steps % 2 == 0 else out
-        self._copy_out(final, batch, src=buffers[steps % 2])
+        self._io.copy_out(final, batch, src=buffers[steps % 2])
 
     def _capture_loop(self, key: _LoopKey, step_names: Sequence[str],
-                      fixed_names: Sequence[str], staging: _Staging) -> cuda.CapturedGraph | None:
+                      fixed_names: Sequence[str], staging: Staging) -> cuda.CapturedGraph | None:
         batch, steps, _ = key
         ctx = self._new_context()
         self._set_batch(ctx, batch)
         self._bind(ctx)
         self._enqueue(ctx)  # warm-up after the shape change, before capture
-        self._sync()
+        self._io.sync()
         exec_ = self._capture(
             lambda: self._device_loop(ctx, batch, steps, step_names, fixed_names, staging)
         )
@@ -464,25 +374,21 @@ class TensorRTGraph:
             return
         with self._lock:
             self._released = True
-            if self._stream is not None:
+            io = getattr(self, "_io", None)
+            if io is not None and io.stream is not None:
                 with contextlib.suppress(Exception):
-                    self._sync()
+                    io.sync()
             for graph in [*self._graphs.values(), *self._loop_graphs.values()]:
                 graph.free()
             for staging in self._staging.values():
-                _free_staging(staging)
+                free_staging(staging)
             self._graphs, self._loop_graphs, self._staging = {}, {}, {}
             # TensorRT objects go in order: contexts, engine, runtime.
             self._contexts, self._context = [], None
             self._engine = None
             self._runtime = None
-            for t in self._tensors.values():
-                t.device.free()
-                t.host.free()
-            self._tensors = {}
-            if self._stream is not None:
-                cuda.destroy_stream(self._cudart, self._stream)
-                self._stream = None
+            if io is not None:
+                io.free()
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
@@ -493,12 +399,6 @@ class TensorRTGraph:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _free_staging(staging: _Staging) -> None:
-    for host, dev in staging.values():
-        host.free()
-        dev.free()
 
 
 def open_graph(path: str, name: str = "tensorrt", **options: Any) -> TensorRTGraph:
