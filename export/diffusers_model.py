@@ -166,13 +166,10 @@ def _unet2d(module: Any, config: dict[str, Any], scheduler: DiffusersSchedule,
 def _unet1d(module: Any, config: dict[str, Any], scheduler: DiffusersSchedule,
             shape: tuple[int, ...] | None, source: str) -> DiffusersModel:
     c: Any = module.config
-    channels = c.in_channels + (c.extra_in_channels or 0)
+    channels = c.in_channels  # extra_in_channels are the time features the model adds
     if c.out_channels != c.in_channels:
         raise _fail(Path(source), f"its UNet1DModel outputs {c.out_channels} channels for "
                     f"{c.in_channels} in; fewstep needs a prediction shaped like the sample")
-    if c.extra_in_channels:
-        raise _fail(Path(source), f"extra_in_channels={c.extra_in_channels}: the extra "
-                    "channels have no source in fewstep; export with a call= that builds them")
     if shape is None:
         length = _size(c.sample_size, 1)
         if length is None:

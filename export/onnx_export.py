@@ -28,9 +28,8 @@ from onnx import numpy_helper
 
 from fewstep.runtime import artifact, checks
 from fewstep.runtime.clitools import Progress
-from fewstep.runtime.fileio import fsync_file
+from fewstep.runtime.fileio import file_lock, fsync_file
 from fewstep.runtime.meta import META_KEY, ModelMeta
-from fewstep.runtime.plan import file_lock
 from fewstep.runtime.sampling import SamplingPlan, default_spacing
 
 from .graphs import DenoiserGraph, SamplerGraph, StepGraph

@@ -20,6 +20,7 @@ from typing import Any
 from fewstep.runtime import checks, fileio
 from fewstep.runtime.artifact import read_onnx_meta
 from fewstep.runtime.errors import ArtifactError, BackendUnavailable
+from fewstep.runtime.fileio import file_lock, locked_update
 from fewstep.runtime.meta import ModelMeta
 from fewstep.runtime.plan import (
     MIB,
@@ -28,8 +29,6 @@ from fewstep.runtime.plan import (
     PlanSidecar,
     default_profile,
     default_workspace_bytes,
-    file_lock,
-    locked_update,
     new_sidecar,
     onnx_hashes,
     parse_version,

@@ -210,7 +210,7 @@ class Pipeline:
 
     def default_steps(self, spacing: str | None = None, eta: float = 0.0) -> int:
         """The steps ``generate`` runs when ``steps`` is None (``sampling.default_steps``)."""
-        real = isinstance(eta, (int, float)) and not isinstance(eta, bool)
+        real = checks.is_number(eta)
         return sampling.default_steps(self.meta, [graph_summary(e.meta) for e in self._entries
                                          if not e.failed], spacing, eta if real else 0.0)
 
@@ -283,7 +283,7 @@ class Pipeline:
 
     def _check_steps(self, steps: object) -> None:
         T = self.meta.schedule.num_train_timesteps
-        if isinstance(steps, (int, np.integer)) and not isinstance(steps, bool) and steps > T:
+        if checks.is_whole_number(steps) and steps > T:
             raise ValueError(
                 f"steps={steps} exceeds num_train_timesteps={T} recorded in "
                 f"{_name(self.source)}; pass steps <= {T}"

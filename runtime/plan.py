@@ -34,8 +34,6 @@ from . import fileio
 from .artifact import contained_file, external_files, read_onnx_header
 from .checks import is_whole_number, whole_number
 from .errors import ArtifactError
-from .fileio import file_lock as file_lock  # re-exported: export/ imports them from here
-from .fileio import locked_update as locked_update
 from .meta import ModelMeta
 
 SIDECAR_SCHEMA_VERSION: Final = 1

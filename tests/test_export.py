@@ -483,7 +483,7 @@ def test_reexport_removes_every_graph_and_weights_file_it_did_not_write(tmp_path
     assert len(new_weights) == 1 and new_weights != old_weights
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["m.onnx", *new_weights, "other.onnx", "m2.weights.0123456789ab.bin",
-         ".m.onnx.lock"])  # the placement lock stays (see plan.file_lock)
+         ".m.onnx.lock"])  # the placement lock stays (see fileio.file_lock)
     assert artifact.read_onnx_meta(out / "m.onnx").graph.precision == "fp16"
     assert artifact.read_onnx_header(out / "m.onnx").external_data == tuple(new_weights)
     s = ort.InferenceSession(str(out / "m.onnx"), providers=["CPUExecutionProvider"])

@@ -83,4 +83,4 @@ def test_concurrent_placements_take_turns(tmp_path: Path,
         assert artifact.external_files(g)  # raises if a weights file is missing
     pipe = Pipeline.load(out / "model.onnx", backend="ort-cpu")
     assert pipe.generate(1, steps=2).shape[0] == 1
-    assert (out / ".model.onnx.lock").exists()  # the lock file stays (see plan.file_lock)
+    assert (out / ".model.onnx.lock").exists()  # the lock file stays (see fileio.file_lock)
