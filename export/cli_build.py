@@ -79,8 +79,17 @@ def _targets(args: argparse.Namespace) -> list[tuple[Path, Path]]:
         if art.rejected:
             bad = art.rejected[0]
             raise ArtifactError(f"{bad.path.name}: {bad.problem}")
-        return [(g.path, plan_name_for(g.path, out, g.meta))
-                for g in sorted(art.graphs, key=lambda g: g.path) if g.meta is not None]
+        pairs = [(g.path, plan_name_for(g.path, out, g.meta))
+                 for g in sorted(art.graphs, key=lambda g: g.path) if g.meta is not None]
+        built: dict[Path, Path] = {}
+        for source, plan in pairs:
+            if plan in built:
+                raise ArtifactError(
+                    f"{built[plan].name} and {source.name} hold the same kind of graph and "
+                    f"would both be built into {plan}; a file's name must match its graph: "
+                    "re-export the model with `fewstep export`")
+            built[plan] = source
+        return pairs
     if out.is_dir():
         return [(onnx, plan_name_for(onnx, out, meta))]
     return [(onnx, out)]

@@ -1,7 +1,9 @@
 """Parity gate: run an exported model with ONNX Runtime and the PyTorch reference.
 
 Checks every graph of the artifact (MODEL and its .step/.sampler-N siblings) on the
-CPU execution provider and, when present, CUDA, with the same random inputs and noise.
+CPU execution provider and, when present, CUDA, with the same random inputs and noise,
+against the source it was exported from: a checkpoint.pt of fewstep train, or the
+diffusers folder (with --scheduler-config for a model folder, as given to export).
 Exit 0 when every row meets its gate; 1 with the table when one does not, or when a
 provider cannot run the graph at all (say a bf16 graph on ONNX Runtime's CPU provider:
 those rows are shown as skipped; pass ``--providers cuda``).
@@ -12,15 +14,21 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from fewstep.runtime import clitools
+from fewstep.runtime.meta import ModelMeta
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
     p = clitools.parser(prog, __doc__)
     p.add_argument("model", type=Path, help="an exported .onnx file")
-    p.add_argument("--against", type=Path, required=True, help="the checkpoint it came from")
-    p.add_argument("--n", type=clitools.positive_int, default=4, help="images per check")
+    p.add_argument("--against", type=Path, required=True, metavar="SOURCE",
+                   help="what it was exported from: a checkpoint.pt or a diffusers folder")
+    p.add_argument("--scheduler-config", type=Path, default=None, metavar="FILE",
+                   help="scheduler_config.json of a diffusers model folder (a pipeline "
+                        "folder's scheduler/ is used by default)")
+    p.add_argument("--n", type=clitools.positive_int, default=4, help="samples per check")
     p.add_argument("--steps", type=clitools.positive_int, default=4,
                    help="step count for the denoiser and step graphs")
     p.add_argument("--eta", type=float, default=0.0, help="eta for the step graph's loop")
@@ -33,13 +41,34 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     return p
 
 
+def load_source(source: Path, scheduler_config: Path | None,
+                sample_shape: tuple[int, ...]) -> tuple[Any, ModelMeta]:
+    """The torch module and its ModelMeta for the export source ``source``: a fewstep
+    checkpoint, or a diffusers folder loaded at ``sample_shape`` (the artifact's)."""
+    if not source.is_dir():
+        if scheduler_config is not None:
+            raise ValueError("--scheduler-config applies to diffusers folders; a fewstep "
+                             "checkpoint records its schedule (drop --scheduler-config)")
+        from fewstep.train import checkpoint as ckpt_io
+
+        ck = ckpt_io.load(source)
+        return ck.build_model(), ck.meta
+    from . import api, diffusers_model
+
+    loaded = diffusers_model.load(source, scheduler_config, sample_shape)
+    model = api.Adapted(loaded.module, loaded.call).eval()
+    meta = api.build_meta(loaded.sample_shape, loaded.scheduler.schedule,
+                          loaded.scheduler.prediction_type, loaded.cond, loaded.images, (),
+                          api.weights_hash(loaded.module))
+    return model, meta
+
+
 def body(args: argparse.Namespace) -> int:
     from fewstep.runtime import artifact
-    from fewstep.train import checkpoint as ckpt_io
 
     from . import check
 
-    artifact.read_onnx_meta(args.model)  # a clear error for a foreign file, before torch work
+    main_meta = artifact.read_onnx_meta(args.model)  # a foreign file: before torch work
     artifact.siblings(args.model)  # ... and for a sibling graph that lies outside the folder
     providers = None
     if args.providers:
@@ -50,11 +79,12 @@ def body(args: argparse.Namespace) -> int:
                 raise ValueError(f"--providers {p!r} is unknown; use cpu and/or cuda")
             if p not in have:
                 raise ValueError(f"--providers {p!r} is not available here (have: {have})")
-    ck = ckpt_io.load(args.against)
+    model, source_meta = load_source(args.against, args.scheduler_config,
+                                     main_meta.sample_shape)
     graphs = len(artifact.siblings(args.model))
     with clitools.Progress(graphs, "check", unit="graph") as progress:  # a bar on a terminal
         rows = check.check_artifact(
-            args.model, ck.build_model(), ck.meta, providers=providers, n=args.n,
+            args.model, model, source_meta, providers=providers, n=args.n,
             steps=args.steps, eta=args.eta, seed=args.seed,
             gates={"fp32": args.min_psnr_fp32, "fp16": args.min_psnr_fp16,
                    "bf16": args.min_psnr_bf16}, progress=progress,

@@ -33,6 +33,8 @@ from fewstep.runtime.fileio import staging_dir
 from fewstep.runtime.meta import ModelMeta
 from fewstep.runtime.sampling import default_spacing
 
+from . import triton_model
+
 VERSION: Final = "1"
 MARKER: Final = "fewstep-triton.json"
 MODEL_PY: Final = Path(__file__).with_name("triton_model.py")
@@ -116,6 +118,27 @@ def tensor_configs(meta: ModelMeta) -> tuple[list[TensorConfig], list[TensorConf
 
     return ([one(n, ins[n].dtype, ins[n].dims) for n in meta.graph.inputs],
             [one(out.name, out.dtype, out.dims)])
+
+
+def python_inputs(meta: ModelMeta) -> list[TensorConfig]:
+    """The Python-backend model's request inputs (``triton_model`` documents them): seed,
+    the label of a class-conditional model, each conditioning input (required, its own
+    dtype and shape; [1] for a scalar), guidance of a guidance graph, steps and eta."""
+    clash = triton_model.name_clashes(meta)
+    if clash:
+        raise ValueError(
+            f"the conditioning input {clash[0]!r} has the name of an input of fewstep's Triton "
+            f"model ({', '.join(triton_model.INPUTS)}); export the model with another name "
+            "for it (Conditioning(name=...), mapped to the module's argument by call=)")
+    inputs = [TensorConfig("seed", "TYPE_INT64", (1,))]
+    if meta.conditional:
+        inputs.append(TensorConfig("label", "TYPE_INT64", (1,), optional=True))
+    inputs += [TensorConfig(c.name, TYPES[np.dtype(c.np_dtype)], c.shape or (1,))
+               for c in meta.cond]
+    if meta.graph.guidance:
+        inputs.append(TensorConfig("guidance", "TYPE_FP32", (1,), optional=True))
+    return [*inputs, TensorConfig("steps", "TYPE_INT64", (1,), optional=True),
+            TensorConfig("eta", "TYPE_FP32", (1,), optional=True)]
 
 
 def _tensor_block(key: str, tensors: Sequence[TensorConfig]) -> list[str]:
@@ -283,7 +306,6 @@ def plan_repository(onnx_path: str | os.PathLike[str], options: TritonOptions | 
             f"plans and {main_path.name}'s artifact has none (fewstep export --fused sampler)")
 
     entries: list[ModelEntry] = []
-    c, h, w = main.image_shape
     for _key, graph in sorted(graphs.items()):
         path, meta = graph.path, graph.meta
         assert meta is not None
@@ -339,21 +361,17 @@ def plan_repository(onnx_path: str | os.PathLike[str], options: TritonOptions | 
         assert meta is not None
         name = _model_name(prefix, meta)
         max_batch = o.max_batch or trt_plan.default_profile(meta).max
-        inputs = [TensorConfig("seed", "TYPE_INT64", (1,))]
-        if meta.conditional:
-            inputs.append(TensorConfig("label", "TYPE_INT64", (1,), optional=True))
-        if meta.graph.guidance:
-            inputs.append(TensorConfig("guidance", "TYPE_FP32", (1,), optional=True))
-        inputs += [TensorConfig("steps", "TYPE_INT64", (1,), optional=True),
-                   TensorConfig("eta", "TYPE_FP32", (1,), optional=True)]
+        out_name, out_dtype, out_dims = triton_model.output_spec(meta)
         steps = o.default_steps or (main.distilled_steps[-1] if main.distilled_steps else 4)
         params = {"graph": path.name, "default_steps": str(steps),
                   "spacing": default_spacing(main), "backend": "auto"}
         about = (f"fewstep DDIM loop over {path.name} ({meta.graph.kind} graph): one row per "
-                 f"image; needs fewstep + onnxruntime in Triton's Python environment")
+                 f"{'image' if meta.images else 'sample'}; needs fewstep + onnxruntime in "
+                 "Triton's Python environment")
         entries.append(ModelEntry(
             name, "python",
-            config_text(name, "python", inputs, [TensorConfig("image", "TYPE_UINT8", (h, w, c))],
+            config_text(name, "python", python_inputs(meta),
+                        [TensorConfig(out_name, TYPES[np.dtype(out_dtype)], out_dims)],
                         max_batch, preferred_batch_sizes(max_batch), o.max_queue_delay_us,
                         o.instance_kind, o.instance_count, params, comment=about),
             ((MODEL_PY, "model.py"), (path, path.name), *_weights(path)),

@@ -11,25 +11,29 @@ The Python environment Triton runs this file in needs numpy and fewstep's runtim
 ONNX Runtime (``pip install --no-deps fewstep`` plus ``numpy pillow onnxruntime-gpu``
 in the server image; see the README). Nothing here imports torch.
 
-A request asks for one image per row; every input has the batch dimension first and
-one value per row (dims [1]):
+A request asks for one sample per row; every input has the batch dimension first:
 
 ==========  =======  ===============================================================
 input       type     meaning (default when the input is left out)
 ==========  =======  ===============================================================
-seed        INT64    required: row r draws its noise from stream (seed, r), exactly
-                     as image r of ``fewstep sample --seed SEED`` does
-label       INT64    class index (r % num_classes); class-conditional models only
-guidance    FP32     classifier-free guidance scale (1 = none); guidance graphs only
-steps       INT64    DDIM steps (the ``default_steps`` parameter of config.pbtxt)
-eta         FP32     0 = deterministic DDIM ... 1 = ancestral noise (0)
+seed        INT64    required, dims [1]: row r draws its noise from stream (seed, r),
+                     exactly as sample r of ``fewstep sample --seed SEED`` does
+label       INT64    dims [1]: class index (r % num_classes); class-conditional models
+COND        its own  required, one per conditioning input of the model, named as in its
+                     metadata (``fewstep info``): FP32 or INT64, dims its shape ([1] for
+                     a scalar), e.g. ``global_cond`` FP32 [36]
+guidance    FP32     dims [1]: classifier-free guidance scale (1 = none); guidance graphs
+steps       INT64    dims [1]: DDIM steps (the ``default_steps`` parameter of config.pbtxt)
+eta         FP32     dims [1]: 0 = deterministic DDIM ... 1 = ancestral noise (0)
 ==========  =======  ===============================================================
 
-The response holds ``image``: UINT8 (H, W, C). A request whose rows all carry seed S,
-labels L and guidance G gets the images ``Pipeline.generate(n, steps, eta, S, L, G)``
-returns (up to ONNX Runtime's float rounding on another device). Triton's dynamic
-batcher hands several requests to ``execute`` at once: their rows run through the
-graph together, grouped by (steps, eta), at most ``max_batch_size`` rows per run.
+The response holds ``image``: UINT8 (H, W, C) for an image model, else ``x0``: FP32
+(*sample_shape), the final samples in model space (``output_spec``). A request whose
+rows all carry seed S, labels L, conditioning C and guidance G gets what
+``Pipeline.generate(n, steps, eta, S, L, G, cond=C)`` returns (up to ONNX Runtime's
+float rounding on another device). Triton's dynamic batcher hands several requests to
+``execute`` at once: their rows run through the graph together, grouped by (steps,
+eta), at most ``max_batch_size`` rows per run.
 
 Tensors cross into and out of the backend through DLPack, not ``as_numpy()`` /
 ``Tensor(name, array)``: those go through the pybind11 NumPy API the backend stub was
@@ -55,6 +59,7 @@ from fewstep.runtime.backends import Array, Graph
 from fewstep.runtime.clitools import plural
 from fewstep.runtime.errors import ArtifactError, NumericalError
 from fewstep.runtime.images import to_uint8_nhwc
+from fewstep.runtime.meta import CondSpec, ModelMeta
 from fewstep.runtime.sampling import SamplingPlan
 
 try:  # present only inside Triton's Python backend
@@ -62,9 +67,27 @@ try:  # present only inside Triton's Python backend
 except ImportError:  # pragma: no cover - imported by tests and tools outside Triton
     pb_utils = None
 
-INPUTS = ("seed", "label", "guidance", "steps", "eta")
-OUTPUT = "image"
+INPUTS = ("seed", "label", "guidance", "steps", "eta")  # besides the conditioning inputs
+TYPE_NAMES = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64"}
 U8 = NDArray[np.uint8]
+
+
+def output_spec(meta: ModelMeta) -> tuple[str, type[np.generic], tuple[int, ...]]:
+    """The response's one output: name, dtype and dims of one row (no batch axis)."""
+    if meta.images:
+        c, h, w = meta.image_shape
+        return "image", np.uint8, (h, w, c)
+    return "x0", np.float32, tuple(meta.sample_shape)
+
+
+def request_inputs(meta: ModelMeta) -> tuple[str, ...]:
+    """Every input a request to this model may carry, conditioning inputs included."""
+    return (*INPUTS, *(c.name for c in meta.cond))
+
+
+def name_clashes(meta: ModelMeta) -> list[str]:
+    """Conditioning inputs named like one of the model's own request inputs."""
+    return [c.name for c in meta.cond if c.name in INPUTS]
 
 
 @dataclass(frozen=True)
@@ -77,8 +100,11 @@ class Defaults:
 
 def generate_rows(graph: Graph, seeds: Sequence[int], indices: Sequence[int],
                   labels: NDArray[np.int64] | None, guidance: NDArray[np.float32] | None,
-                  steps: int, eta: float, spacing: str) -> U8:
-    """Images (n, H, W, C) uint8 of rows (seed, index): the DDIM loop over ``graph``.
+                  steps: int, eta: float, spacing: str,
+                  cond: Mapping[str, Array] | None = None) -> Array:
+    """Rows (seed, index) through the DDIM loop over ``graph``: images (n, H, W, C)
+    uint8 of an image model, else the final samples (n, *sample_shape) float32.
+    ``cond``: {name: (n, *shape)} for each conditioning input of the model.
 
     ``graph`` is a step graph (DDIM update inside, ``run_loop`` keeps x on the device)
     or a denoiser graph (update on the host, ``sampling.run_loop``). Row i starts from
@@ -92,12 +118,13 @@ def generate_rows(graph: Graph, seeds: Sequence[int], indices: Sequence[int],
         raise ArtifactError(f"{graph.path} is a fused sampler graph; the Python model drives "
                             "a step or denoiser graph (serve samplers as onnxruntime models)")
     plan = SamplingPlan.create(meta, steps, spacing, eta)
-    x_T = np.empty((n, *meta.image_shape), np.float32)  # (B, C, H, W)
-    step_noise = (np.empty((n, plan.steps, *meta.image_shape), np.float32)
-                  if plan.stochastic else None)  # (B, S, C, H, W)
+    shape = meta.sample_shape
+    x_T = np.empty((n, *shape), np.float32)  # (B, *sample_shape)
+    step_noise = (np.empty((n, plan.steps, *shape), np.float32)
+                  if plan.stochastic else None)  # (B, S, *sample_shape)
     for row, (seed, index) in enumerate(zip(seeds, indices, strict=True)):
         x, s = host_noise.generation_noise(int(seed), range(int(index), int(index) + 1),
-                                           meta.image_shape, plan.steps if plan.stochastic else 0)
+                                           shape, plan.steps if plan.stochastic else 0)
         x_T[row] = x[0]
         if step_noise is not None and s is not None:
             step_noise[row] = s[0]
@@ -107,6 +134,11 @@ def generate_rows(graph: Graph, seeds: Sequence[int], indices: Sequence[int],
         if labels is None:
             raise ValueError("this model is class-conditional: pass labels")
         extra["label"] = np.ascontiguousarray(labels, dtype=inputs["label"].dtype)
+    for spec in meta.cond:
+        value = (cond or {}).get(spec.name)
+        if value is None:
+            raise ValueError(f"this model is conditioned on {spec.name!r}: pass cond")
+        extra[spec.name] = np.ascontiguousarray(value, dtype=spec.np_dtype)
     if "guidance" in inputs:
         dtype = inputs["guidance"].dtype
         extra["guidance"] = (np.ones(n, dtype) if guidance is None
@@ -136,7 +168,7 @@ def generate_rows(graph: Graph, seeds: Sequence[int], indices: Sequence[int],
     if not np.all(np.isfinite(y)):
         raise NumericalError(f"{Path(graph.path).name} produced NaN/Inf in "
                              f"{plural(plan.steps, 'step')}; export with --precision fp32")
-    return to_uint8_nhwc(y)
+    return to_uint8_nhwc(y) if meta.images else y
 
 
 def _column(name: str, value: Array | None, n: int | None) -> Array | None:
@@ -156,9 +188,10 @@ def check_request(graph: Graph, request: Mapping[str, Array | None],
                   defaults: Defaults) -> dict[str, Any]:
     """One request's rows as per-row arrays, validated; ValueError says what is wrong."""
     meta = graph.meta
-    unknown = sorted(k for k, v in request.items() if v is not None and k not in INPUTS)
+    allowed = request_inputs(meta)
+    unknown = sorted(k for k, v in request.items() if v is not None and k not in allowed)
     if unknown:
-        raise ValueError(f"unknown input(s) {unknown}; this model takes {list(INPUTS)}")
+        raise ValueError(f"unknown input(s) {unknown}; this model takes {list(allowed)}")
     seed = _column("seed", request.get("seed"), None)
     if seed is None:
         raise ValueError("input 'seed' is required (one INT64 per image row)")
@@ -199,19 +232,42 @@ def check_request(graph: Graph, request: Mapping[str, Array | None],
                          f"the model); pass steps in 1..{T}")
     eta = np.zeros(n, np.float32) if cols["eta"] is None else cols["eta"].astype(np.float32)
     ddim.check_eta(eta)
-    return {"seed": seeds, "label": labels, "guidance": guidance, "steps": steps, "eta": eta}
+    cond = {spec.name: _cond_input(spec, request.get(spec.name), n) for spec in meta.cond}
+    return {"seed": seeds, "label": labels, "guidance": guidance, "steps": steps, "eta": eta,
+            "cond": cond}
+
+
+def _cond_input(spec: CondSpec, value: Array | None, n: int) -> Array:
+    """One conditioning input of a request as (n, *spec.shape) of its dtype."""
+    kind = TYPE_NAMES[np.dtype(spec.np_dtype)]
+    dims = list(spec.shape) or [1]
+    if value is None:
+        raise ValueError(f"input {spec.name!r} is required: this model is conditioned on it "
+                         f"({kind}, dims {dims}, one value per row)")
+    a = np.asarray(value)
+    if a.dtype.kind not in ("f" if spec.dtype == "float32" else "iu"):
+        raise ValueError(f"input {spec.name!r} is {a.dtype}; pass {kind} values")
+    if not spec.shape and a.ndim == 2 and a.shape[1] == 1:
+        a = a[:, 0]
+    if a.shape != (n, *spec.shape):
+        raise ValueError(f"input {spec.name!r} has shape {list(np.shape(value))}; pass one "
+                         f"value of dims {dims} per row: shape [{', '.join(map(str, [n, *dims]))}]")
+    if spec.dtype == "float32" and not np.all(np.isfinite(a)):
+        raise ValueError(f"input {spec.name!r} holds NaN or Inf; pass finite values")
+    return np.ascontiguousarray(a, dtype=spec.np_dtype)
 
 
 def run_requests(graph: Graph, requests: Sequence[Mapping[str, Array | None]],
-                 defaults: Defaults, max_batch: int) -> list[U8 | Exception]:
-    """Every request's images (n, H, W, C) uint8, or the error that request gets.
+                 defaults: Defaults, max_batch: int) -> list[Array | Exception]:
+    """Every request's output (``output_spec``: images (n, H, W, C) uint8 or samples
+    (n, *sample_shape) float32), or the error that request gets.
 
     Rows of all valid requests are grouped by (steps, eta) and run at most
     ``max_batch`` at a time; row r of a request uses noise index r.
     """
-    results: list[U8 | Exception] = []
+    results: list[Array | Exception] = []
     rows: dict[tuple[int, float], list[tuple[int, int, dict[str, Any]]]] = {}
-    c, h, w = graph.meta.image_shape
+    _, out_dtype, out_dims = output_spec(graph.meta)
     for q, request in enumerate(requests):
         try:
             cols = check_request(graph, request, defaults)
@@ -219,7 +275,7 @@ def run_requests(graph: Graph, requests: Sequence[Mapping[str, Array | None]],
             results.append(e)
             continue
         n = len(cols["seed"])
-        results.append(np.empty((n, h, w, c), np.uint8))
+        results.append(np.empty((n, *out_dims), out_dtype))
         for r in range(n):
             key = (int(cols["steps"][r]), float(cols["eta"][r]))
             rows.setdefault(key, []).append((q, r, cols))
@@ -231,18 +287,20 @@ def run_requests(graph: Graph, requests: Sequence[Mapping[str, Array | None]],
             guidance = (None if "guidance" not in graph.meta.graph.inputs else np.array(
                 [1.0 if m[2]["guidance"] is None else m[2]["guidance"][m[1]] for m in chunk],
                 np.float32))
+            cond = {spec.name: np.stack([m[2]["cond"][spec.name][m[1]] for m in chunk])
+                    for spec in graph.meta.cond}
             try:
-                images = generate_rows(graph, [int(m[2]["seed"][m[1]]) for m in chunk],
-                                       [m[1] for m in chunk], labels, guidance, steps, eta,
-                                       defaults.spacing)
+                samples = generate_rows(graph, [int(m[2]["seed"][m[1]]) for m in chunk],
+                                        [m[1] for m in chunk], labels, guidance, steps, eta,
+                                        defaults.spacing, cond)
             except (ValueError, ArtifactError, NumericalError) as e:
                 for q, _, _ in chunk:
                     results[q] = e
                 continue
-            for (q, r, _), image in zip(chunk, images, strict=True):
+            for (q, r, _), sample in zip(chunk, samples, strict=True):
                 out = results[q]
                 if not isinstance(out, Exception):
-                    out[r] = image
+                    out[r] = sample
     return results
 
 
@@ -312,9 +370,11 @@ class TritonPythonModel:
     def execute(self, requests: Sequence[Any]) -> list[Any]:
         assert self.graph is not None and pb_utils is not None
         arrays: list[dict[str, Array | None]] = []
+        names = request_inputs(self.graph.meta)
+        output = output_spec(self.graph.meta)[0]
         for request in requests:
             feeds: dict[str, Array | None] = {}
-            for name in INPUTS:
+            for name in names:
                 tensor = pb_utils.get_input_tensor_by_name(request, name)
                 feeds[name] = None if tensor is None else input_array(tensor)
             arrays.append(feeds)
@@ -325,7 +385,7 @@ class TritonPythonModel:
                     output_tensors=[], error=pb_utils.TritonError(str(result))))
             else:
                 responses.append(pb_utils.InferenceResponse(
-                    output_tensors=[pb_utils.Tensor.from_dlpack(OUTPUT,
+                    output_tensors=[pb_utils.Tensor.from_dlpack(output,
                                                                 dlpack_capsule(result))]))
         return responses
 

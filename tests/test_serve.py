@@ -130,7 +130,8 @@ BAD_REQUESTS = [
      "guidance nan is outside [0, 50]"),
     ("label 6", dict(seed=col([7]), label=col([6])), "label 6 is outside the model's classes"),
     ("negative seed", dict(seed=col([-3])), "seed -3 is negative"),
-    ("eta 2", dict(seed=col([7]), eta=col([2.0], np.float32)), "eta 2.0 is outside [0, 1]"),
+    ("eta 2", dict(seed=col([7]), eta=col([2.0], np.float32)),
+     "eta has 1 of 1 value(s) outside [0, 1] (first: 2.0)"),
 ]
 
 
@@ -228,6 +229,38 @@ def test_stub_killed_mid_request(server: serve.Server, pipe: Any) -> None:
     assert fresh != victim
     np.testing.assert_array_equal(infer_grpc(server, MODEL, seed=col([1, 1]), steps=col([2, 2])),
                                   pipe.generate(2, steps=2, seed=1))
+
+
+def test_sequence_model_with_conditioning_serves_the_pipelines_samples(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A (16, 2) sequence model conditioned on global_cond FP32 [36] and task INT64 [1]:
+    one request over gRPC answers x0 FP32 equal to Pipeline.generate's samples."""
+    from test_triton import OBS, sequence_artifact
+
+    from fewstep.export import triton
+    from fewstep.runtime import Pipeline
+
+    folder = tmp_path_factory.mktemp("serve_policy")
+    model = sequence_artifact(folder)
+    repo = folder / "models"
+    triton.write_repository(model, repo, triton.TritonOptions(instance_kind="cpu"),
+                            log=lambda _msg: None)
+    obs = np.random.default_rng(3).standard_normal((2, OBS)).astype(np.float32)
+    with serve.serving(repo, ["policy_ddim"], ready_timeout=180) as server:
+        client = grpc.InferenceServerClient(server.grpc_url)
+        try:
+            result = client.infer("policy_ddim", _inputs(
+                grpc, seed=col([4, 4]), global_cond=obs, task=col([1, 2]), steps=col([3, 3]),
+                guidance=col([2.0, 2.0], np.float32)), client_timeout=TIMEOUT)
+            got = np.asarray(result.as_numpy("x0"))
+        finally:
+            client.close()
+    pipe = Pipeline.load(repo / "policy_ddim" / "1" / "policy.step.onnx", backend="ort-cpu")
+    want = pipe.generate(2, 3, seed=4, cond={"global_cond": obs, "task": np.array([1, 2])},
+                         guidance=2.0)
+    assert pipe.last_path == "step"
+    assert got.dtype == np.float32 and got.shape == (2, 16, 2)
+    np.testing.assert_array_equal(got, want)
 
 
 def test_dlpack_capsule_round_trip_releases_the_array() -> None:

@@ -24,7 +24,7 @@ import pytest
 
 from fewstep.runtime import backends, plan
 from fewstep.runtime.errors import ArtifactError, BackendUnavailable
-from fewstep.runtime.meta import META_KEY, GraphInfo, ModelMeta, Schedule
+from fewstep.runtime.meta import META_KEY, CondSpec, GraphInfo, ModelMeta, Schedule
 from fewstep.runtime.plan import (
     BatchProfile,
     PlanSidecar,
@@ -185,9 +185,9 @@ def test_batch_profile_parse_rejects(text: str, message: str) -> None:
 def test_default_profile_scales_with_device_and_image() -> None:
     assert default_profile(make_meta()) == BatchProfile(1, 1, 16)
     assert default_profile(make_meta(), jetson=True) == BatchProfile(1, 1, 4)
-    big = dataclasses.replace(make_meta(), height=256, width=256)
+    big = dataclasses.replace(make_meta(), sample_shape=(3, 256, 256))
     assert default_profile(big) == BatchProfile(1, 1, 4)
-    huge = dataclasses.replace(make_meta(), height=512, width=512)
+    huge = dataclasses.replace(make_meta(), sample_shape=(3, 512, 512))
     assert default_profile(huge) == BatchProfile(1, 1, 1)
     assert default_profile(huge, jetson=True) == BatchProfile(1, 1, 1)
 
@@ -198,6 +198,130 @@ def test_profile_shapes_cover_every_input() -> None:
     assert set(shapes) == set(step.graph.inputs)
     assert shapes["noise"] == ((1, 3, 8, 8), (4, 3, 8, 8), (16, 3, 8, 8))
     assert shapes["guidance"] == ((1,), (4,), (16,))
+
+
+def make_seq_meta(sample_shape: tuple[int, ...] = (16, 2), **graph: Any) -> ModelMeta:
+    """A non-image model: (T, D) sequences conditioned on global_cond float32 (36,) and
+    task int64 (), both with a null value (guidance graphs allowed)."""
+    meta = ModelMeta.build(
+        prediction_type="epsilon", schedule=Schedule("squaredcos_cap_v2", 100),
+        sample_shape=sample_shape, images=False,
+        cond=(CondSpec("global_cond", "float32", (36,), 0.0), CondSpec("task", "int64", (), 0)),
+        graph=GraphInfo(),
+    )
+    return meta.for_graph(**graph) if graph else meta
+
+
+def test_sequence_model_profile_reads_the_graph_io_contract() -> None:
+    assert default_profile(make_seq_meta()) == BatchProfile(1, 1, 16)
+    assert default_profile(make_seq_meta(), jetson=True) == BatchProfile(1, 1, 4)
+    # 4096 x 8 = 32768 values per sample: twice the 128 x 128 that gets the full batch.
+    assert default_profile(make_seq_meta((4096, 8))) == BatchProfile(1, 1, 8)
+    step = make_seq_meta(kind="step", guidance=True)
+    shapes = profile_shapes(step, BatchProfile(1, 4, 16))
+    assert shapes == {
+        "x": ((1, 16, 2), (4, 16, 2), (16, 16, 2)),
+        "t": ((1,), (4,), (16,)), "a_t": ((1,), (4,), (16,)), "a_prev": ((1,), (4,), (16,)),
+        "eta": ((1,), (4,), (16,)), "noise": ((1, 16, 2), (4, 16, 2), (16, 16, 2)),
+        "global_cond": ((1, 36), (4, 36), (16, 36)), "task": ((1,), (4,), (16,)),
+        "guidance": ((1,), (4,), (16,)),
+    }
+    sampler = make_seq_meta(kind="sampler", steps=3, spacing="leading", eta=0.5)
+    shapes = profile_shapes(sampler, BatchProfile(2, 2, 2))
+    assert list(shapes) == ["x", "global_cond", "task", "noise"]
+    assert shapes["noise"] == ((2, 3, 16, 2),) * 3
+
+
+def tiny_seq_onnx(path: Path, meta: ModelMeta) -> Path:
+    """A real denoiser graph of ``make_seq_meta``'s model: eps = x * 0.5 + t / 1000 +
+    mean(global_cond) + task / 100, each term broadcast over (T, D)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    f32, i64 = TensorProto.FLOAT, TensorProto.INT64
+    seq = ["B", *meta.sample_shape]
+    inputs = [helper.make_tensor_value_info("x", f32, seq),
+              helper.make_tensor_value_info("t", f32, ["B"]),
+              helper.make_tensor_value_info("global_cond", f32, ["B", 36]),
+              helper.make_tensor_value_info("task", i64, ["B"])]
+    inits = [numpy_helper.from_array(np.array(0.5, np.float32), "w"),
+             numpy_helper.from_array(np.array([-1, 1, 1], np.int64), "shape3"),
+             numpy_helper.from_array(np.array(1e-3, np.float32), "k_t"),
+             numpy_helper.from_array(np.array(1e-2, np.float32), "k_task")]
+    nodes = [helper.make_node("Mul", ["x", "w"], ["xw"]),
+             helper.make_node("Mul", ["t", "k_t"], ["ts"]),
+             helper.make_node("ReduceMean", ["global_cond"], ["gm"], axes=[1], keepdims=0),
+             helper.make_node("Cast", ["task"], ["taskf"], to=f32),
+             helper.make_node("Mul", ["taskf", "k_task"], ["tk"]),
+             helper.make_node("Add", ["ts", "gm"], ["s1"]),
+             helper.make_node("Add", ["s1", "tk"], ["s2"]),
+             helper.make_node("Reshape", ["s2", "shape3"], ["s3"]),
+             helper.make_node("Add", ["xw", "s3"], ["eps"])]
+    graph = helper.make_graph(nodes, "tiny-seq", inputs,
+                              [helper.make_tensor_value_info("eps", f32, seq)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                              producer_name="fewstep-test")
+    model.ir_version = 8
+    helper.set_model_props(model, {META_KEY: meta.to_json()})
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save_model(model, str(path))
+    return path
+
+
+def seq_feeds(meta: ModelMeta, batch: int, rng: np.random.Generator) -> dict[str, Any]:
+    return {"x": rng.standard_normal((batch, *meta.sample_shape)).astype(np.float32),
+            "t": rng.integers(0, 100, batch).astype(np.float32),
+            "global_cond": rng.standard_normal((batch, 36)).astype(np.float32),
+            "task": rng.integers(0, 3, batch).astype(np.int64)}
+
+
+def test_tiny_sequence_graph_follows_the_contract(tmp_path: Path,
+                                                  rng: np.random.Generator) -> None:
+    meta = make_seq_meta()
+    onnx_path = tiny_seq_onnx(tmp_path / "policy.onnx", meta)
+    feeds = seq_feeds(meta, 3, rng)
+    expect = (feeds["x"] * 0.5 + (feeds["t"] * 1e-3 + feeds["global_cond"].mean(1)
+                                  + feeds["task"] * 1e-2)[:, None, None])
+    np.testing.assert_allclose(ort_run(onnx_path, feeds), expect, rtol=1e-6, atol=1e-6)
+    assert list(meta.graph.inputs) == list(feeds)
+
+
+def test_sequence_model_build_request_and_sidecar(tmp_path: Path) -> None:
+    from fewstep.export.tensorrt_build import plan_name_for, prepare_build
+
+    meta = make_seq_meta()
+    onnx_path = tiny_seq_onnx(tmp_path / "policy.onnx", meta)
+    req = prepare_build(onnx_path, tmp_path / "policy.plan", batch="1:2:8")
+    assert req.meta == meta and req.profile == BatchProfile(1, 2, 8)
+    assert plan_name_for(onnx_path, tmp_path, meta) == tmp_path / "policy.plan"
+    sidecar, plan_path = make_sidecar(tmp_path, onnx=onnx_path, meta=meta,
+                                      profile=BatchProfile(1, 2, 8))
+    loaded = load_sidecar(plan_path)
+    assert loaded == sidecar and loaded.meta == meta and not loaded.meta.images
+    data = json.loads(sidecar_path(plan_path).read_text())
+    assert data["meta"]["sample_shape"] == [16, 2] and data["meta"]["images"] is False
+    assert [c["name"] for c in data["meta"]["cond"]] == ["global_cond", "task"]
+    assert data["meta"]["graph"]["inputs"] == ["x", "t", "global_cond", "task"]
+    check_compatible(loaded, HERE, plan_path)
+    assert profile_shapes(loaded.meta, loaded.profile)["global_cond"] == (
+        (1, 36), (2, 36), (8, 36))
+
+
+def test_build_all_of_a_sequence_artifact_gets_to_tensorrt(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], no_tensorrt: None) -> None:
+    meta = make_seq_meta()
+    onnx_path = tiny_seq_onnx(tmp_path / "policy.onnx", meta)
+    step = tmp_path / "policy.step.onnx"
+    step.write_bytes(onnx_path.read_bytes())  # named a step graph, its metadata a denoiser
+    code, err = build_cli([str(onnx_path), "--out", str(tmp_path), "--all"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert ("policy.onnx and policy.step.onnx hold the same kind of graph and would both be "
+            f"built into {tmp_path / 'policy.plan'}") in err
+    tiny_seq_onnx(step, meta.for_graph(kind="step"))  # its inputs do not matter here
+    code, err = build_cli([str(onnx_path), "--out", str(tmp_path), "--all", "--batch", "1:4:8"],
+                          capsys)
+    assert code == 2 and "TensorRT is not installed" in err
+    assert not list(tmp_path.glob("*.plan"))
 
 
 def test_default_workspace() -> None:
@@ -265,7 +389,8 @@ def _mutated(tmp_path: Path, mutate: Callable[[dict[str, Any]], object]) -> Path
     (lambda d: d.update(tensorrt_version="ten"), "TensorRT version 'ten'"),
     (lambda d: d.update(plan_sha256="abc"), "is not a sha256 hex digest"),
     (lambda d: d.update(surprise=1), "unknown keys ['surprise']"),
-    (lambda d: d["meta"].update(channels="3"), "field channels: '3' is not int"),
+    (lambda d: d["meta"].update(sample_shape=[3, "8", 8]),
+     "field sample_shape: [3, '8', 8] is not a list of up to 6 whole numbers"),
     (lambda d: d.update(exclude_lean_runtime=True), "only meaningful with version_compatible"),
 ])
 def test_bad_sidecar_is_one_artifact_error(tmp_path: Path, mutate: Any, message: str) -> None:
@@ -694,6 +819,25 @@ def test_plan_matches_onnxruntime(trt_gpu: None, tmp_path: Path,
                                    atol=1e-5)
     with pytest.raises(ValueError, match=r"outside model\.plan's profile 1:2:4"):
         graph.run(denoiser_feeds(meta, 5, rng))
+    graph.close()  # type: ignore[attr-defined]
+
+
+@pytest.mark.tensorrt
+def test_sequence_plan_with_conditioning_matches_onnxruntime(
+        trt_gpu: None, tmp_path: Path, rng: np.random.Generator) -> None:
+    from fewstep.export.tensorrt_build import build_plan
+
+    meta = make_seq_meta()
+    onnx_path = tiny_seq_onnx(tmp_path / "policy.onnx", meta)
+    sidecar = build_plan(onnx_path, tmp_path / "policy.plan", batch="1:2:4",
+                         use_timing_cache=False)
+    assert sidecar.meta == meta and sidecar.profile == BatchProfile(1, 2, 4)
+    graph = backends.load(str(tmp_path / "policy.plan"), "tensorrt")
+    assert graph.max_batch == 4
+    for batch in (1, 3, 3, 3, 2):  # the repeats launch a captured CUDA graph
+        feeds = seq_feeds(meta, batch, rng)
+        np.testing.assert_allclose(graph.run(feeds), ort_run(onnx_path, feeds), rtol=1e-5,
+                                   atol=1e-5)
     graph.close()  # type: ignore[attr-defined]
 
 

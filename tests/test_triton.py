@@ -473,3 +473,174 @@ def test_default_model_repository(tmp_path: Path) -> None:
     np.testing.assert_array_equal(served, pipe.generate(2, steps=4, seed=3, labels=[2, 5],
                                                         guidance=3.0))
     assert pipe.last_path == "sampler"
+
+
+# ---------------------------------------------------------------------------------
+# A model that is not an image model: (16, 2) sequences, named conditioning inputs
+# ---------------------------------------------------------------------------------
+
+HORIZON, ACTIONS, OBS = 16, 2, 36
+
+
+def sequence_artifact(folder: Path) -> Path:
+    """A (T, D) sequence denoiser conditioned on an observation vector ``global_cond``
+    float32 (36,) and a task id ``task`` int64 (), both with a null for guidance;
+    exported with the step graph and a 3-step float sampler graph."""
+    torch = pytest.importorskip("torch")
+    from fewstep.export.api import Conditioning, export_module
+
+    class SequenceNet(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp = torch.nn.Linear(ACTIONS, 16)
+            self.film = torch.nn.Linear(OBS + 1, 32)
+            self.task = torch.nn.Embedding(3, 32)
+            self.out = torch.nn.Linear(16, ACTIONS)
+
+        def forward(self, x: Any, t: Any, global_cond: Any, task: Any) -> Any:
+            film = self.film(torch.cat([global_cond, (t / 100.0)[:, None]], 1))
+            scale, bias = (film + self.task(task)).chunk(2, 1)
+            return self.out(torch.tanh(self.inp(x) * (1 + scale[:, None]) + bias[:, None]))
+
+    torch.manual_seed(0)
+    out = folder / "policy.onnx"
+    export_module(
+        SequenceNet().eval(), out, sample_shape=(HORIZON, ACTIONS),
+        schedule={"_class_name": "DDIMScheduler", "num_train_timesteps": 100,
+                  "beta_schedule": "squaredcos_cap_v2", "clip_sample": True,
+                  "timestep_spacing": "leading"},
+        cond=[Conditioning("global_cond", (OBS,), null=0.0),
+              Conditioning("task", (), "int64", null=0)],
+        guidance=True, fused=("step", "sampler"), steps=(3,), check_parity=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return sequence_artifact(tmp_path_factory.mktemp("policy"))
+
+
+@pytest.fixture(scope="module")
+def policy_repo(policy: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("policy_triton") / "models"
+    written = triton.write_repository(policy, out, log=lambda _msg: None)
+    assert [p.name for p in written] == ["policy_sampler3", "policy_ddim"]
+    return out
+
+
+def observations(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, OBS)).astype(np.float32)
+
+
+def test_sequence_model_configs_declare_its_conditioning_and_samples(policy_repo: Path) -> None:
+    sampler = parse(policy_repo / "policy_sampler3")
+    assert_matches_graph(sampler, policy_repo / "policy_sampler3" / "1" / "model.onnx")
+    assert [(t.name, type_name(t.data_type), seen_shape(t)) for t in sampler.input] == [
+        ("x", "TYPE_FP32", [HORIZON, ACTIONS]), ("global_cond", "TYPE_FP32", [OBS]),
+        ("task", "TYPE_INT64", []), ("guidance", "TYPE_FP32", [])]
+    assert [(t.name, type_name(t.data_type), list(t.dims)) for t in sampler.output] == [
+        ("x0", "TYPE_FP32", [HORIZON, ACTIONS])]
+    config = parse(policy_repo / "policy_ddim")
+    ins = {t.name: (type_name(t.data_type), list(t.dims), t.optional) for t in config.input}
+    assert ins == {"seed": ("TYPE_INT64", [1], False),
+                   "global_cond": ("TYPE_FP32", [OBS], False),
+                   "task": ("TYPE_INT64", [1], False),
+                   "guidance": ("TYPE_FP32", [1], True), "steps": ("TYPE_INT64", [1], True),
+                   "eta": ("TYPE_FP32", [1], True)}
+    assert [(t.name, type_name(t.data_type), list(t.dims)) for t in config.output] == [
+        ("x0", "TYPE_FP32", [HORIZON, ACTIONS])]
+    params = {k: v.string_value for k, v in config.parameters.items()}
+    assert params == {"graph": "policy.step.onnx", "default_steps": "4", "spacing": "leading",
+                      "backend": "auto"}
+
+
+def test_sequence_model_served_sampler_gives_the_pipelines_samples(
+        policy_repo: Path, policy: Path) -> None:
+    pipe = Pipeline.load(policy, backend="ort-cpu")
+    obs, task = observations(3), np.array([0, 2, 1], np.int64)
+    want = pipe.generate(3, 3, seed=5, cond={"global_cond": obs, "task": task}, guidance=2.0)
+    assert pipe.last_path == "sampler"
+    x_T, _ = noise.generation_noise(5, range(3), (HORIZON, ACTIONS))
+    session = ort.InferenceSession(str(policy_repo / "policy_sampler3" / "1" / "model.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    got = session.run(None, {"x": x_T, "global_cond": obs, "task": task,
+                             "guidance": np.full(3, 2.0, np.float32)})[0]
+    assert got.dtype == np.float32 and got.shape == (3, HORIZON, ACTIONS)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_sequence_model_py_loop_and_requests_equal_the_pipeline(policy_repo: Path) -> None:
+    folder = policy_repo / "policy_ddim" / "1"
+    model_py = load_model_py(folder / "model.py")
+    graph = backends.load(str(folder / "policy.step.onnx"), "ort-cpu")
+    pipe = Pipeline.load(folder / "policy.step.onnx", backend="ort-cpu")
+    obs = observations(4, seed=1)
+    task = np.array([1, 1, 0, 2], np.int64)
+    col = np.array
+    requests = [
+        {"seed": col([[3]] * 4), "global_cond": obs, "task": task[:, None],
+         "guidance": col([[2.5]] * 4, np.float32), "steps": col([[5]] * 4)},
+        {"seed": col([[8], [8]]), "global_cond": obs[:2], "task": task[:2],  # (B,) is fine
+         "eta": col([[0.5], [0.5]], np.float32)},
+    ]
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"seed": col([[1]]), "task": col([[0]])},
+         "input 'global_cond' is required: this model is conditioned on it (FP32, dims [36]"),
+        ({"seed": col([[1]]), "global_cond": obs[:1]}, "input 'task' is required"),
+        ({"seed": col([[1]]), "global_cond": obs[:1, :5], "task": col([[0]])},
+         "input 'global_cond' has shape [1, 5]; pass one value of dims [36] per row: "
+         "shape [1, 36]"),
+        ({"seed": col([[1], [2]]), "global_cond": obs[:1], "task": col([[0], [1]])},
+         "shape [2, 36]"),
+        ({"seed": col([[1]]), "global_cond": obs[:1].astype(np.int64), "task": col([[0]])},
+         "input 'global_cond' is int64; pass FP32 values"),
+        ({"seed": col([[1]]), "global_cond": obs[:1], "task": col([[0.5]], np.float32)},
+         "input 'task' is float32; pass INT64 values"),
+        ({"seed": col([[1]]), "global_cond": np.full((1, OBS), np.nan, np.float32),
+          "task": col([[0]])}, "input 'global_cond' holds NaN or Inf; pass finite values"),
+        ({"seed": col([[1]]), "global_cond": obs[:1], "task": col([[0]]),
+          "other": col([[1]])}, "unknown input(s) ['other']; this model takes ['seed', "),
+        ({"seed": col([[1]]), "global_cond": obs[:1], "task": col([[0]]), "label": col([[1]])},
+         "this model is unconditional; leave the 'label' input out"),
+    ]
+    defaults = model_py.Defaults(steps=4, spacing="leading")
+    out = model_py.run_requests(graph, [*requests, *(b for b, _ in bad)], defaults, max_batch=4)
+    want = pipe.generate(4, 5, seed=3, cond={"global_cond": obs, "task": task}, guidance=2.5)
+    assert pipe.last_path == "step"
+    assert out[0].dtype == np.float32 and out[0].shape == (4, HORIZON, ACTIONS)
+    np.testing.assert_array_equal(out[0], want)
+    np.testing.assert_array_equal(out[1], pipe.generate(2, 4, eta=0.5, seed=8, cond={
+        "global_cond": obs[:2], "task": task[:2]}))
+    for result, (_, message) in zip(out[2:], bad, strict=True):
+        assert isinstance(result, ValueError), message
+        assert message in str(result) and "\n" not in str(result), str(result)
+
+
+def test_sequence_model_py_denoiser_loop_equals_the_pipeline(policy: Path, tmp_path: Path) -> None:
+    for name in ("policy.onnx", *artifact.read_onnx_header(policy).external_data):
+        shutil.copyfile(policy.with_name(name), tmp_path / name)
+    pipe = Pipeline.load(tmp_path / "policy.onnx", backend="ort-cpu")  # no step graph here
+    obs, task = observations(3, seed=2), np.array([2, 0, 1], np.int64)
+    want = pipe.generate(3, 4, seed=6, cond={"global_cond": obs, "task": task})
+    assert pipe.last_path == "denoiser"
+    model_py = load_model_py(triton.MODEL_PY)
+    graph = backends.load(str(tmp_path / "policy.onnx"), "ort-cpu")
+    got = model_py.generate_rows(graph, [6] * 3, range(3), None, None, 4, 0.0, "leading",
+                                 {"global_cond": obs, "task": task})
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="conditioned on 'global_cond': pass cond"):
+        model_py.generate_rows(graph, [6], [0], None, None, 4, 0.0, "leading")
+
+
+def test_conditioning_named_like_a_request_input_is_refused(policy: Path) -> None:
+    from fewstep.runtime.meta import CondSpec, GraphInfo, ModelMeta
+
+    meta = artifact.read_onnx_meta(policy)
+    clashing = ModelMeta.build(
+        prediction_type=meta.prediction_type, schedule=meta.schedule,
+        sample_shape=meta.sample_shape, images=False,
+        cond=(CondSpec("steps", "int64", ()),), graph=GraphInfo(kind="step"))
+    with pytest.raises(ValueError, match=r"conditioning input 'steps' has the name of an input "
+                                         r"of fewstep's Triton model .*another name"):
+        triton.python_inputs(clashing)
