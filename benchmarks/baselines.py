@@ -393,7 +393,7 @@ class OrtStepsPath(BenchPath):
 
     def _fixed(self, batch: int) -> dict[str, np.ndarray]:
         meta = self.art.graphs("denoiser", ".onnx")[0][1]
-        fixed: dict[str, np.ndarray] = {}
+        fixed: dict[str, np.ndarray] = dict(self.work.cond(batch))
         labels = self.work.labels(batch)
         if "label" in meta.graph.inputs:
             assert labels is not None
@@ -415,8 +415,9 @@ class OrtStepsPath(BenchPath):
             return out
 
         def run(i: int) -> np.ndarray:
-            x = sampling.run_loop(plan, denoise, work.noise(i % SEEDS, batch))
-            return images.to_uint8_nhwc(np.asarray(x, dtype=np.float32))
+            x = np.asarray(sampling.run_loop(plan, denoise, work.noise(i % SEEDS, batch)),
+                           dtype=np.float32)
+            return images.to_uint8_nhwc(x) if work.meta.images else x
 
         return run
 

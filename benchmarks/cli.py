@@ -339,7 +339,7 @@ def run(cfg: SuiteConfig, out: Path, log: Callable[[str], None] | None = None,
         "workload": {"guidance": work.guidance, "spacing": work.spacing, "eta": work.eta,
                      "labels": "class i % num_classes for image i",
                      "seeds": "timed calls rotate seeds 0..3; parity on seed 0",
-                     "image_shape": list(work.meta.image_shape)},
+                     "sample_shape": list(work.meta.sample_shape), "images": work.meta.images},
         "cuda_api": cuda.method, "reference": reference.describe if src.reason is None
         else src.reason,
         "notes": _run_notes(cfg, arts, work),

@@ -318,12 +318,14 @@ class Runner:
             self.roofline.annotate(row)
 
     def _check_images(self, out: Any, work: Workload, batch: int) -> None:
-        c, h, w = work.meta.image_shape
-        if not isinstance(out, np.ndarray) or out.dtype != np.uint8 or out.shape != (
-            batch, h, w, c
-        ):
+        if work.meta.images:
+            c, h, w = work.meta.image_shape
+            dtype, shape = np.dtype(np.uint8), (batch, h, w, c)
+        else:
+            dtype, shape = np.dtype(np.float32), (batch, *work.meta.sample_shape)
+        if not isinstance(out, np.ndarray) or out.dtype != dtype or out.shape != shape:
             got = (getattr(out, "dtype", type(out).__name__), getattr(out, "shape", None))
-            raise RuntimeError(f"the path returned {got}, not uint8 ({batch}, {h}, {w}, {c})")
+            raise RuntimeError(f"the path returned {got}, not {dtype} {shape}")
 
     def _parity(self, images: np.ndarray, batch: int, steps: int,
                 row: dict[str, Any]) -> None:

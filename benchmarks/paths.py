@@ -48,8 +48,21 @@ class Workload:
     def labels(self, n: int) -> np.ndarray | None:
         return sampling.resolve_labels(self.meta, n, None)  # type: ignore[no-any-return]
 
+    def cond(self, n: int) -> dict[str, np.ndarray]:
+        """Fixed values for the model's named conditioning inputs (standard normal floats,
+        zeros for int64), the same for every path."""
+        rng = np.random.default_rng(0)
+        return {c.name: (rng.standard_normal((n, *c.shape)).astype(np.float32)
+                         if c.dtype == "float32" else np.zeros((n, *c.shape), np.int64))
+                for c in self.meta.cond}
+
+    @property
+    def output(self) -> str:
+        """What every path returns: uint8 images for an image model, else float samples."""
+        return "images" if self.meta.images else "samples"
+
     def noise(self, seed: int, n: int) -> np.ndarray:
-        x_T, _ = host_noise.generation_noise(seed, range(n), self.meta.image_shape, 0)
+        x_T, _ = host_noise.generation_noise(seed, range(n), self.meta.sample_shape, 0)
         return x_T
 
 
@@ -84,7 +97,8 @@ class BenchPath:
         return None
 
     def call(self, steps: int, batch: int) -> Callable[[int], np.ndarray]:
-        """The end-to-end call: i → (batch, H, W, C) uint8 on the host (seed i % SEEDS)."""
+        """The end-to-end call: i → (batch, H, W, C) uint8 on the host (seed i % SEEDS);
+        float32 samples (batch, *sample_shape) for a model whose samples are not images."""
         raise NotImplementedError
 
     def verify(self, steps: int) -> None:
@@ -250,10 +264,13 @@ class FewstepPath(BenchPath):
         pipe = self._pipe(steps)
         g = self.work.guidance
         spacing = self.work.spacing
+        cond = self.work.cond(batch) or None
+        output = self.work.output
 
         def run(i: int) -> np.ndarray:
             out: np.ndarray = pipe.generate(batch, steps, seed=i % SEEDS, guidance=g,
-                                            spacing=spacing, batch_size=batch)
+                                            spacing=spacing, batch_size=batch, cond=cond,
+                                            output=output)
             return out
 
         return run
@@ -277,6 +294,7 @@ class FewstepPath(BenchPath):
             "a_prev": plan.a_prev[0], "eta": plan.eta, "noise": 0.0,
             "label": self.work.labels(batch),
             "guidance": 1.0 if self.work.guidance is None else self.work.guidance,
+            **self.work.cond(batch),
         }
         out = {}
         for name, spec in meta.io.inputs.items():

@@ -242,6 +242,32 @@ def export_module(
                           gates=gates, check_n=check_n, source="the module")
 
 
+def load_source(source: Path, scheduler_config: Path | None,
+                sample_shape: tuple[int, ...] | None = None) -> tuple[Any, ModelMeta]:
+    """The torch module and its ModelMeta (denoiser, fp32) for an export source: a fewstep
+    checkpoint, or a diffusers folder (``sample_shape`` None: its config's size). A
+    module from a diffusers folder has been run once on fewstep's inputs (``probe``)."""
+    if not source.is_dir():
+        for flag, value in (("--scheduler-config", scheduler_config),
+                            ("--sample-shape", sample_shape)):
+            if value is not None:
+                raise ValueError(f"{flag} applies to diffusers folders; a fewstep checkpoint "
+                                 f"records its schedule and shape (drop {flag})")
+        from fewstep.train import checkpoint as ckpt_io
+
+        ck = ckpt_io.load(source)
+        return ck.build_model(), ck.meta
+    from . import diffusers_model
+
+    loaded = diffusers_model.load(source, scheduler_config, sample_shape)
+    model = Adapted(loaded.module, loaded.call).eval()
+    meta = build_meta(loaded.sample_shape, loaded.scheduler.schedule,
+                      loaded.scheduler.prediction_type, loaded.cond, loaded.images, (),
+                      weights_hash(loaded.module))
+    probe(model, meta)
+    return model, meta
+
+
 def _schedule(schedule: Schedule | Mapping[str, Any] | None,
               prediction_type: str | None) -> tuple[Schedule, str]:
     if isinstance(schedule, Mapping):
@@ -260,5 +286,5 @@ def _schedule(schedule: Schedule | Mapping[str, Any] | None,
     return schedule or Schedule(), ptype
 
 
-__all__ = ["Adapted", "Conditioning", "build_meta", "export_module", "probe", "weights_hash",
-           "write_artifact"]
+__all__ = ["Adapted", "Conditioning", "build_meta", "export_module", "load_source", "probe",
+           "weights_hash", "write_artifact"]

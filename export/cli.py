@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 from fewstep.runtime import clitools
 from fewstep.runtime.fileio import check_writable_target
@@ -102,7 +101,6 @@ def body(args: argparse.Namespace) -> int:
 
     if args.triton is not None:
         triton.check_repository_target(args.triton)
-    from fewstep.train import checkpoint as ckpt_io
 
     from . import api, onnx_export
 
@@ -113,27 +111,8 @@ def body(args: argparse.Namespace) -> int:
                 raise ValueError(f"{flag} applies to sampler graphs; add --fused sampler "
                                  f"(or drop {flag})")
     eta = 0.0 if args.eta is None else args.eta
-    from . import diffusers_model
-
-    if args.checkpoint.is_dir():
-        loaded = diffusers_model.load(args.checkpoint, args.scheduler_config,
-                                      args.sample_shape)
-        model: Any = api.Adapted(loaded.module, loaded.call).eval()
-        meta = api.build_meta(loaded.sample_shape, loaded.scheduler.schedule,
-                              loaded.scheduler.prediction_type, loaded.cond, loaded.images,
-                              (), api.weights_hash(loaded.module))
-        api.probe(model, meta)
-        sampler_output = args.sampler_output or ("uint8" if meta.images else "float")
-    else:
-        for flag, value in (("--scheduler-config", args.scheduler_config),
-                            ("--sample-shape", args.sample_shape)):
-            if value is not None:
-                raise ValueError(f"{flag} applies to diffusers folders; a fewstep checkpoint "
-                                 f"records its schedule and shape (drop {flag})")
-        ck = ckpt_io.load(args.checkpoint)
-        meta = ck.meta
-        model = ck.build_model()
-        sampler_output = args.sampler_output or "uint8"
+    model, meta = api.load_source(args.checkpoint, args.scheduler_config, args.sample_shape)
+    sampler_output = args.sampler_output or ("uint8" if meta.images else "float")
     steps = tuple(args.steps) if args.steps else (meta.distilled_steps[-1:] or (4,))
     options = onnx_export.ExportOptions(
         precision=args.precision, guidance=args.guidance, fused=tuple(dict.fromkeys(args.fused)),

@@ -14,10 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
 from fewstep.runtime import clitools
-from fewstep.runtime.meta import ModelMeta
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -41,32 +39,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     return p
 
 
-def load_source(source: Path, scheduler_config: Path | None,
-                sample_shape: tuple[int, ...]) -> tuple[Any, ModelMeta]:
-    """The torch module and its ModelMeta for the export source ``source``: a fewstep
-    checkpoint, or a diffusers folder loaded at ``sample_shape`` (the artifact's)."""
-    if not source.is_dir():
-        if scheduler_config is not None:
-            raise ValueError("--scheduler-config applies to diffusers folders; a fewstep "
-                             "checkpoint records its schedule (drop --scheduler-config)")
-        from fewstep.train import checkpoint as ckpt_io
-
-        ck = ckpt_io.load(source)
-        return ck.build_model(), ck.meta
-    from . import api, diffusers_model
-
-    loaded = diffusers_model.load(source, scheduler_config, sample_shape)
-    model = api.Adapted(loaded.module, loaded.call).eval()
-    meta = api.build_meta(loaded.sample_shape, loaded.scheduler.schedule,
-                          loaded.scheduler.prediction_type, loaded.cond, loaded.images, (),
-                          api.weights_hash(loaded.module))
-    return model, meta
-
-
 def body(args: argparse.Namespace) -> int:
     from fewstep.runtime import artifact
 
-    from . import check
+    from . import api, check
 
     main_meta = artifact.read_onnx_meta(args.model)  # a foreign file: before torch work
     artifact.siblings(args.model)  # ... and for a sibling graph that lies outside the folder
@@ -79,7 +55,7 @@ def body(args: argparse.Namespace) -> int:
                 raise ValueError(f"--providers {p!r} is unknown; use cpu and/or cuda")
             if p not in have:
                 raise ValueError(f"--providers {p!r} is not available here (have: {have})")
-    model, source_meta = load_source(args.against, args.scheduler_config,
+    model, source_meta = api.load_source(args.against, args.scheduler_config,
                                      main_meta.sample_shape)
     graphs = len(artifact.siblings(args.model))
     with clitools.Progress(graphs, "check", unit="graph") as progress:  # a bar on a terminal

@@ -52,9 +52,11 @@ MAX_COND_ELEMENTS: Final = 1 << 20
 MAX_COND_INPUTS: Final = 16
 MAX_COND_NAME: Final = 64
 COND_DTYPES: Final[dict[str, type[np.generic]]] = {"float32": np.float32, "int64": np.int64}
-# Names a conditioning input cannot take: the graphs' own inputs and outputs.
+# Names a conditioning input cannot take: the graphs' own inputs and outputs, and the
+# request inputs of the Triton model.
 RESERVED_NAMES: Final = frozenset({"x", "t", "label", "guidance", "a_t", "a_prev", "eta",
-                                   "noise", "eps", "v", "x0", "x_prev", "image"})
+                                   "noise", "eps", "v", "x0", "x_prev", "image", "seed",
+                                   "steps"})
 AUTO: Final = -1  # null_label default: num_classes when the model has classes
 
 

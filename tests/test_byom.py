@@ -334,3 +334,16 @@ def test_fp16_export_passes_its_gate_and_leaves_the_module_as_it_was(tmp_path: P
     pipe = Pipeline.load(out)
     assert pipe.meta.graph.precision == "fp16"
     assert pipe.generate(2, 8, cond={"global_cond": obs(2)}).shape == (2, HORIZON, ACTIONS)
+
+
+def test_bench_times_a_sequence_model(policy: tuple[nn.Module, Path], tmp_path: Path,
+                                      capfd: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench"
+    code = cli.main(["bench", "--model", str(policy[1]), "--quick", "--steps", "8",
+                     "--batch", "2", "--out", str(out)])
+    err = capfd.readouterr().err
+    assert code == 0, err
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    timed = {r.get("name") for r in rows if r.get("p50_ms") is not None}
+    assert {"fewstep ort-cpu sampler fp32", "fewstep ort-cpu step fp32",
+            "ort-steps cpu fp32"} <= timed, timed
