@@ -252,12 +252,12 @@ def mismatch(main: ModelMeta, other: ModelMeta, *, precision: bool = True) -> st
         ("prediction type", main.prediction_type, other.prediction_type),
         ("sample shape", main.sample_shape, other.sample_shape),
         ("images", main.images, other.images), ("conditioning", main.cond, other.cond),
-        ("null label", main.null_label, other.null_label),
     ]
     if precision:
         checks.append(("precision", main.graph.precision, other.graph.precision))
     checks.append(("classes", main.class_names or main.num_classes,
                    other.class_names or other.num_classes))
+    checks.append(("null label", main.null_label, other.null_label))
     for what, a, b in checks:
         if a != b:
             return f"{what} ({b!r} vs {a!r})"
