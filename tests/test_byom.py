@@ -297,8 +297,32 @@ def _edit_scheduler(folder: Path, tmp_path: Path, **changes: object) -> Path:
     return copy
 
 
+def _add_component(folder: Path, tmp_path: Path, name: str) -> Path:
+    import shutil
+
+    copy = tmp_path / "edited"
+    shutil.copytree(folder, copy)
+    index = json.loads((copy / "model_index.json").read_text())
+    index[name] = ["transformers", "CLIPTextModel"]
+    (copy / "model_index.json").write_text(json.dumps(index))
+    return copy
+
+
+def _pickled_weights(folder: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    copy = tmp_path / "edited"
+    shutil.copytree(folder, copy)
+    for f in (copy / "unet").glob("*.safetensors"):
+        f.rename(f.with_suffix(".bin"))
+    return copy
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda f, t: t, "is not a diffusers folder"),
+    (lambda f, t: _add_component(f, t, "text_encoder"), "it needs text embeddings"),
+    (lambda f, t: _add_component(f, t, "vae"), "latent space"),
+    (_pickled_weights, "has no .safetensors weights"),
     (lambda f, t: _edit_scheduler(f, t, thresholding=True), "thresholding"),
     (lambda f, t: _edit_scheduler(f, t, _class_name="EulerDiscreteScheduler"),
      "EulerDiscreteScheduler"),
