@@ -55,8 +55,9 @@ def body(args: argparse.Namespace) -> int:
                 raise ValueError(f"--providers {p!r} is unknown; use cpu and/or cuda")
             if p not in have:
                 raise ValueError(f"--providers {p!r} is not available here (have: {have})")
-    model, source_meta = api.load_source(args.against, args.scheduler_config,
-                                     main_meta.sample_shape)
+    model, source_meta = api.load_source(
+        args.against, args.scheduler_config,
+        main_meta.sample_shape if args.against.is_dir() else None)
     graphs = len(artifact.siblings(args.model))
     with clitools.Progress(graphs, "check", unit="graph") as progress:  # a bar on a terminal
         rows = check.check_artifact(

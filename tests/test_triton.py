@@ -633,14 +633,12 @@ def test_sequence_model_py_denoiser_loop_equals_the_pipeline(policy: Path, tmp_p
         model_py.generate_rows(graph, [6], [0], None, None, 4, 0.0, "leading")
 
 
-def test_conditioning_named_like_a_request_input_is_refused(policy: Path) -> None:
-    from fewstep.runtime.meta import CondSpec, GraphInfo, ModelMeta
+def test_conditioning_named_like_a_request_input_is_refused() -> None:
+    """'seed' and 'steps' are request inputs of the Triton model: a conditioning input
+    cannot take either name (refused when the metadata is made, before any export)."""
+    from fewstep.runtime.errors import ArtifactError
+    from fewstep.runtime.meta import CondSpec
 
-    meta = artifact.read_onnx_meta(policy)
-    clashing = ModelMeta.build(
-        prediction_type=meta.prediction_type, schedule=meta.schedule,
-        sample_shape=meta.sample_shape, images=False,
-        cond=(CondSpec("steps", "int64", ()),), graph=GraphInfo(kind="step"))
-    with pytest.raises(ValueError, match=r"conditioning input 'steps' has the name of an input "
-                                         r"of fewstep's Triton model .*another name"):
-        triton.python_inputs(clashing)
+    for name in ("steps", "seed"):
+        with pytest.raises(ArtifactError, match=f"'{name}' is a name fewstep's graphs use"):
+            CondSpec(name, "int64", ())
