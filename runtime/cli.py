@@ -7,6 +7,7 @@ sample` and `fewstep info` work without PyTorch.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -63,5 +64,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return result
 
 
+def entry() -> None:
+    """The ``fewstep`` command. An interrupt is handled inside ``main`` (temporaries
+    removed, one line, exit code 130); the process then ends with ``os._exit(130)``,
+    because CPython turns an exit into death by SIGINT whenever the KeyboardInterrupt
+    was raised inside code a C extension ran through the C API (as the exporter's
+    libraries do), even though it was caught."""
+    code = main()
+    if code == 130:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
