@@ -249,11 +249,7 @@ def body(args: argparse.Namespace) -> int:
                 f"--n {args.n}: out of memory generating {args.n} images of {c}x{h}x{w} "
                 f"(about {need:.1f} GiB as float32 plus the model's working memory); pass a "
                 "smaller --n or --batch-size") from None
-    info = pipe.last_info
-    assert info is not None
-    print(f"{clitools.plural(info.n, 'image')}, {clitools.plural(info.steps, 'step')} "
-          f"({info.spacing}, eta={info.eta:g}) via the {info.path} path: {info.graph} "
-          f"[{info.backend}], {info.seconds:.2f} s", file=err)
+    print(ran(pipe, clitools.plural(args.n, "image")), file=err)
     if target is not None:
         images.save_image(made[0] if args.n == 1 else images.grid(made, nrow), target,
                           scale=args.scale, format=fmt)
@@ -300,10 +296,25 @@ def read_cond(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def ran(pipe: Any, what: str) -> str:
+    """One line on how the last generate ran: what, steps, spacing, path, graph, time."""
+    info = pipe.last_info
+    assert info is not None
+    return (f"{what}, {clitools.plural(info.steps, 'step')} ({info.spacing}, "
+            f"eta={info.eta:g}) via the {info.path} path: {info.graph} [{info.backend}], "
+            f"{info.seconds:.2f} s")
+
+
+def _save_npy(path: Path, array: Any) -> None:
+    import numpy as np
+
+    with fileio.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+
+
 def _sample_arrays(args: argparse.Namespace, pipe: Any, steps: int, target: Path | None,
                    cond: dict[str, Any], loaded: str) -> int:
     """Samples of any model as .npy: one file with all, or one per sample."""
-    import numpy as np
 
     err = sys.stderr
     if target is not None and target.suffix.lower() != ".npy":
@@ -318,22 +329,17 @@ def _sample_arrays(args: argparse.Namespace, pipe: Any, steps: int, target: Path
         guidance=args.guidance, spacing=args.spacing, init_image=args.init_image,
         strength=1.0 if args.strength is None else args.strength, mask=args.mask,
         batch_size=args.batch_size, cond=cond or None, output="samples")
-    info = pipe.last_info
-    assert info is not None
-    print(f"{clitools.plural(info.n, 'sample')} {tuple(made.shape[1:])}, "
-          f"{clitools.plural(info.steps, 'step')} ({info.spacing}, eta={info.eta:g}) via the "
-          f"{info.path} path: {info.graph} [{info.backend}], {info.seconds:.2f} s", file=err)
+    print(ran(pipe, f"{clitools.plural(args.n, 'sample')} {tuple(made.shape[1:])}"),
+          file=err)
     if target is not None:
-        with fileio.atomic_path(target) as tmp, open(tmp, "wb") as f:
-            np.save(f, made)
+        _save_npy(target, made)
         print(target)
         return 0
     out_dir = check_out_dir(args.out_dir)
     out_dir.mkdir(exist_ok=True)
     for sample, name in zip(made, image_names(args.seed, args.n), strict=True):
         path = out_dir / (Path(name).stem + ".npy")
-        with fileio.atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.save(f, sample)
+        _save_npy(path, sample)
         print(path)
     return 0
 
