@@ -27,55 +27,24 @@ import copy
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fewstep.runtime import backends, images, sampling
-from fewstep.runtime.errors import ArtifactError
 
 from .paths import SEEDS, BenchModel, BenchPath, Workload
+from .torch_source import NO_CHECKPOINT, TorchSource
 
-NO_CHECKPOINT = ("no --checkpoint given: the torch baselines and the PyTorch fp32 reference "
-                 "need the training checkpoint's weights")
-
-
-class TorchSource:
-    """The checkpoint (EMA weights, fp32, on the CPU) and whether torch can run here."""
-
-    def __init__(self, checkpoint: Path | None, threads: int | None = None) -> None:
-        self.reason: str | None = None
-        self.model: Any = None
-        self.meta: Any = None
-        self.path = checkpoint
-        self.cuda = False
-        if checkpoint is None:
-            self.reason = NO_CHECKPOINT
-            return
-        try:
-            import torch
-        except ImportError as e:
-            self.reason = f"torch is not importable ({e}); pip install 'fewstep[train]'"
-            return
-        from fewstep.train import checkpoint as ckpt_io
-
-        if threads is not None:
-            torch.set_num_threads(threads)
-        ck = ckpt_io.load(checkpoint)  # ArtifactError: a usage error, reported by the CLI
-        self.meta = ck.meta
-        self.model = ck.build_model().float().eval()
-        self.cuda = bool(torch.cuda.is_available())
-
-    def check_matches(self, art: BenchModel) -> None:
-        if self.meta is None:
-            return
-        if self.meta.source_hash != art.meta.source_hash:
-            raise ArtifactError(
-                f"--checkpoint {self.path} is not the source of {art.path.name} (source_hash "
-                f"{self.meta.source_hash[:19]}... vs {art.meta.source_hash[:19]}...); pass the "
-                "checkpoint the artifact was exported from"
-            )
+__all__ = [
+    "NO_CHECKPOINT",
+    "OrtStepsPath",
+    "Reference",
+    "TorchCompilePath",
+    "TorchEagerPath",
+    "TorchSource",
+    "no_tf32",
+]
 
 
 @contextlib.contextmanager
@@ -93,7 +62,8 @@ def no_tf32() -> Iterator[None]:
 
 
 class Reference:
-    """PyTorch fp32 reference images (seed 0) for every step count, at the largest batch."""
+    """PyTorch fp32 reference outputs (seed 0) for every step count, at the largest batch:
+    uint8 images of an image model, final samples of any other."""
 
     def __init__(self, src: TorchSource, work: Workload, batches: Sequence[int]) -> None:
         self.src, self.work = src, work
@@ -113,12 +83,14 @@ class Reference:
         from fewstep.train import reference
 
         model = copy.deepcopy(self.src.model).to(self.device)
+        sample = reference.sample_images if self.work.meta.images else reference.sample
         try:
             with no_tf32():
-                self._images[steps] = reference.sample_images(
+                self._images[steps] = sample(
                     model, self.work.meta, self.n, steps, seed=0,
                     guidance=self.work.guidance, spacing=self.work.spacing,
-                    batch_size=self.n, device=self.device, dtype=torch.float32)
+                    batch_size=self.n, device=self.device, dtype=torch.float32,
+                    cond=self.work.cond(self.n) or None)
         except Exception as e:
             self._errors[steps] = f"reference failed: {type(e).__name__}: {e}"
         finally:
@@ -187,44 +159,88 @@ class TorchEagerPath(BenchPath):
         labels = self.work.labels(batch)
         return None if labels is None else torch.from_numpy(labels).to(self.device)
 
+    def _cond(self, batch: int) -> dict[str, Any]:
+        """The workload's conditioning on the device, floats in this path's dtype."""
+        import torch
+
+        return {k: torch.from_numpy(v).to(self.device, self.dtype if v.dtype.kind == "f"
+                                          else None)
+                for k, v in self.work.cond(batch).items()}
+
+    def _nulls(self) -> dict[str, float]:
+        return {c.name: c.null or 0.0 for c in self.work.meta.cond}
+
+    def _finish(self, x: Any) -> Any:
+        """The loop's result as every path returns it, still on the device: uint8 NHWC
+        images of an image model, float32 samples of any other."""
+        import torch
+
+        if not self.work.meta.images:
+            return x.float().contiguous()
+        pixels = images.to_pixel_values(x.float()).to(torch.uint8)
+        return pixels.permute(0, 2, 3, 1).contiguous()
+
     def call(self, steps: int, batch: int) -> Callable[[int], np.ndarray]:
         import torch
 
-        from fewstep.train import reference
-
-        plan = self.work.plan(steps)
-        fn = reference.denoiser(self.model_obj, plan, self._labels(batch), self.work.guidance,
-                                self.work.meta.null_label)
+        loop = self.loop(steps)
+        labels, cond = self._labels(batch), self._cond(batch)
         device, dtype, work = self.device, self.dtype, self.work
 
         def run(i: int) -> np.ndarray:
             x_T = work.noise(i % SEEDS, batch)
             with torch.no_grad():
-                x = torch.from_numpy(x_T).to(device, dtype)
-                x = sampling.run_loop(plan, fn, x)
-                pixels = images.to_pixel_values(x.float()).to(torch.uint8)
-                out: np.ndarray = pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+                out: np.ndarray = loop(torch.from_numpy(x_T).to(device, dtype), labels,
+                                       cond).cpu().numpy()
             return out
 
         return run
 
+    def loop(self, steps: int) -> Callable[[Any, Any, dict[str, Any]], Any]:
+        """The whole loop, ``loop(x_T, labels, cond)`` -> the path's output on the device
+        (torch-compile compiles it)."""
+        from fewstep.train import reference
+
+        plan = self.work.plan(steps)
+        model, g, null = self.model_obj, self.work.guidance, self.work.meta.null_label
+        nulls, finish = self._nulls(), self._finish
+
+        def loop(x: Any, labels: Any, cond: dict[str, Any]) -> Any:
+            fn = reference.denoiser(model, plan.timesteps, labels, g, null, cond, nulls)
+            return finish(sampling.run_loop(plan, fn, x))
+
+        return loop
+
+    def _network_inputs(self, batch: int) -> tuple[Any, Any, dict[str, Any]]:
+        """x, labels and cond of one network call (doubled with the nulls under CFG)."""
+        import torch
+
+        x = torch.from_numpy(self.work.noise(0, batch)).to(self.device, self.dtype)
+        labels, cond = self._labels(batch), self._cond(batch)
+        if self.work.guidance is not None:
+            x = torch.cat([x, x])
+            if labels is not None:
+                labels = torch.cat([labels,
+                                    torch.full_like(labels, self.work.meta.null_label)])
+            nulls = self._nulls()
+            cond = {k: torch.cat([v, torch.full_like(v, nulls[k])]) for k, v in cond.items()}
+        return x, labels, cond
+
     def network(self, steps: int, batch: int) -> tuple[Callable[[int], Any] | None, str]:
         import torch
 
+        from fewstep.train import reference
+
         plan = self.work.plan(steps)
-        x = torch.from_numpy(self.work.noise(0, batch)).to(self.device, self.dtype)
-        labels = self._labels(batch)
+        x, labels, cond = self._network_inputs(batch)
         guided = self.work.guidance is not None
-        if guided:
-            x = torch.cat([x, x])
-            labels = torch.cat([labels, torch.full_like(labels, self.work.meta.null_label)])
         ts = [torch.full((x.shape[0],), float(t), device=self.device) for t in plan.timesteps]
         model, device = self.model_obj, self.device
 
         def run(_: int) -> None:
             with torch.no_grad():
                 for t in ts:
-                    model(x, t, labels)
+                    reference.call(model, x, t, labels, cond)
             _sync(device)
 
         cfg = " (2 × batch: CFG)" if guided else ""
@@ -269,22 +285,12 @@ class TorchCompilePath(TorchEagerPath):
     def _compile(self, steps: int, batch: int) -> Any:
         import torch
 
-        from fewstep.train import reference
-
         key = (steps, batch)
         if key in self._compiled:
             return self._compiled[key]
         torch._dynamo.reset()  # one code object compiled per config: no recompile limits
-        plan = self.work.plan(steps)
-        model, g, null = self.model_obj, self.work.guidance, self.work.meta.null_label
-
-        def loop(x: Any, labels: Any) -> Any:
-            fn = reference.denoiser(model, plan, labels, g, null)
-            x = sampling.run_loop(plan, fn, x)
-            pixels = images.to_pixel_values(x.float()).to(torch.uint8)
-            return pixels.permute(0, 2, 3, 1).contiguous()
-
-        compiled = torch.compile(loop, mode=self.mode, fullgraph=True, dynamic=False)
+        compiled = torch.compile(self.loop(steps), mode=self.mode, fullgraph=True,
+                                 dynamic=False)
         self._compiled = {key: compiled}  # keep one: earlier ones were reset anyway
         return compiled
 
@@ -292,7 +298,7 @@ class TorchCompilePath(TorchEagerPath):
         import torch
 
         compiled = self._compile(steps, batch)
-        labels = self._labels(batch)
+        labels, cond = self._labels(batch), self._cond(batch)
         device, dtype, work = self.device, self.dtype, self.work
         self._skips = _cudagraph_skips()
 
@@ -301,7 +307,7 @@ class TorchCompilePath(TorchEagerPath):
             torch.compiler.cudagraph_mark_step_begin()
             with torch.no_grad():
                 out: np.ndarray = compiled(torch.from_numpy(x_T).to(device, dtype),
-                                           labels).cpu().numpy()
+                                           labels, cond).cpu().numpy()
             return out
 
         return run
@@ -316,12 +322,12 @@ class TorchCompilePath(TorchEagerPath):
 
         compiled = self._compile(steps, batch)
         x = torch.from_numpy(self.work.noise(0, batch)).to(self.device, self.dtype)
-        labels = self._labels(batch)
+        labels, cond = self._labels(batch), self._cond(batch)
 
         def run(_: int) -> None:
             torch.compiler.cudagraph_mark_step_begin()
             with torch.no_grad():
-                compiled(x, labels)
+                compiled(x, labels, cond)
             torch.cuda.synchronize()
 
         return run, ("the compiled whole loop (S forwards + DDIM math + uint8, one CUDA "

@@ -62,9 +62,14 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="an exported model.onnx (its step/sampler graphs and .plan files "
                         "beside it are found); give it twice for e.g. fp32 and fp16 "
                         "artifacts (default: the shipped model)")
-    p.add_argument("--checkpoint", type=Path, default=None,
-                   help="the training checkpoint the model was exported from: enables the "
+    p.add_argument("--source", "--checkpoint", dest="checkpoint", type=Path, default=None,
+                   help="what the model was exported from: a fewstep training checkpoint, "
+                        "or a diffusers folder (then also the diffusers-eager and "
+                        "diffusers-compile baselines, diffusers' own loop); enables the "
                         "torch baselines and the max-error/PSNR columns (default: none)")
+    p.add_argument("--scheduler-config", type=Path, default=None, metavar="FILE",
+                   help="the scheduler_config.json of a diffusers model folder given as "
+                        "--source (a pipeline folder has its own)")
     p.add_argument("--backends", nargs="+", default=None, metavar="NAME",
                    help=f"fewstep backends: {' '.join(FEWSTEP_BACKENDS)} (default: all; "
                         "--quick: ort-cpu)")
@@ -167,9 +172,15 @@ def config_from_args(args: argparse.Namespace) -> SuiteConfig:
         if not m.is_file():
             raise ValueError(f"--model {str(m)!r} does not exist; pass a model.onnx made by "
                              "`fewstep export`")
-    if args.checkpoint is not None and not args.checkpoint.is_file():
-        raise ValueError(f"--checkpoint {str(args.checkpoint)!r} does not exist; pass the .pt "
-                         "written by fewstep train")
+    if args.checkpoint is not None and not (args.checkpoint.is_file()
+                                            or args.checkpoint.is_dir()):
+        raise ValueError(f"--source {str(args.checkpoint)!r} does not exist; pass the .pt "
+                         "written by fewstep train or the diffusers folder the model was "
+                         "exported from")
+    if args.scheduler_config is not None and (args.checkpoint is None
+                                              or not args.checkpoint.is_dir()):
+        raise ValueError("--scheduler-config applies to a diffusers model folder given as "
+                         "--source; drop it or pass --source FOLDER")
     timing = TimingConfig(
         warmup=pick(args.warmup, "warmup", 10), iters=pick(args.iters, "iters", 50),
         max_iters=args.max_iters, target_seconds=pick(args.target_seconds, "target_seconds", 1.0),
@@ -186,7 +197,7 @@ def config_from_args(args: argparse.Namespace) -> SuiteConfig:
     if args.compile_budget < 0:
         raise ValueError(f"--compile-budget {args.compile_budget} must be >= 0")
     return SuiteConfig(
-        models=models, checkpoint=args.checkpoint,
+        models=models, checkpoint=args.checkpoint, scheduler_config=args.scheduler_config,
         backends=_choices("--backends", pick(args.backends, "backends", FEWSTEP_BACKENDS),
                           FEWSTEP_BACKENDS),
         graphs=_choices("--graphs", args.graphs, GRAPH_KINDS),
@@ -247,6 +258,7 @@ def _backend_options(backend: str, cfg: SuiteConfig) -> dict[str, Any]:
 def build_paths(cfg: SuiteConfig, arts: Sequence[BenchModel], work: Workload,
                 src: Any) -> list[tuple[BenchPath, Workload]]:
     from . import baselines as bl
+    from . import diffusers_loop as dl
 
     avail = backends.availability()
     paths: list[BenchPath] = []
@@ -266,15 +278,20 @@ def build_paths(cfg: SuiteConfig, arts: Sequence[BenchModel], work: Workload,
             for art in arts:
                 paths.append(bl.OrtStepsPath(art, backend, work, cfg.threads))
     precisions = ("fp32", "fp16") if src.cuda else ("fp32",)
-    if "torch-eager" in cfg.baselines:
-        paths += [bl.TorchEagerPath(src, work, p) for p in precisions]
-    if "torch-compile" in cfg.baselines:
-        for mode in cfg.compile_modes:
-            # fp16 first: torch.compile at fp16 is the strongest baseline fewstep is compared
-            # with, so it is measured before a time budget runs out
-            for p in sorted(precisions, key=lambda p: p != "fp16"):
-                paths.append(bl.TorchCompilePath(src, work, p, mode, cfg.compile_steps,
-                                                 cfg.compile_batches))
+    # diffusers' own loop: where the source has a diffusers scheduler, or when asked by name
+    diffusers = src.scheduler is not None or cfg.baselines != BASELINES
+    for eager, compiled, wanted in (
+            (bl.TorchEagerPath, bl.TorchCompilePath, True),
+            (dl.DiffusersEagerPath, dl.DiffusersCompilePath, diffusers)):
+        if eager.path in cfg.baselines and wanted:
+            paths += [eager(src, work, p) for p in precisions]
+        if compiled.path in cfg.baselines and wanted:
+            for mode in cfg.compile_modes:
+                # fp16 first: torch.compile at fp16 is the strongest baseline fewstep is
+                # compared with, so it is measured before a time budget runs out
+                for p in sorted(precisions, key=lambda p: p != "fp16"):
+                    paths.append(compiled(src, work, p, mode, cfg.compile_steps,
+                                          cfg.compile_batches))
     return [(p, work) for p in paths]
 
 
@@ -291,8 +308,10 @@ def _workload(cfg: SuiteConfig, arts: Sequence[BenchModel]) -> Workload:
 
 
 def run(cfg: SuiteConfig, out: Path, log: Callable[[str], None] | None = None,
-        plots: bool = True) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Measure everything ``cfg`` asks for; write results.jsonl, report.md and plots."""
+        plots: bool = True, source: Any = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Measure everything ``cfg`` asks for; write results.jsonl, report.md and plots.
+    ``source``: the torch model of the baselines (``torch_source.TorchSource``, e.g.
+    ``TorchSource.from_module``) instead of ``cfg.checkpoint``."""
     from . import baselines as bl
     from .roofline import Roofline
 
@@ -306,7 +325,8 @@ def run(cfg: SuiteConfig, out: Path, log: Callable[[str], None] | None = None,
     except OSError as e:
         raise ValueError(f"cannot create --out {str(out)!r} ({e.strerror}); pass another "
                          "folder") from None
-    src = bl.TorchSource(cfg.checkpoint, cfg.torch_threads)
+    src = source if source is not None else bl.TorchSource(
+        cfg.checkpoint, cfg.torch_threads, arts[0].meta.sample_shape, cfg.scheduler_config)
     for a in arts:
         src.check_matches(a)
     avail = backends.availability()
@@ -336,6 +356,9 @@ def run(cfg: SuiteConfig, out: Path, log: Callable[[str], None] | None = None,
                     "graphs": [str(p) for p, _ in a.all_graphs()]}
                    for a in arts],
         "checkpoint": None if cfg.checkpoint is None else str(cfg.checkpoint),
+        "source": {"kind": src.kind, "path": None if src.path is None else str(src.path),
+                   "scheduler": None if src.scheduler is None
+                   else type(src.scheduler).__name__},
         "workload": {"guidance": work.guidance, "spacing": work.spacing, "eta": work.eta,
                      "labels": "class i % num_classes for image i",
                      "seeds": "timed calls rotate seeds 0..3; parity on seed 0",
@@ -389,6 +412,8 @@ def _config_dict(cfg: SuiteConfig) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
     d["models"] = [str(m) for m in cfg.models]
     d["checkpoint"] = None if cfg.checkpoint is None else str(cfg.checkpoint)
+    d["scheduler_config"] = (None if cfg.scheduler_config is None
+                             else str(cfg.scheduler_config))
     return d
 
 

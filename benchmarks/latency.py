@@ -48,7 +48,9 @@ from .paths import FEWSTEP_BACKENDS, GRAPH_KINDS, SEEDS, BenchPath, Workload
 from .probes import Cuda, host_memory_mb
 from .stats import TimingConfig, parity, time_calls
 
-BASELINES: Final = ("torch-eager", "torch-compile", "ort-steps")
+BASELINES: Final = ("torch-eager", "torch-compile", "ort-steps", "diffusers-eager",
+                     "diffusers-compile")
+COMPILED: Final = ("torch-compile", "diffusers-compile")
 DEFAULT_STEPS: Final = (1, 2, 4, 8, 20, 50)
 DEFAULT_BATCHES: Final = (1, 4, 16, 64)
 DEADLINE_GRACE_S: Final = 5.0  # a configuration started within the budget may run this long past it
@@ -95,7 +97,8 @@ def new_row(**fields: Any) -> dict[str, Any]:
 @dataclass(frozen=True)
 class SuiteConfig:
     models: tuple[Path, ...]
-    checkpoint: Path | None = None
+    checkpoint: Path | None = None  # the source: a checkpoint or a diffusers folder
+    scheduler_config: Path | None = None
     backends: tuple[str, ...] = FEWSTEP_BACKENDS
     graphs: tuple[str, ...] = GRAPH_KINDS
     steps: tuple[int, ...] = DEFAULT_STEPS
@@ -190,7 +193,7 @@ class Runner:
         budget = self.cfg.time_budget_s
         if budget is not None and self.elapsed() > budget:
             return f"time budget of {budget:g} s spent (--time-budget)"
-        if p.path == "torch-compile":
+        if p.path in COMPILED:
             if self.compile_spent > self.cfg.compile_budget_s:
                 return (f"compile budget of {self.cfg.compile_budget_s:g} s spent "
                         "(--compile-budget)")
@@ -263,7 +266,7 @@ class Runner:
         out = call(0)
         first_s = time.perf_counter() - t0
         p.verify(steps)
-        if p.path == "torch-compile":
+        if p.path in COMPILED:
             self.compile_spent += first_s
         self._check_images(out, work, batch)
         timed = time_calls(e2e, timing, deadline=self.deadline())

@@ -50,11 +50,12 @@ class Workload:
 
     def cond(self, n: int) -> dict[str, np.ndarray]:
         """Fixed values for the model's named conditioning inputs (standard normal floats,
-        zeros for int64), the same for every path."""
-        rng = np.random.default_rng(0)
-        return {c.name: (rng.standard_normal((n, *c.shape)).astype(np.float32)
+        zeros for int64), the same for every path; those of n samples begin with those of
+        fewer (one generator per input)."""
+        return {c.name: (np.random.default_rng([0, i]).standard_normal((n, *c.shape))
+                         .astype(np.float32)
                          if c.dtype == "float32" else np.zeros((n, *c.shape), np.int64))
-                for c in self.meta.cond}
+                for i, c in enumerate(self.meta.cond)}
 
     @property
     def output(self) -> str:

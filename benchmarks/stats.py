@@ -153,11 +153,17 @@ def time_calls(call: Callable[[int], Any], cfg: TimingConfig,
 # ---------------------------------------------------------------------------------
 
 
-def parity(images: np.ndarray, ref: np.ndarray) -> tuple[int, float]:
-    """(max |a - b|, PSNR in dB) of two uint8 image batches; PSNR_IDENTICAL if equal."""
+def parity(images: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """(max |a - b|, PSNR in dB) of two uint8 image batches (peak 255), or of two float
+    sample batches (peak: the reference's range, as the export's parity gate);
+    PSNR_IDENTICAL if equal."""
     if images.shape != ref.shape:
         raise ValueError(f"images {images.shape} vs reference {ref.shape}")
-    diff = images.astype(np.int32) - ref.astype(np.int32)
-    mse = float(np.mean(diff.astype(np.float64) ** 2))
-    psnr = PSNR_IDENTICAL if mse == 0 else min(PSNR_IDENTICAL, 10 * math.log10(255.0**2 / mse))
-    return int(np.abs(diff).max()), psnr
+    pixels = images.dtype == np.uint8
+    diff = images.astype(np.float64) - ref.astype(np.float64)
+    mse, worst = float(np.mean(diff**2)), float(np.abs(diff).max())
+    if not math.isfinite(mse):
+        return math.inf, 0.0
+    peak = 255.0 if pixels else (float(np.max(ref) - np.min(ref)) or 1.0)
+    psnr = PSNR_IDENTICAL if mse == 0 else min(PSNR_IDENTICAL, 10 * math.log10(peak**2 / mse))
+    return (int(worst) if pixels else worst), psnr

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +27,9 @@ from fewstep.runtime.meta import CondSpec, ModelMeta, Schedule
 
 from . import check, onnx_export
 from .graphs import GRAPH_DTYPES, Adapted, Call, cast
+
+if TYPE_CHECKING:
+    from .diffusers_config import DiffusersSchedule
 
 
 @dataclass(frozen=True)
@@ -257,6 +260,14 @@ def load_source(source: Path, scheduler_config: Path | None,
 
         ck = ckpt_io.load(source)
         return ck.build_model(), ck.meta
+    model, meta, _ = load_diffusers(source, scheduler_config, sample_shape)
+    return model, meta
+
+
+def load_diffusers(source: Path, scheduler_config: Path | None,
+                   sample_shape: tuple[int, ...] | None = None
+                   ) -> tuple[Adapted, ModelMeta, DiffusersSchedule]:
+    """``load_source`` of a diffusers folder, with the scheduler config it was read with."""
     from . import diffusers_model
 
     loaded = diffusers_model.load(source, scheduler_config, sample_shape)
@@ -265,7 +276,7 @@ def load_source(source: Path, scheduler_config: Path | None,
                       loaded.scheduler.prediction_type, loaded.cond, loaded.images, (),
                       weights_hash(loaded.module))
     probe(model, meta)
-    return model, meta
+    return model, meta, loaded.scheduler
 
 
 def _schedule(schedule: Schedule | Mapping[str, Any] | None,
@@ -286,5 +297,5 @@ def _schedule(schedule: Schedule | Mapping[str, Any] | None,
     return schedule or Schedule(), ptype
 
 
-__all__ = ["Adapted", "Conditioning", "build_meta", "export_module", "load_source", "probe",
-           "weights_hash", "write_artifact"]
+__all__ = ["Adapted", "Conditioning", "build_meta", "export_module", "load_diffusers",
+           "load_source", "probe", "weights_hash", "write_artifact"]

@@ -39,7 +39,7 @@ import math
 import os
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -90,6 +90,9 @@ class DiffusersSchedule:
     schedule: Schedule
     prediction_type: str
     scheduler_class: str
+    # The validated config itself (diffusers' ``DDIMScheduler.from_config`` rebuilds the
+    # scheduler from it: the benchmark's diffusers loop).
+    config: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
 
 def _show(value: object) -> str:
@@ -239,7 +242,7 @@ def schedule_from_config(config: object, source: str = "scheduler config",
         )
     except ArtifactError as e:  # a combination the checks above did not foresee
         raise ArtifactError(f"{source}: {e}") from None
-    return DiffusersSchedule(schedule, prediction_type, cls)
+    return DiffusersSchedule(schedule, prediction_type, cls, dict(config))
 
 
 def schedule_from_scheduler(scheduler: object) -> DiffusersSchedule:

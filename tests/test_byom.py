@@ -17,6 +17,7 @@ from torch import nn  # noqa: E402
 
 from fewstep.export.api import Conditioning, export_module  # noqa: E402
 from fewstep.runtime import cli  # noqa: E402
+from fewstep.runtime.errors import ArtifactError  # noqa: E402
 from fewstep.runtime.meta import ModelMeta  # noqa: E402
 from fewstep.runtime.pipeline import Pipeline  # noqa: E402
 from fewstep.train import reference  # noqa: E402
@@ -371,3 +372,34 @@ def test_bench_times_a_sequence_model(policy: tuple[nn.Module, Path], tmp_path: 
     timed = {r.get("name") for r in rows if r.get("p50_ms") is not None}
     assert {"fewstep ort-cpu sampler fp32", "fewstep ort-cpu step fp32",
             "ort-steps cpu fp32"} <= timed, timed
+
+
+def test_bench_torch_baselines_from_the_module(policy: tuple[nn.Module, Path],
+                                               tmp_path: Path) -> None:
+    """From Python: the module itself as the baselines' source, with its DDIM scheduler:
+    PyTorch's loop and diffusers' loop time the same model and agree with the reference."""
+    from fewstep.benchmarks import cli as bench
+    from fewstep.benchmarks.torch_source import TorchSource
+    from fewstep.runtime.artifact import Artifact
+
+    net, path = policy
+    meta = Artifact.open(path).meta
+    src = TorchSource.from_module(net, meta, scheduler=POLICY_SCHEDULER, name="SequenceNet")
+    assert src.kind == "module" and src.scheduler is not None
+    args = bench.build_parser("fewstep bench").parse_args(
+        ["--model", str(path), "--quick", "--steps", "4", "--batch", "2", "--graphs", "step",
+         "--baselines", "torch-eager", "diffusers-eager", "diffusers-compile"])
+    record, rows = bench.run(bench.config_from_args(args), tmp_path / "b", source=src,
+                             plots=False)
+    assert record["source"]["kind"] == "module"
+    by_name = {r["name"]: r for r in rows}
+    for name in ("torch-eager fp32", "diffusers-eager fp32", "fewstep ort-cpu step fp32"):
+        row = by_name[name]
+        assert row["p50_ms"] is not None, row
+        assert row["psnr_db"] is not None and row["psnr_db"] >= 40, row
+    compiled = by_name["diffusers-compile reduce-overhead fp32"]
+    assert compiled["status"] == "unavailable" and "CUDA" in compiled["reason"]
+    # Another module's weights are refused before anything is timed.
+    torch.manual_seed(5)
+    with pytest.raises(ArtifactError, match="not the module this artifact"):
+        TorchSource.from_module(SequenceNet(), meta)

@@ -73,3 +73,34 @@ def test_check_against_another_source_is_one_line(
         assert cli.main(["check", str(out), *args, "--providers", "cpu"]) == 2, args
         err = capfd.readouterr().err
         assert message in err and err.count("\n") == 1, (args, err)
+
+
+def test_bench_from_the_diffusers_folder(exported: tuple[Path, Path], tmp_path: Path,
+                                         capfd: pytest.CaptureFixture[str]) -> None:
+    """`fewstep bench --source FOLDER`: PyTorch's loop and diffusers' own loop (its
+    DDIMScheduler from the folder) on the folder's weights, beside fewstep's graphs, all
+    against the fp32 reference; another folder is one line, exit 2."""
+    import json
+
+    pipe, out = exported
+    code = cli.main(["bench", "--model", str(out), "--source", str(pipe), "--quick",
+                     "--steps", "3", "--batch", "2", "--graphs", "denoiser", "step",
+                     "--baselines", "torch-eager", "diffusers-eager",
+                     "--out", str(tmp_path / "b")])
+    err = capfd.readouterr().err
+    assert code == 0, err
+    lines = (tmp_path / "b" / "results.jsonl").read_text().splitlines()
+    record = json.loads(lines[0])
+    assert record["source"] == {"kind": "diffusers", "path": str(pipe),
+                                "scheduler": "DDIMScheduler"}
+    rows = {r["name"]: r for r in map(json.loads, lines[1:]) if r.get("record") == "result"}
+    for name in ("torch-eager fp32", "diffusers-eager fp32", "fewstep ort-cpu step fp32"):
+        assert rows[name]["p50_ms"] is not None, rows[name]
+        assert rows[name]["psnr_db"] >= 40, rows[name]
+    other = tmp_path / "other"
+    diffusers.DDIMPipeline(unet=tiny_unet(1), scheduler=diffusers.DDIMScheduler.from_pretrained(
+        pipe / "scheduler")).save_pretrained(other)
+    code = cli.main(["bench", "--model", str(out), "--source", str(other), "--quick",
+                     "--out", str(tmp_path / "c")])
+    err = capfd.readouterr().err
+    assert code == 2 and "is not the source of m.onnx" in err and len(err.splitlines()) == 1

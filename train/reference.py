@@ -39,18 +39,19 @@ def call(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
 
 def denoiser(
     model: torch.nn.Module,
-    plan: SamplingPlan,
+    timesteps: Sequence[float],
     labels: torch.Tensor | None,
     guidance: float | torch.Tensor | None,
     null_label: int | None,
     cond: dict[str, torch.Tensor] | None = None,
     nulls: dict[str, float] | None = None,
 ) -> Any:
-    """``denoise(x, i)`` for ``sampling.run_loop``: the network at step i, with CFG if
-    asked (the unconditional half gets ``null_label`` and each input's ``nulls`` value)."""
+    """``denoise(x, i)`` for ``sampling.run_loop``: the network at ``timesteps[i]`` (a
+    plan's), with CFG if asked (the unconditional half gets ``null_label`` and each input's
+    ``nulls`` value)."""
 
     def denoise(x: torch.Tensor, i: int) -> torch.Tensor:
-        t = torch.full((x.shape[0],), float(plan.timesteps[i]), device=x.device)
+        t = torch.full((x.shape[0],), float(timesteps[i]), device=x.device)
         if guidance is None:
             return call(model, x, t, labels, cond)
         lab = None
@@ -125,7 +126,7 @@ def sample(
         part = {k: torch.from_numpy(np.ascontiguousarray(v[lo : lo + len(idx)])).to(device)
                 for k, v in (cond or {}).items()}
         part = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in part.items()}
-        fn = denoiser(model, plan, lab, guidance, meta.null_label, part,
+        fn = denoiser(model, plan.timesteps, lab, guidance, meta.null_label, part,
                       {c.name: c.null or 0.0 for c in meta.cond})
         x = sampling.run_loop(plan, fn, x, dev(step_noise), inpaint)
         out[lo : lo + len(idx)] = x.float().cpu().numpy()
