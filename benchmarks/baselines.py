@@ -235,7 +235,7 @@ class TorchEagerPath(BenchPath):
         x, labels, cond = self._network_inputs(batch)
         guided = self.work.guidance is not None
         ts = [torch.full((x.shape[0],), float(t), device=self.device) for t in plan.timesteps]
-        model, device = self.model_obj, self.device
+        model, device = self.network_model(steps, batch), self.device
 
         def run(_: int) -> None:
             with torch.no_grad():
@@ -244,8 +244,14 @@ class TorchEagerPath(BenchPath):
             _sync(device)
 
         cfg = " (2 × batch: CFG)" if guided else ""
-        return run, (f"steps × UNet forward{cfg} on device tensors, then "
+        return run, (f"steps × {self.network_what}{cfg} on device tensors, then "
                      + ("torch.cuda.synchronize" if device == "cuda" else "(CPU)"))
+
+    network_what = "UNet forward"
+
+    def network_model(self, steps: int, batch: int) -> Any:
+        """The model ``network`` times (the eager one here)."""
+        return self.model_obj
 
     def close(self) -> None:
         self.model_obj = None

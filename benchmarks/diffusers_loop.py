@@ -6,10 +6,11 @@
   from the source's scheduler config (``DDIMScheduler.from_config``; a DDPMScheduler
   config too). Classifier-free guidance, when asked, by batch doubling as the pipelines
   do. The scheduler's tables stay on the CPU, as diffusers keeps them.
-* ``diffusers-compile`` (CUDA only): the same loop, whole, as one
-  ``torch.compile(fullgraph=True, dynamic=False)`` function per (steps, batch); the
-  scheduler's ``alphas_cumprod``/``final_alpha_cumprod`` are moved to the GPU first, as
-  CUDA graphs need every input on the device.
+* ``diffusers-compile`` (CUDA only): the same loop with the model compiled as diffusers
+  documents it (``torch.compile(unet, mode=..., fullgraph=True)``), once per batch size
+  and precision and reused for every step count (the timestep is a tensor input); the
+  scheduler's step stays eager. The whole-loop compile of fewstep's equivalent loop is
+  ``torch-compile`` (``baselines.py``).
 
 Both return what every path returns (uint8 NHWC images of an image model, float32
 samples of any other), so their max-error/PSNR against the fp32 reference (fewstep's
@@ -26,10 +27,7 @@ from .torch_source import NO_SCHEDULER
 
 
 class _DiffusersLoop(TorchEagerPath):
-    """The loop of a diffusers scheduler, for ``TorchEagerPath``'s and
-    ``TorchCompilePath``'s timing machinery."""
-
-    tables_on_device = False
+    """The loop of a diffusers scheduler, for ``TorchEagerPath``'s timing machinery."""
 
     def unavailable(self) -> str | None:
         reason = super().unavailable()
@@ -41,15 +39,14 @@ class _DiffusersLoop(TorchEagerPath):
             return f"eta={self.work.eta}: the diffusers baseline runs deterministic DDIM only"
         return None
 
-    def loop(self, steps: int) -> Callable[[Any, Any, dict[str, Any]], Any]:
+    def loop(self, steps: int, net: Any = None
+             ) -> Callable[[Any, Any, dict[str, Any]], Any]:
+        """diffusers' loop at ``steps`` around ``net`` (default: the eager model)."""
         from fewstep.train import reference
 
         sched = self.src.fresh_scheduler(steps)
-        if self.tables_on_device:
-            sched.alphas_cumprod = sched.alphas_cumprod.to(self.device)
-            sched.final_alpha_cumprod = sched.final_alpha_cumprod.to(self.device)
         timesteps = [int(t) for t in sched.timesteps]
-        model, g = self.model_obj, self.work.guidance
+        model, g = self.model_obj if net is None else net, self.work.guidance
         null, nulls, finish = self.work.meta.null_label, self._nulls(), self._finish
 
         def loop(x: Any, labels: Any, cond: dict[str, Any]) -> Any:
@@ -67,7 +64,31 @@ class DiffusersEagerPath(_DiffusersLoop):
 
 
 class DiffusersCompilePath(_DiffusersLoop, TorchCompilePath):
-    """``_DiffusersLoop``'s loop under ``TorchCompilePath``'s compile and timing."""
+    """diffusers' loop around the compiled model, under ``TorchCompilePath``'s timing."""
 
     path = "diffusers-compile"
-    tables_on_device = True
+    _net: Any = None
+    _net_batch: int | None = None
+
+    def _compile(self, steps: int, batch: int) -> Any:
+        import torch
+
+        if self._net is None or self._net_batch != batch:
+            torch._dynamo.reset()  # one batch size compiled at a time: no recompile limits
+            self._net = torch.compile(self.model_obj, mode=self.mode, fullgraph=True,
+                                      dynamic=False)
+            self._net_batch = batch
+        return self.loop(steps, self._net)
+
+    network_what = "the compiled model (CUDA graph replay)"
+
+    def network_model(self, steps: int, batch: int) -> Any:
+        self._compile(steps, batch)
+        return self._net
+
+    def network(self, steps: int, batch: int) -> tuple[Callable[[int], Any] | None, str]:
+        return TorchEagerPath.network(self, steps, batch)
+
+    def close(self) -> None:
+        self._net = None
+        super().close()

@@ -89,18 +89,27 @@ def weights_hash(module: torch.nn.Module) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def probe(model: Adapted, meta: ModelMeta) -> None:
-    """Run the module once on inputs shaped as the graphs will feed it; a failure or an
-    output of another shape is one ValueError naming the cause and the fix."""
-    inputs = onnx_export.example_inputs(meta)
+def probe(model: Adapted, meta: ModelMeta, dtype: torch.dtype = torch.float32) -> None:
+    """Run the module once on inputs shaped as the graphs will feed it (x, t and float
+    conditioning in ``dtype``, the module already cast to it); a failure or an output of
+    another shape is one ValueError naming the cause and the fix."""
+    inputs = {k: (v.to(dtype) if v.is_floating_point() else v)
+              for k, v in onnx_export.example_inputs(meta).items()}
     x, t = inputs.pop("x"), inputs.pop("t")
-    shown = ", ".join([f"x {tuple(x.shape)} float32", f"t {tuple(t.shape)} float32",
+    name = str(dtype)[6:]
+    shown = ", ".join([f"x {tuple(x.shape)} {name}", f"t {tuple(t.shape)} {name}",
                        *(f"cond[{k!r}] {tuple(v.shape)} {str(v.dtype)[6:]}"
                          for k, v in inputs.items())])
     try:
         with torch.no_grad():
             out = model(x, t, inputs)
     except Exception as e:  # the user's module: any exception is its failure
+        if dtype != torch.float32:
+            raise ValueError(
+                f"the module runs in float32 but fails in {name} ({shown}): "
+                f"{_describe_failure(e)}; make the tensors it creates follow x's dtype "
+                "(e.g. a timestep embedding made in float32: .to(x.dtype)), or export "
+                "with precision fp32") from None
         raise ValueError(
             f"the module failed on fewstep's inputs ({shown}): {_describe_failure(e)}; adapt "
             "its signature with call=, e.g. call=lambda x, t, cond: model(x, t, **cond)"
@@ -130,6 +139,8 @@ def write_artifact(model: torch.nn.Module, meta: ModelMeta, out: Path,
         casting = (cast(model, precision_dtype) if isinstance(model, Adapted)
                    else contextlib.nullcontext())
         with casting:
+            if isinstance(model, Adapted) and precision_dtype != torch.float32:
+                probe(model, meta, precision_dtype)
             try:
                 files, reports = onnx_export.export_to_folder(model, meta, staging, stem,
                                                               options, progress)

@@ -361,6 +361,28 @@ def test_fp16_export_passes_its_gate_and_leaves_the_module_as_it_was(tmp_path: P
     assert pipe.generate(2, 8, cond={"global_cond": obs(2)}).shape == (2, HORIZON, ACTIONS)
 
 
+class Float32Embedding(SequenceNet):
+    """Runs in float32; cast to fp16 it feeds a float32 tensor it made into fp16 weights."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor,
+                global_cond: torch.Tensor) -> torch.Tensor:
+        emb = torch.cat([global_cond.float(), (t.float() / 100.0)[:, None]], 1)
+        scale, bias = self.film(emb).chunk(2, 1)
+        h = torch.tanh(self.inp(x) * (1 + scale[:, None]) + bias[:, None])
+        out: torch.Tensor = self.out(h)
+        return out
+
+
+def test_a_module_that_fails_only_in_fp16_is_one_line(tmp_path: Path) -> None:
+    out = tmp_path / "m.onnx"
+    with pytest.raises(ValueError, match=r"runs in float32 but fails in float16 .*"
+                       r"follow x's dtype") as info:
+        export_module(Float32Embedding().eval(), out, sample_shape=(HORIZON, ACTIONS),
+                      schedule=POLICY_SCHEDULER, cond=[Conditioning("global_cond", (OBS,))],
+                      precision="fp16", fused=())
+    assert "\n" not in str(info.value) and list(tmp_path.iterdir()) == []
+
+
 def test_bench_times_a_sequence_model(policy: tuple[nn.Module, Path], tmp_path: Path,
                                       capfd: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench"

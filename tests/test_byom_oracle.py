@@ -130,7 +130,8 @@ class ConditionalUnet1D(nn.Module):
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor,
                 global_cond: torch.Tensor) -> torch.Tensor:
         x = sample.transpose(1, 2)  # (B, D, T)
-        cond = torch.cat([self.time_mlp(sinusoidal(timestep, self.tdim)), global_cond], -1)
+        emb = sinusoidal(timestep, self.tdim).to(sample.dtype)  # fp16 exports too
+        cond = torch.cat([self.time_mlp(emb), global_cond], -1)
         for block in self.down1:
             x = block(x, cond)
         skip1 = x
