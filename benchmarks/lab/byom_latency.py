@@ -1,6 +1,7 @@
 """Imported models against diffusers' own loop, eager and compiled, in one process.
 
-    python benchmarks/lab/byom_latency.py OUT [--tiny] [--steps 4 8 16] [--backends ort-cuda]
+    python benchmarks/lab/byom_latency.py OUT [--work DIR] [--tiny] [--steps 4 8 16]
+        [--backends ort-cuda] [--models unet64 unet128 policy]
 
 Makes three models with fixed seeds (no weights can be downloaded where this runs):
 
@@ -93,18 +94,23 @@ def policy_module(tiny: bool) -> Any:
     return ConditionalUnet1D(action_dim=2, obs_dim=36, dims=dims, tdim=32 if tiny else 128).eval()
 
 
+def policy_call(net: Any) -> Any:
+    return lambda x, t, c: net(x, t, c["global_cond"])
+
+
 def export_policy(net: Any, out: Path, steps: list[int], precision: str) -> Path:
     from fewstep.export.api import Conditioning, export_module
 
     export_module(net, out, sample_shape=(16, 2), schedule=POLICY_SCHEDULER,
-                  call=lambda x, t, c: net(x, t, c["global_cond"]),
+                  call=policy_call(net),
                   cond=[Conditioning("global_cond", (36,))], precision=precision,
                   fused=fused(precision), steps=tuple(steps))
     return out
 
 
 def bench(models: list[Path], out: Path, steps: list[int], backends: list[str],
-          source: Any = None, folder: Path | None = None, quick: bool = False) -> list[dict[str, Any]]:
+          source: Any = None, folder: Path | None = None,
+          quick: bool = False) -> list[dict[str, Any]]:
     from fewstep.benchmarks import cli as bench_cli
 
     argv = [a for m in models for a in ("--model", str(m))]
@@ -124,6 +130,8 @@ def bench(models: list[Path], out: Path, steps: list[int], backends: list[str],
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path)
+    p.add_argument("--work", type=Path, default=None,
+                   help="where the diffusers folders and exported models go (default: OUT)")
     p.add_argument("--tiny", action="store_true", help="small widths: a check on a CPU")
     p.add_argument("--steps", nargs="+", type=int, default=[4, 8, 16])
     p.add_argument("--backends", nargs="+", default=["ort-cuda"])
@@ -135,7 +143,7 @@ def main() -> int:
     table: list[tuple[str, dict[str, Any]]] = []
     for name in args.models:
         t0 = time.perf_counter()
-        work = args.out / name
+        work = (args.work or args.out) / name
         work.mkdir(parents=True, exist_ok=True)
         source, folder = None, None
         if name == "policy":
@@ -143,7 +151,7 @@ def main() -> int:
             arts = [export_policy(net, work / f"policy-{prec}.onnx", args.steps, prec)
                     for prec in ("fp32", "fp16")]
             source = TorchSource.from_module(net, Artifact.open(arts[0]).meta,
-                                             call=lambda x, t, c: net(x, t, c["global_cond"]),
+                                             call=policy_call(net),
                                              scheduler=POLICY_SCHEDULER, name="policy")
         else:
             folder = work / "pipeline"
@@ -151,8 +159,8 @@ def main() -> int:
             arts = [export_folder(folder, args.steps, prec) for prec in ("fp32", "fp16")]
         print(f"{name}: exported in {time.perf_counter() - t0:.0f} s", file=sys.stderr,
               flush=True)
-        rows = bench(arts, work / "bench", args.steps, args.backends, source, folder,
-                     quick=args.tiny)
+        rows = bench(arts, args.out / name / "bench", args.steps, args.backends, source,
+                     folder, quick=args.tiny)
         table += [(name, r) for r in rows if r.get("record") == "result"]
     (args.out / "table.json").write_text(json.dumps(
         [{"model": m, **{k: r.get(k) for k in ("name", "steps", "batch", "status", "p50_ms",
