@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import types
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -51,6 +52,21 @@ class Adapted(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
         return self.call(x, t, cond)
+
+    def __deepcopy__(self, memo: dict[int, object]) -> Adapted:
+        """A copy whose ``call`` runs the copied module: a function's closure is copied
+        with the same memo, so a ``lambda`` over the module refers to the copy (moving
+        the copy to another device or dtype leaves the original as it was)."""
+        module = copy.deepcopy(self.module, memo)
+        call = self.call
+        if isinstance(call, types.FunctionType) and call.__closure__:
+            cells = tuple(types.CellType(copy.deepcopy(c.cell_contents, memo))
+                          for c in call.__closure__)
+            call = types.FunctionType(call.__code__, call.__globals__, call.__name__,
+                                      call.__defaults__, cells)
+        elif not isinstance(call, types.FunctionType):
+            call = copy.deepcopy(call, memo)
+        return Adapted(module, call).train(self.training)
 
 
 @contextlib.contextmanager

@@ -425,3 +425,22 @@ def test_bench_torch_baselines_from_the_module(policy: tuple[nn.Module, Path],
     torch.manual_seed(5)
     with pytest.raises(ArtifactError, match="not the module this artifact"):
         TorchSource.from_module(SequenceNet(), meta)
+
+
+def test_a_copy_of_an_adapted_module_runs_its_own_weights() -> None:
+    """The benchmarks copy a source model per device and precision: the copy's call must
+    run the copied module (a lambda over the original would run the original)."""
+    import copy
+
+    from fewstep.export.graphs import Adapted
+
+    torch.manual_seed(0)
+    net = SequenceNet().eval()
+    model = Adapted(net, lambda x, t, c: net(x, t, c["global_cond"]))
+    twin = copy.deepcopy(model).double()
+    assert twin.module is not net and next(net.parameters()).dtype == torch.float32
+    x, t = torch.randn(2, HORIZON, ACTIONS), torch.tensor([3.0, 50.0])
+    cond = {"global_cond": torch.from_numpy(obs(2))}
+    out = twin(x.double(), t.double(), {"global_cond": cond["global_cond"].double()})
+    assert out.dtype == torch.float64  # ran the float64 copy, not the float32 original
+    torch.testing.assert_close(out.float(), model(x, t, cond), atol=1e-5, rtol=1e-5)

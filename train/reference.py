@@ -27,7 +27,8 @@ def call(model: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
     (``fewstep.export.graphs.Adapted``) with its conditioning dict, labels as ``label``."""
     from fewstep.export.graphs import Adapted
 
-    if isinstance(model, Adapted):
+    # a torch.compile'd model wraps the module it compiled (``_orig_mod``)
+    if isinstance(getattr(model, "_orig_mod", model), Adapted):
         args = dict(cond or {})
         if labels is not None:
             args["label"] = labels

@@ -16,7 +16,9 @@ Makes three models with fixed seeds (no weights can be downloaded where this run
 
 Each is exported fp32 and fp16 through fewstep's own front doors (``fewstep export
 FOLDER`` for the diffusers folders, ``fewstep.export.export_module`` for the policy)
-with the fused step graph (and, fp16, a fused sampler per step count), then timed by ``fewstep
+with the fused step graph (and, fp16, a fused sampler: per step count for the policy, at
+the first step count for the UNets, whose N-step sampler graphs take minutes each to
+trace), then timed by ``fewstep
 bench`` at batch 1 against ``diffusers-eager`` (diffusers' DDIMScheduler loop) and
 ``diffusers-compile`` (the same loop, the model under torch.compile as diffusers
 documents), fp32 and fp16, all in one process per model. ``--tiny``: small widths, for a
@@ -127,6 +129,22 @@ def bench(models: list[Path], out: Path, steps: list[int], backends: list[str],
     return rows
 
 
+def export_one(name: str, precision: str, work: Path, steps: list[int], tiny: bool) -> Path:
+    """Export model ``name``: the policy made here (seeded: the same weights in every
+    process), a UNet from the diffusers folder saved before."""
+    work.mkdir(parents=True, exist_ok=True)
+    if name == "policy":
+        return export_policy(policy_module(tiny), work / f"policy-{precision}.onnx", steps,
+                             precision)
+    folder = work / "pipeline"
+    return export_folder(folder, steps if name == "policy" or tiny else steps[:1], precision)
+
+
+def artifacts(name: str, work: Path) -> list[Path]:
+    stem = "policy" if name == "policy" else "pipeline"
+    return [work / f"{stem}-{prec}.onnx" for prec in ("fp32", "fp16")]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path)
@@ -136,29 +154,45 @@ def main() -> int:
     p.add_argument("--steps", nargs="+", type=int, default=[4, 8, 16])
     p.add_argument("--backends", nargs="+", default=["ort-cuda"])
     p.add_argument("--models", nargs="+", default=["unet64", "unet128", "policy"])
+    p.add_argument("--phase", choices=("all", "export", "bench"), default="all",
+                   help="export: every model and precision in parallel processes; bench: "
+                        "time what an earlier export phase wrote")
     args = p.parse_args()
     from fewstep.benchmarks.torch_source import TorchSource
     from fewstep.runtime.artifact import Artifact
 
+    root = args.work or args.out
+    if args.phase in ("all", "export"):
+        import concurrent.futures as cf
+        import multiprocessing
+
+        t0 = time.perf_counter()
+        for m in args.models:  # the diffusers folders first: both precisions read them
+            if m != "policy":
+                save_pipeline(unet2d(int(m.removeprefix("unet")), args.tiny),
+                              root / m / "pipeline")
+        jobs = [(m, prec) for m in args.models for prec in ("fp32", "fp16")]
+        with cf.ProcessPoolExecutor(len(jobs),
+                                    mp_context=multiprocessing.get_context("spawn")) as ex:
+            for f in [ex.submit(export_one, m, prec, root / m, args.steps, args.tiny)
+                      for m, prec in jobs]:
+                f.result()
+        print(f"exported {len(jobs)} artifacts in {time.perf_counter() - t0:.0f} s",
+              file=sys.stderr, flush=True)
+    if args.phase == "export":
+        return 0
     table: list[tuple[str, dict[str, Any]]] = []
     for name in args.models:
-        t0 = time.perf_counter()
-        work = (args.work or args.out) / name
-        work.mkdir(parents=True, exist_ok=True)
+        work = root / name
+        arts = artifacts(name, work)
         source, folder = None, None
         if name == "policy":
             net = policy_module(args.tiny)
-            arts = [export_policy(net, work / f"policy-{prec}.onnx", args.steps, prec)
-                    for prec in ("fp32", "fp16")]
             source = TorchSource.from_module(net, Artifact.open(arts[0]).meta,
                                              call=policy_call(net),
                                              scheduler=POLICY_SCHEDULER, name="policy")
         else:
             folder = work / "pipeline"
-            save_pipeline(unet2d(int(name.removeprefix("unet")), args.tiny), folder)
-            arts = [export_folder(folder, args.steps, prec) for prec in ("fp32", "fp16")]
-        print(f"{name}: exported in {time.perf_counter() - t0:.0f} s", file=sys.stderr,
-              flush=True)
         rows = bench(arts, args.out / name / "bench", args.steps, args.backends, source,
                      folder, quick=args.tiny)
         table += [(name, r) for r in rows if r.get("record") == "result"]
