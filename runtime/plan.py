@@ -202,7 +202,7 @@ class PlanSidecar:
             raise ValueError(f"engine {self.engine!r} is not one of {', '.join(ENGINES)}")
         object.__setattr__(self, "targets", tuple(self.targets))
         if (self.engine == "tensorrt-rtx") != bool(self.targets):
-            raise ValueError(f"a {self.engine} plan has {'no ' if self.targets else ''}targets")
+            raise ValueError(f"a {self.engine} plan has {'' if self.targets else 'no '}targets")
         for target in self.targets:
             parse_target(target)
         parse_version(self.tensorrt_version)
