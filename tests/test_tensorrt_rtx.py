@@ -4,7 +4,7 @@ Without TensorRT-RTX: the sidecar (engine, targets; old sidecars still load), th
 of a TensorRT-RTX plan by the ``tensorrt`` backend and ``Pipeline``, ``fewstep info``,
 the options TensorRT-RTX does not have and the install hint. With the ``tensorrt-rtx``
 wheels (marker ``tensorrt_rtx``): real plans of tiny graphs, and of every graph kind a
-tiny trained model exports in fp32 and fp16. TensorRT-RTX builds ahead of time and needs
+tiny trained model exports in fp32, fp16 and bf16. TensorRT-RTX builds ahead of time and needs
 no GPU for that, so these run wherever its wheels are installed.
 """
 
@@ -21,6 +21,7 @@ import pytest
 from test_tensorrt import build_cli, make_meta, make_sidecar, tiny_onnx
 
 from fewstep.runtime import backends, plan
+from fewstep.runtime.artifact import read_onnx_meta as load_meta
 from fewstep.runtime.errors import ArtifactError
 from fewstep.runtime.plan import RTX_DEFAULT_TARGETS, PlanSidecar, load_sidecar, sidecar_path
 from fewstep.runtime.plan_check import RuntimeInfo, check_compatible, engine_problem, runs_on
@@ -217,6 +218,26 @@ def test_info_says_what_a_plan_runs_on(tmp_path: Path, capsys: pytest.CaptureFix
             "capability 9.0)") in capsys.readouterr().out.splitlines()
 
 
+def test_triton_export_leaves_an_rtx_plan_out(tmp_path: Path) -> None:
+    from fewstep.export import triton
+    from fewstep.runtime.artifact import Artifact
+
+    meta = make_meta()
+    tiny_onnx(tmp_path / "model.onnx", meta)
+    sampler = tiny_onnx(tmp_path / "model.sampler-2.onnx",
+                        meta.for_graph(kind="sampler", steps=2, spacing="trailing"))
+    plans = tmp_path / "plans"
+    plans.mkdir()
+    sidecar, plan_path = rtx_sidecar(plans, onnx=sampler, meta=load_meta(sampler))
+    art = Artifact.open(tmp_path / "model.onnx")
+    logs: list[str] = []
+    assert triton._find_plans(art, plans, logs.append) == {}
+    assert logs == [f"{plan_path}: left out: a TensorRT-RTX plan, which Triton's TensorRT "
+                    "backend cannot load; build it with --engine tensorrt"]
+    make_sidecar(plans, onnx=sampler, meta=sidecar.meta)  # the same plan, from TensorRT
+    assert list(triton._find_plans(art, plans, logs.append)) == ["model.sampler-2.onnx"]
+
+
 # ---------------------------------------------------------------------------------
 # `fewstep build --engine tensorrt-rtx`: arguments, the install hint
 # ---------------------------------------------------------------------------------
@@ -340,7 +361,7 @@ def test_rtx_names_the_targets_it_cannot_build_for(tmp_path: Path,
 @needs_rtx
 @pytest.mark.tensorrt_rtx
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
 def test_rtx_builds_every_graph_kind_of_an_export(
         tiny_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
         precision: str) -> None:
