@@ -11,6 +11,13 @@ MIN:OPT:MAX (or N for a fixed batch); the default is 1:1:16 (1:1:4 on Jetson), l
 large images. --all builds every graph of the artifact (model.onnx, model.step.onnx,
 model.sampler-4.onnx, ...) into --out's folder with the same names. Layer timings are
 kept in a timing cache (default ~/.cache/fewstep/) so rebuilds are faster.
+
+--engine tensorrt-rtx builds with TensorRT for RTX instead (pip install
+'fewstep[tensorrt-rtx]'): ahead of time, with or without a GPU, a plan for RTX GPUs of
+compute capability 8.0, 8.6, 8.9 and 12.x (or those of --target-cc), which TensorRT's
+runtime (and so `fewstep sample`) cannot load. It has no weak typing, version-compatible
+plans or timing cache: --fp16-weak, --bf16-weak, --version-compatible,
+--exclude-lean-runtime and --timing-cache are refused with it.
 """
 
 from __future__ import annotations
@@ -22,12 +29,19 @@ from pathlib import Path
 from fewstep.runtime import clitools
 from fewstep.runtime.artifact import Artifact, read_onnx_meta
 from fewstep.runtime.errors import ArtifactError
-from fewstep.runtime.plan import PLAN_EXT, BatchProfile
+from fewstep.runtime.plan import ENGINES, PLAN_EXT, RTX_DEFAULT_TARGETS, BatchProfile
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
     p = clitools.parser(prog, __doc__)
     p.add_argument("onnx", type=Path, help="the fewstep ONNX file (model.onnx, model.step.onnx...)")
+    p.add_argument("--engine", choices=ENGINES, default="tensorrt",
+                   help="tensorrt: a plan for this GPU; tensorrt-rtx: TensorRT for RTX, a plan "
+                        "for RTX GPUs (see --target-cc)")
+    p.add_argument("--target-cc", default=None, metavar="CC[,CC...]",
+                   help="with --engine tensorrt-rtx: the compute capabilities the plan is for, "
+                        "e.g. 8.9 or 8.6,12.0 (default: TensorRT-RTX's own, "
+                        f"{', '.join(RTX_DEFAULT_TARGETS)})")
     p.add_argument("--out", type=Path, required=True,
                    help="the plan to write (model.plan); with --all, a folder or a .plan name "
                         "whose siblings get matching names")
@@ -110,10 +124,11 @@ def body(args: argparse.Namespace) -> int:
             use_timing_cache=not args.no_timing_cache,
             version_compatible=args.version_compatible,
             exclude_lean_runtime=args.exclude_lean_runtime, verbose=args.verbose,
+            engine=args.engine, targets=args.target_cc,
         )
         for onnx, plan in _targets(args)
     ]
-    tb.import_build_tensorrt()  # BackendUnavailable (exit 2) says how to install it
+    tb.import_build_module(args.engine)  # BackendUnavailable (exit 2) says how to install it
     for request in requests:
         try:
             sidecar = tb.build_from_request(request)
@@ -123,7 +138,9 @@ def body(args: argparse.Namespace) -> int:
             print(f"error: {e}", file=sys.stderr)
             return clitools.EXIT_FAILED_CHECK
         print(f"{request.out_path}  batch {sidecar.profile}  {sidecar.precision}  "
-              f"TensorRT {sidecar.tensorrt_version}  {sidecar.gpu_name}")
+              f"{sidecar.engine_name} {sidecar.tensorrt_version}  "
+              + (f"RTX GPUs {','.join(sidecar.targets)}" if sidecar.targets
+                 else sidecar.gpu_name))
     return clitools.EXIT_OK
 
 

@@ -1,15 +1,26 @@
-"""ONNX -> TensorRT plan + ``.plan.json`` sidecar, for TensorRT 10.x (Jetson) and 11.x.
+"""ONNX -> TensorRT plan + ``.plan.json`` sidecar, for TensorRT 10.x (Jetson) and 11.x,
+and for TensorRT for RTX (engine ``tensorrt-rtx``).
 
-Precision lives in the ONNX graph, so the network is strongly typed (TensorRT 11 has
-nothing else; TensorRT 10 through STRONGLY_TYPED), except on TensorRT 10 when ``weak``
-asks for BuilderFlag.FP16/BF16 on an fp32 graph. ``prepare_build`` checks everything
-before TensorRT is imported; the plan and then its sidecar are written atomically under
-one file lock, so no reader sees a partial plan or another build's sidecar.
+Precision lives in the ONNX graph, so the network is strongly typed (TensorRT 11 and
+TensorRT-RTX have nothing else; TensorRT 10 through STRONGLY_TYPED), except on TensorRT 10
+when ``weak`` asks for BuilderFlag.FP16/BF16 on an fp32 graph. ``prepare_build`` checks
+everything before TensorRT is imported; the plan and then its sidecar are written
+atomically under one file lock, so no reader sees a partial plan or another build's
+sidecar.
+
+Both engines share one build (``build_from_request``: parser, profile, workspace,
+optimisation level, serialisation, sidecar); they differ where their APIs do. TensorRT
+builds for the GPU it runs on (needs that GPU and cuda-python) and keeps a timing cache.
+TensorRT-RTX builds ahead of time, with or without a GPU, for the compute capabilities it
+``targets`` (``IBuilderConfig.set_compute_capability``; by default 8.0, 8.6, 8.9 and 12.x),
+and has no weak typing, no version-compatible plans (no lean runtime) and no timing cache
+(its timing-cache calls do nothing since TensorRT-RTX 1.2 and force a GPU query).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import sys
 import time
@@ -23,14 +34,18 @@ from fewstep.runtime.errors import ArtifactError, BackendUnavailable
 from fewstep.runtime.fileio import file_lock, locked_update
 from fewstep.runtime.meta import ModelMeta
 from fewstep.runtime.plan import (
+    ENGINE_NAMES,
+    ENGINES,
     MIB,
     PLAN_EXT,
+    RTX_DEFAULT_TARGETS,
     BatchProfile,
     PlanSidecar,
     default_profile,
     default_workspace_bytes,
     new_sidecar,
     onnx_hashes,
+    parse_compute_capability,
     parse_version,
     profile_shapes,
     sidecar_path,
@@ -42,8 +57,16 @@ from fewstep.runtime.plan import (
 OPT_LEVELS = range(0, 6)  # IBuilderConfig.builder_optimization_level: 0..5, default 3
 
 
+RTX = "tensorrt-rtx"
+RTX_MISSING = "TensorRT-RTX is not installed: pip install 'fewstep[tensorrt-rtx]'"
+
+
 class BuildFailed(RuntimeError):
     """TensorRT ran and did not produce a plan (exit code 1 in the CLI)."""
+
+
+class ParseFailed(ArtifactError):
+    """TensorRT's ONNX parser refused the graph."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +87,8 @@ class BuildRequest:
     version_compatible: bool
     exclude_lean_runtime: bool
     verbose: bool
+    engine: str = "tensorrt"  # plan.ENGINES
+    targets: tuple[str, ...] = ()  # tensorrt-rtx: compute capabilities; () = its default
 
 
 WEAK_FLAGS = {"fp16": "--fp16-weak", "bf16": "--bf16-weak"}
@@ -84,8 +109,20 @@ def prepare_build(
     version_compatible: bool = False,
     exclude_lean_runtime: bool = False,
     verbose: bool = False,
+    engine: str = "tensorrt",
+    targets: str | tuple[str, ...] | None = None,
 ) -> BuildRequest:
-    """Check every argument and read the ONNX's ModelMeta; ValueError/ArtifactError if bad."""
+    """Check every argument and read the ONNX's ModelMeta; ValueError/ArtifactError if bad.
+
+    ``engine``: "tensorrt" or "tensorrt-rtx"; ``targets`` (tensorrt-rtx only): compute
+    capabilities, "8.6,8.9" or a tuple, the plan is built for (default: TensorRT-RTX's).
+    """
+    checks.choice("engine", engine, ENGINES)
+    wanted_targets = parse_targets(targets, engine)
+    if engine == RTX:
+        refuse_for_rtx(weak=weak, version_compatible=version_compatible,
+                       exclude_lean_runtime=exclude_lean_runtime,
+                       timing_cache=timing_cache, strongly_typed=strongly_typed)
     onnx = Path(onnx_path)
     out = Path(out_path)
     if not out.name.endswith(PLAN_EXT):
@@ -128,14 +165,64 @@ def prepare_build(
             f"precision={precision!r} but {onnx.name} is an {graph_precision} graph"
             f"{f' built with {WEAK_FLAGS[weak]}' if weak else ''}; export an {precision} ONNX"
         )
+    for target in (wanted_targets or RTX_DEFAULT_TARGETS) if engine == RTX else ():
+        if "x" not in target:
+            check_device_precision(wanted, target, "the --target-cc GPU")
     return BuildRequest(
         onnx_path=onnx, out_path=out, meta=meta, profile=profile, precision=wanted,
         weak=weak, strongly_typed=strongly_typed, opt_level=opt_level,
         workspace_bytes=None if workspace_mib is None else workspace_mib * MIB,
         timing_cache=None if timing_cache is None else Path(timing_cache),
-        use_timing_cache=use_timing_cache, version_compatible=version_compatible,
-        exclude_lean_runtime=exclude_lean_runtime, verbose=verbose,
+        use_timing_cache=use_timing_cache and engine != RTX,
+        version_compatible=version_compatible, exclude_lean_runtime=exclude_lean_runtime,
+        verbose=verbose, engine=engine, targets=wanted_targets,
     )
+
+
+def parse_targets(targets: str | tuple[str, ...] | None, engine: str) -> tuple[str, ...]:
+    """``"8.6,8.9"`` -> ("8.6", "8.9"): the compute capabilities a TensorRT-RTX plan is for."""
+    if targets is None or targets == "" or targets == ():
+        return ()
+    if engine != RTX:
+        raise ValueError(
+            f"--target-cc {targets if isinstance(targets, str) else ','.join(targets)} is for "
+            "--engine tensorrt-rtx (a TensorRT plan runs on the GPU that builds it); drop "
+            "--target-cc or add --engine tensorrt-rtx"
+        )
+    items = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else targets
+    out: list[str] = []
+    for item in items:
+        try:
+            parse_compute_capability(item)
+        except ValueError:
+            raise ValueError(
+                f"--target-cc {item!r} is not a compute capability MAJOR.MINOR; pass e.g. "
+                "--target-cc 8.6,8.9 (RTX 30 and 40 series)"
+            ) from None
+        if item not in out:
+            out.append(item)
+    return tuple(out)
+
+
+def refuse_for_rtx(*, weak: str | None, version_compatible: bool, exclude_lean_runtime: bool,
+                   timing_cache: object, strongly_typed: bool | None) -> None:
+    """ValueError naming the first option TensorRT-RTX does not have."""
+    if weak is not None:
+        raise ValueError(
+            f"{WEAK_FLAGS.get(weak, weak)} is not available with --engine tensorrt-rtx, which "
+            f"has no weak typing; export the model with --precision {weak} and build that")
+    if version_compatible or exclude_lean_runtime:
+        flag = "--version-compatible" if version_compatible else "--exclude-lean-runtime"
+        raise ValueError(
+            f"{flag} is not available with --engine tensorrt-rtx (TensorRT-RTX has no lean "
+            f"runtime and no version-compatible plans); drop {flag}")
+    if timing_cache is not None:
+        raise ValueError(
+            "--timing-cache is not available with --engine tensorrt-rtx (TensorRT-RTX "
+            "ignores timing caches); drop --timing-cache")
+    if strongly_typed is False:
+        raise ValueError("TensorRT-RTX networks are always strongly typed; drop "
+                         "strongly_typed=False")
 
 
 @dataclass(frozen=True)
@@ -217,19 +304,22 @@ def build_plan(
     version_compatible: bool = False,
     exclude_lean_runtime: bool = False,
     verbose: bool = False,
+    engine: str = "tensorrt",
+    targets: str | tuple[str, ...] | None = None,
 ) -> PlanSidecar:
     """Build ``out_path`` (+ ``out_path``.json) from ``onnx_path``; returns the sidecar.
 
     ``batch``: "min:opt:max", "N" or a BatchProfile (default ``plan.default_profile``).
     ``timing_cache``: a cache file, or a folder for the file named by GPU and TensorRT
     version (default ``plan.default_cache_dir()``); ``use_timing_cache=False`` for none.
+    ``engine="tensorrt-rtx"``: a TensorRT-RTX plan for ``targets`` (see ``prepare_build``).
     """
     request = prepare_build(
         onnx_path, out_path, batch=batch, precision=precision, weak=weak,
         strongly_typed=strongly_typed, opt_level=opt_level, workspace_mib=workspace_mib,
         timing_cache=timing_cache, use_timing_cache=use_timing_cache,
         version_compatible=version_compatible, exclude_lean_runtime=exclude_lean_runtime,
-        verbose=verbose,
+        verbose=verbose, engine=engine, targets=targets,
     )
     return build_from_request(request)
 
@@ -245,6 +335,59 @@ def import_build_tensorrt() -> Any:
     return tensorrt
 
 
+def import_build_module(engine: str = "tensorrt") -> Any:
+    """The module that builds ``engine``'s plans (tensorrt, or TensorRT-RTX's bindings),
+    or BackendUnavailable saying how to install it."""
+    if engine != RTX:
+        return import_build_tensorrt()
+    for name in ("tensorrt_rtx_bindings", "tensorrt_rtx"):  # the wheel's module; its alias
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+        except Exception as e:  # a broken install: its libraries do not load
+            raise BackendUnavailable(
+                f"TensorRT-RTX does not load ({type(e).__name__}: {e}); reinstall it: "
+                "pip install --force-reinstall 'fewstep[tensorrt-rtx]'") from None
+    raise BackendUnavailable(RTX_MISSING)
+
+
+def _build_device(engine: str) -> Any:
+    """The GPU a build runs on (``cuda.DeviceInfo``): required by TensorRT; for TensorRT-RTX,
+    which builds without one, None when cuda-python or a GPU is missing."""
+    from fewstep.runtime.backends import cuda
+
+    try:
+        cudart = cuda.import_cudart()
+    except ImportError:
+        if engine == RTX:
+            return None
+        raise BackendUnavailable(cuda.CUDA_PYTHON_MISSING) from None
+    if engine != RTX:
+        return cuda.device_info(cudart)
+    try:
+        return cuda.device_info(cudart)
+    except Exception:  # no GPU, no driver: an ahead-of-time build needs neither
+        return None
+
+
+def _set_targets(trt: Any, config: Any, targets: tuple[str, ...], version: str) -> None:
+    """IBuilderConfig.set_compute_capability for each target (TensorRT-RTX)."""
+    enum = trt.ComputeCapability
+    known = {f"{int(str(v.name)[2:-1])}.{str(v.name)[-1]}": v
+             for v in enum.__members__.values() if str(v.name)[:2] == "SM"}
+    missing = [t for t in targets if t not in known]
+    if missing:
+        raise ValueError(
+            f"--target-cc {','.join(missing)}: TensorRT-RTX {version} builds for compute "
+            f"capability {', '.join(sorted(known, key=parse_compute_capability))} only; "
+            "for other GPUs (such as datacenter GPUs) build with --engine tensorrt on them")
+    config.num_compute_capabilities = len(targets)
+    for i, target in enumerate(targets):
+        if not config.set_compute_capability(known[target], i):
+            raise ValueError(f"TensorRT-RTX {version} refused --target-cc {target}")
+
+
 def _cache_file(request: BuildRequest, gpu: str, cc: str, trt_version: str) -> Path:
     given = request.timing_cache
     if given is not None and not given.is_dir():
@@ -253,23 +396,25 @@ def _cache_file(request: BuildRequest, gpu: str, cc: str, trt_version: str) -> P
 
 
 def build_from_request(request: BuildRequest) -> PlanSidecar:
-    """Run TensorRT on a validated request (see ``build_plan``)."""
-    from fewstep.runtime.backends import cuda
+    """Run TensorRT (or TensorRT-RTX) on a validated request (see ``build_plan``)."""
     from fewstep.runtime.backends.tensorrt_engine import make_logger
 
-    trt = import_build_tensorrt()
-    try:
-        cudart = cuda.import_cudart()
-    except ImportError:
-        raise BackendUnavailable(cuda.CUDA_PYTHON_MISSING) from None
+    rtx = request.engine == RTX
+    trt = import_build_module(request.engine)
     trt_version = str(trt.__version__)
-    mode = typing_mode(trt_version, request.weak, request.strongly_typed)
-    dev = cuda.device_info(cudart)
-    check_device_precision(request.precision, dev.compute_capability, dev.name)
+    label = f"{ENGINE_NAMES[request.engine]} {trt_version}"
+    mode = (TypingMode(strongly_typed=True, network_flag=False, fp16_flag=False) if rtx
+            else typing_mode(trt_version, request.weak, request.strongly_typed))
+    dev = _build_device(request.engine)
+    if not rtx:
+        check_device_precision(request.precision, dev.compute_capability, dev.name)
     meta = request.meta
-    profile = request.profile or default_profile(meta, jetson=dev.integrated)
-    workspace = request.workspace_bytes or default_workspace_bytes(
-        dev.free_memory, dev.total_memory, dev.integrated)
+    profile = request.profile or default_profile(meta, jetson=bool(dev and dev.integrated
+                                                                   and not rtx))
+    # TensorRT-RTX: the workspace limit only where asked for (its build needs no GPU).
+    workspace = request.workspace_bytes or (0 if rtx else default_workspace_bytes(
+        dev.free_memory, dev.total_memory, dev.integrated))
+    targets = (request.targets or RTX_DEFAULT_TARGETS) if rtx else ()
     name = request.onnx_path.name
     started = time.monotonic()
 
@@ -278,21 +423,24 @@ def build_from_request(request: BuildRequest) -> PlanSidecar:
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if mode.network_flag else 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
-    say(f"parsing {name} with TensorRT {trt_version} "
+    say(f"parsing {name} with {label} "
         + (f"(strongly typed, {meta.graph.precision} from the graph)" if mode.strongly_typed
            else f"(weakly typed, {request.precision} allowed)"))
     if not parser.parse_from_file(str(request.onnx_path)):
         errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise ArtifactError(
-            f"TensorRT {trt_version} could not parse {name}: "
+        raise ParseFailed(
+            f"{label} could not parse {name}: "
             + ("; ".join(errors) or "; ".join(logger.errors) or "no message")
             + "; re-export it with `fewstep export` (check the ONNX opset is supported)"
         )
     _check_network(network, meta, profile, name)
 
     config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
+    if workspace:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace)
     config.builder_optimization_level = request.opt_level
+    if request.targets:
+        _set_targets(trt, config, request.targets, trt_version)
     for flag_name in weak_builder_flags(mode):
         flag = getattr(trt.BuilderFlag, flag_name, None)
         if flag is None:
@@ -310,10 +458,11 @@ def build_from_request(request: BuildRequest) -> PlanSidecar:
     for tensor, (lo, opt, hi) in profile_shapes(meta, profile).items():
         opt_profile.set_shape(tensor, lo, opt, hi)
     if config.add_optimization_profile(opt_profile) < 0:
-        raise BuildFailed(f"TensorRT rejected the profile {profile}: {'; '.join(logger.errors)}")
+        raise BuildFailed(f"{label} rejected the profile {profile}: "
+                          f"{'; '.join(logger.errors)}")
 
     cache_file = None
-    if request.use_timing_cache:
+    if request.use_timing_cache and not rtx:
         cache_file = _cache_file(request, dev.name, dev.compute_capability, trt_version)
         blob = cache_file.read_bytes() if cache_file.is_file() else b""
         cache = config.create_timing_cache(blob)
@@ -324,14 +473,17 @@ def build_from_request(request: BuildRequest) -> PlanSidecar:
             say(f"timing cache {cache_file} was made on another device; starting an empty one")
             config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
 
-    say(f"building batch {profile} on {dev.name} (compute {dev.compute_capability}), "
-        f"opt level {request.opt_level}, workspace {workspace // MIB} MiB"
+    where = (f"for RTX GPUs of compute capability {', '.join(targets)}"
+             + (f" (ahead of time, on {dev.name})" if dev else " (ahead of time, no GPU here)")
+             if rtx else f"on {dev.name} (compute {dev.compute_capability})")
+    say(f"building batch {profile} {where}, opt level {request.opt_level}"
+        + (f", workspace {workspace // MIB} MiB" if workspace else "")
         + (", version-compatible" if request.version_compatible else "")
         + (" (without lean runtime)" if request.exclude_lean_runtime else ""))
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BuildFailed(
-            f"TensorRT {trt_version} could not build {name}: "
+            f"{label} could not build {name}: "
             + ("; ".join(logger.errors[-5:]) or "no error message (try --verbose)")
         )
     plan = bytes(memoryview(serialized))
@@ -340,8 +492,10 @@ def build_from_request(request: BuildRequest) -> PlanSidecar:
     onnx_sha, ext = onnx_hashes(request.onnx_path)
     onnx_file = os.path.relpath(request.onnx_path.resolve(), request.out_path.resolve().parent)
     sidecar = new_sidecar(
-        meta=meta, tensorrt_version=trt_version, cuda_runtime_version=dev.cuda_runtime_version,
-        gpu_name=dev.name, compute_capability=dev.compute_capability, profile=profile,
+        meta=meta, tensorrt_version=trt_version,
+        cuda_runtime_version=dev.cuda_runtime_version if dev else "",
+        gpu_name=dev.name if dev else "", compute_capability=dev.compute_capability if dev
+        else "", profile=profile, engine=request.engine, targets=targets,
         precision=request.precision, strongly_typed=mode.strongly_typed,
         fp16_weak=request.weak == "fp16", builder_optimization_level=request.opt_level,
         workspace_bytes=workspace, version_compatible=request.version_compatible,
@@ -432,12 +586,17 @@ def plan_name_for(onnx_path: Path, out: Path, meta: ModelMeta) -> Path:
 
 
 __all__ = [
+    "RTX",
+    "RTX_MISSING",
     "BuildFailed",
     "BuildRequest",
+    "ParseFailed",
     "TypingMode",
     "build_from_request",
     "build_plan",
     "check_device_precision",
+    "import_build_module",
+    "parse_targets",
     "plan_name_for",
     "prepare_build",
     "typing_mode",

@@ -255,6 +255,10 @@ def _find_plans(art: artifact.Artifact, folder: Path,
         if plan.problem is not None:
             log(f"{plan_file}: left out: {plan.problem}")
             continue
+        if sidecar.engine != "tensorrt":
+            log(f"{plan_file}: left out: a {sidecar.engine_name} plan, which Triton's TensorRT "
+                "backend cannot load; build it with --engine tensorrt")
+            continue
         onnx_file = samplers.get(source)
         if onnx_file is None:
             log(f"{plan_file}: left out: it was built from {source}, which {main_path.name}'s "

@@ -19,6 +19,7 @@ from typing import Any
 from . import artifact, clitools
 from .errors import inert
 from .meta import graph_summary, meta_summary
+from .plan import ENGINE_NAMES
 
 MAX_LINE = 4000  # characters of one line of the report (a long class list is elided)
 TRAIN_HIGHLIGHTS = ("data", "preset", "image_size", "steps", "batch_size", "lr",
@@ -42,6 +43,12 @@ def graphs_of(art: artifact.Artifact) -> tuple[list[dict[str, Any]], dict[str, i
             row.update(graph_summary(f.meta))
         else:
             row["error"] = f.problem
+        if f.sidecar is not None:
+            sc = f.sidecar
+            row["plan"] = {"engine": sc.engine, "version": sc.tensorrt_version,
+                           "targets": list(sc.targets), "built_on": sc.gpu_name,
+                           "compute_capability": sc.compute_capability,
+                           "profile": str(sc.profile), "runs_on": sc.describe_target()}
         rows.append(row)
     return rows, art.weights()
 
@@ -147,6 +154,13 @@ def render(info: dict[str, Any]) -> str:
         precision = row["precision"] + (" +guidance" if row["guidance"] else "")
         lines.append(f"  {row['file']:<{width}}  {row['kind']:<9} {precision:<14} "
                      f"{_size(row['size_bytes']):>10}{detail}")
+        if "plan" in row:
+            p = row["plan"]
+            lines.append(f"    {ENGINE_NAMES[p['engine']]} {p['version']} plan, batch "
+                         f"{p['profile']}, runs on {p['runs_on']}"
+                         + ("" if p["engine"] == "tensorrt" else
+                            f" (built {'on ' + p['built_on'] if p['built_on'] else 'without a GPU'}"
+                            "; the tensorrt backend cannot load it)"))
     for loc, size in info["shared_files"].items():
         lines.append(f"  {loc:<{width}}  {'weights':<9} {'':<14} {_size(size):>10}")
     lines += ["", "backends"]

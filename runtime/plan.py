@@ -3,8 +3,10 @@
 A TensorRT plan has no metadata field, and it only runs on the GPU model and the
 TensorRT version it was built with. So every ``model.plan`` gets a ``model.plan.json``
 sidecar that records what the plan is (the ModelMeta of the ONNX it came from) and what
-it is tied to (TensorRT version, GPU, compute capability, the batch profile, the build
-flags, and sha256 of the plan and of its source ONNX with the ONNX's external weights).
+it is tied to (the engine that built it, TensorRT version, GPU, compute capability, the
+batch profile, the build flags, and sha256 of the plan and of its source ONNX with the
+ONNX's external weights). A TensorRT-RTX plan (engine ``tensorrt-rtx``) is built ahead of
+time for the RTX compute capabilities it ``targets``, not for the GPU it was built on.
 The input shapes come from the graph I/O contract, ``ModelMeta.io``.
 ``plan_check.check_compatible`` compares a sidecar with the machine about to run the
 plan and says exactly why a plan must be rebuilt, and with which command.
@@ -36,7 +38,8 @@ from .checks import is_whole_number, whole_number
 from .errors import ArtifactError
 from .meta import ModelMeta
 
-SIDECAR_SCHEMA_VERSION: Final = 1
+SIDECAR_SCHEMA_VERSION: Final = 2  # 2 added engine and targets; 1 is read as TensorRT
+SIDECAR_SCHEMA_VERSIONS: Final = (1, 2)
 SIDECAR_SUFFIX: Final = ".json"  # model.plan -> model.plan.json
 PLAN_EXT: Final = ".plan"
 
@@ -45,6 +48,14 @@ PLAN_EXT: Final = ".plan"
 DEFAULT_MAX_BATCH: Final = 16
 JETSON_MAX_BATCH: Final = 4
 _PIXELS_AT_FULL_BATCH: Final = 128 * 128
+
+# The engines that build plans: NVIDIA TensorRT and TensorRT for RTX (a plan of one never
+# runs on the other's runtime).
+ENGINES: Final = ("tensorrt", "tensorrt-rtx")
+ENGINE_NAMES: Final = {"tensorrt": "TensorRT", "tensorrt-rtx": "TensorRT-RTX"}
+# What a TensorRT-RTX plan built without explicit targets runs on (NVIDIA's TensorRT-RTX
+# docs: compute capability 8.0, 8.6, 8.9 and 12.x; not 7.5 unless asked for, not 9.0/10.0).
+RTX_DEFAULT_TARGETS: Final = ("8.0", "8.6", "8.9", "12.x")
 
 MIB: Final = 1 << 20
 MAX_SIDECAR_BYTES: Final = 16 * MIB  # the ModelMeta inside is capped at 8 MiB
@@ -178,12 +189,25 @@ class PlanSidecar:
     fewstep_version: str
     schema_version: int = SIDECAR_SCHEMA_VERSION
     extra: Mapping[str, Any] = field(default_factory=dict)  # free-form build notes
+    engine: str = "tensorrt"  # one of ENGINES; tensorrt_version is that engine's version
+    # tensorrt-rtx: the compute capabilities the plan runs on ("8.9", "12.x" = any 12.y);
+    # tensorrt: () (the plan runs on the GPU it was built on)
+    targets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.schema_version != SIDECAR_SCHEMA_VERSION:
-            raise ValueError(f"schema_version {self.schema_version} != {SIDECAR_SCHEMA_VERSION}")
+        if self.schema_version not in SIDECAR_SCHEMA_VERSIONS:
+            raise ValueError(f"schema_version {self.schema_version} not in "
+                             f"{SIDECAR_SCHEMA_VERSIONS}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine {self.engine!r} is not one of {', '.join(ENGINES)}")
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if (self.engine == "tensorrt-rtx") != bool(self.targets):
+            raise ValueError(f"a {self.engine} plan has {'' if self.targets else 'no '}targets")
+        for target in self.targets:
+            parse_target(target)
         parse_version(self.tensorrt_version)
-        parse_compute_capability(self.compute_capability)
+        if self.compute_capability or self.engine == "tensorrt":  # RTX: built with no GPU
+            parse_compute_capability(self.compute_capability)
         if not 0 <= self.builder_optimization_level <= 5:
             raise ValueError(f"builder_optimization_level {self.builder_optimization_level}")
         if self.exclude_lean_runtime and not self.version_compatible:
@@ -216,6 +240,8 @@ class PlanSidecar:
             "created": self.created,
             "fewstep_version": self.fewstep_version,
             "extra": dict(self.extra),
+            "engine": self.engine,
+            "targets": list(self.targets),
         }
 
     def to_json(self) -> str:
@@ -239,6 +265,17 @@ class PlanSidecar:
     def compute_capability_tuple(self) -> tuple[int, int]:
         return parse_compute_capability(self.compute_capability)
 
+    @property
+    def engine_name(self) -> str:
+        """"TensorRT" or "TensorRT-RTX"."""
+        return ENGINE_NAMES[self.engine]
+
+    def describe_target(self) -> str:
+        """What the plan runs on, for messages and ``fewstep info``."""
+        if self.engine == "tensorrt-rtx":
+            return f"RTX GPUs of compute capability {', '.join(self.targets)}"
+        return f"{self.gpu_name} (compute capability {self.compute_capability})"
+
 
 def sidecar_path(plan_path: str | os.PathLike[str]) -> Path:
     """``model.plan`` -> ``model.plan.json``."""
@@ -257,24 +294,29 @@ def rebuild_command(
     plan_path: str | os.PathLike[str],
     onnx: str | os.PathLike[str] | None = None,
     sidecar: PlanSidecar | None = None,
+    engine: str | None = None,
 ) -> str:
-    """The ``fewstep build`` command that makes ``plan_path`` again (same flags)."""
+    """The ``fewstep build`` command that makes ``plan_path`` again (same flags); with
+    ``engine``, the command that builds it with that engine instead."""
     plan = Path(plan_path)
     if onnx is None:
         onnx = plan.parent / sidecar.onnx_file if sidecar is not None else onnx_path_for(plan)
     words = ["fewstep", "build", str(onnx), "--out", str(plan)]
+    engine = engine or (sidecar.engine if sidecar is not None else "tensorrt")
+    if engine != "tensorrt":
+        words += ["--engine", engine]
     if sidecar is not None:
         words += ["--batch", str(sidecar.profile)]
         if sidecar.builder_optimization_level != 3:
             words += ["--opt-level", str(sidecar.builder_optimization_level)]
-        if sidecar.version_compatible:
-            words.append("--version-compatible")
-        if sidecar.exclude_lean_runtime:
-            words.append("--exclude-lean-runtime")
-        if sidecar.fp16_weak:
-            words.append("--fp16-weak")
-        if sidecar.extra.get("bf16_weak"):
-            words.append("--bf16-weak")
+    if sidecar is not None and engine == sidecar.engine:  # the engine's own flags
+        if sidecar.targets and sidecar.targets != RTX_DEFAULT_TARGETS:
+            words += ["--target-cc", ",".join(sidecar.targets)]
+        flags = (("--version-compatible", sidecar.version_compatible),
+                 ("--exclude-lean-runtime", sidecar.exclude_lean_runtime),
+                 ("--fp16-weak", sidecar.fp16_weak),
+                 ("--bf16-weak", bool(sidecar.extra.get("bf16_weak"))))
+        words += [flag for flag, on in flags if on]
     return " ".join(shlex.quote(w) for w in words)
 
 
@@ -338,8 +380,10 @@ _SIDECAR_TYPES: Final[dict[str, type | tuple[type, ...]]] = {
     "created": str,
     "fewstep_version": str,
     "extra": dict,
+    "engine": str,
+    "targets": list,
 }
-_OPTIONAL: Final = {"extra"}
+_OPTIONAL: Final = {"extra", "engine", "targets"}  # engine and targets: not in version 1
 
 
 def _parse_sidecar(data: object, source: str) -> PlanSidecar:
@@ -353,6 +397,8 @@ def _parse_sidecar(data: object, source: str) -> PlanSidecar:
             f"{source}: a plan sidecar is a JSON object, got {type(data).__name__}; {fix}"
         )
     version = data.get("schema_version")
+    if version == 1 and ("engine" in data or "targets" in data):
+        raise fail("(top level)", "engine and targets need schema_version 2")
     if is_whole_number(version) and version > SIDECAR_SCHEMA_VERSION:
         raise ArtifactError(
             f"{source}: plan sidecar schema version {version} is newer than this fewstep "
@@ -379,6 +425,9 @@ def _parse_sidecar(data: object, source: str) -> PlanSidecar:
     ext = data["external_data_sha256"]
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in ext.items()):
         raise fail("external_data_sha256", "must map file names to sha256 strings")
+    targets = data.get("targets", [])
+    if not all(isinstance(t, str) for t in targets):
+        raise fail("targets", f"{targets!r} is not a list of compute capabilities")
     try:
         meta = ModelMeta.from_dict(data["meta"], source=f"{source} (meta)")
     except ArtifactError as e:
@@ -390,8 +439,10 @@ def _parse_sidecar(data: object, source: str) -> PlanSidecar:
             profile=profile,
             external_data_sha256=dict(ext),
             extra=dict(data.get("extra", {})),
-            **{k: data[k] for k in _SIDECAR_TYPES
-               if k not in ("meta", "profile", "external_data_sha256", "extra")},
+            engine=data.get("engine", "tensorrt"),
+            targets=tuple(targets),
+            **{k: data[k] for k in _SIDECAR_TYPES if k not in (
+                "meta", "profile", "external_data_sha256", "extra", "engine", "targets")},
         )
     except ValueError as e:
         raise fail("(values)", str(e)) from None
@@ -421,6 +472,16 @@ def parse_compute_capability(text: str) -> tuple[int, int]:
     if not m:
         raise ValueError(f"compute capability {text!r} is not MAJOR.MINOR (e.g. '8.7')")
     return int(m.group(1)), int(m.group(2))
+
+
+def parse_target(text: str) -> tuple[int, int | None]:
+    """A plan's target: ``"8.9"`` -> (8, 9); ``"12.x"`` (any 12.y) -> (12, None)."""
+    m = re.fullmatch(r"(\d+)\.(\d+|x)", text)
+    if not m:
+        raise ValueError(f"target {text!r} is not a compute capability MAJOR.MINOR (e.g. "
+                         "'8.9') or MAJOR.x")
+    return int(m.group(1)), None if m.group(2) == "x" else int(m.group(2))
+
 
 
 def sidecar_source(plan_path: str | os.PathLike[str], sidecar: PlanSidecar) -> Path | None:

@@ -375,7 +375,7 @@ def _mutated(tmp_path: Path, mutate: Callable[[dict[str, Any]], object]) -> Path
 
 
 @pytest.mark.parametrize(("mutate", "message"), [
-    (lambda d: d.update(schema_version=2), "schema version 2 is newer than this fewstep"),
+    (lambda d: d.update(schema_version=3), "schema version 3 is newer than this fewstep"),
     (lambda d: d.update(schema_version=0), "schema_version: 0 is not a valid version"),
     (lambda d: d.update(schema_version="1"), "schema_version: '1' is not int"),
     (lambda d: d.pop("gpu_name"), "field gpu_name: missing"),

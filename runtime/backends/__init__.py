@@ -110,6 +110,7 @@ def resolve(name: str, path: str | None = None) -> str:
         return name
     avail = availability()
     if name == "auto" and path is not None and path.endswith(".plan"):
+        _module("tensorrt").check_file(path)  # a TensorRT-RTX plan: refused whatever is here
         if avail["tensorrt"] is None:
             return "tensorrt"
         raise BackendUnavailable(f"{path} is a TensorRT plan but {avail['tensorrt']}")
@@ -119,6 +120,8 @@ def resolve(name: str, path: str | None = None) -> str:
 def load(path: str, name: str = "auto", **options: Any) -> Graph:
     """Open one graph file with the named backend."""
     concrete = resolve(name, path)
+    if concrete == "tensorrt":  # a TensorRT-RTX plan: refused whatever is installed here
+        _module(concrete).check_file(path)
     reason = _module(concrete).unavailable_reason(concrete)
     if reason is not None:
         raise BackendUnavailable(f"backend {concrete!r} is not usable here: {reason}")

@@ -1,6 +1,7 @@
 """The ``tensorrt`` backend: a TensorRT plan + its sidecar, driven with cuda-python.
 
-Opening a plan reads ``model.plan.json``, refuses a plan built for another GPU or
+Opening a plan reads ``model.plan.json``, refuses a plan that TensorRT-RTX built (before
+TensorRT is imported: ``plan_check.engine_problem``), one built for another GPU or
 TensorRT version, a replaced or a stale one (``plan_check.check_compatible``), then
 deserializes it (``tensorrt``, or ``tensorrt_lean`` for a version-compatible plan) and
 allocates once, at the profile's largest batch, device and pinned host buffers for every
@@ -30,8 +31,8 @@ from typing import Any
 
 from ..errors import ArtifactError, BackendUnavailable
 from ..meta import ModelMeta
-from ..plan import BatchProfile, PlanSidecar, load_sidecar
-from ..plan_check import RuntimeInfo, check_compatible
+from ..plan import BatchProfile, PlanSidecar, load_sidecar, sidecar_path
+from ..plan_check import RuntimeInfo, check_compatible, engine_problem
 from . import Array, Feeds, NetworkRun, check_launches, cuda, host_loop
 from .tensorrt_engine import engine_io, import_tensorrt, make_logger, tensorrt_problem
 from .tensorrt_io import PlanBuffers, Staging, free_staging
@@ -57,6 +58,25 @@ def unavailable_reason(name: str = "tensorrt") -> str | None:
     if count < 1:
         return "no CUDA GPU is visible (CUDA_VISIBLE_DEVICES?)"
     return None
+
+
+def check_file(path: str) -> None:
+    """Refuse a plan another engine built (TensorRT-RTX), whether TensorRT is here or not."""
+    if not str(path).endswith(".plan") or not sidecar_path(path).is_file():
+        return  # open_graph says what is wrong with it
+    sidecar = load_sidecar(path)
+    if sidecar.engine != TensorRTGraph.backend:
+        wrong = engine_problem(sidecar, path, TensorRTGraph.backend, _gpu_here(None))
+        raise ArtifactError(wrong or f"{path} was not built by TensorRT")
+
+
+def _gpu_here(device_id: int | None) -> tuple[str, str] | None:
+    """(name, compute capability) of the GPU, or None when cuda-python or a GPU is missing."""
+    try:
+        dev = cuda.device_info(cuda.import_cudart(), device_id)
+    except Exception:  # only to say more in a refusal; any failure just says less
+        return None
+    return dev.name, dev.compute_capability
 
 
 _LoopKey = tuple[int, int, tuple[str, ...]]  # (batch, steps, the per-step input names)
@@ -94,6 +114,9 @@ class TensorRTGraph:
         self.profile: BatchProfile = self.sidecar.profile
         self.max_batch: int | None = self.profile.max
         self.cuda_graph = cuda_graph
+        if self.sidecar.engine != self.backend:
+            wrong = engine_problem(self.sidecar, plan_path, self.backend, _gpu_here(device_id))
+            raise ArtifactError(wrong or f"{plan_path} was not built by TensorRT")
 
         trt, lean = import_tensorrt()
         cudart = cuda.import_cudart()
