@@ -259,9 +259,12 @@ def _env_lines(run: dict[str, Any]) -> list[str]:
                           f"{g.get('power.limit')}, {g.get('temperature.gpu')} C, "
                           f"pstate {g.get('pstate')}"))
     if env.get("jetson"):
+        # A field the board's tools did not give (jetson_clocks --show without root, say)
+        # is written as unknown: the line is kept, since the mode decides the latency.
         j = env["jetson"]
-        items.append(("Jetson", f"{j.get('model')}, L4T {j.get('l4t_release')}, nvpmodel "
-                                f"{j.get('power_mode')}, clocks {j.get('clocks')}"))
+        items.append(("Jetson", f"{j.get('model')}, L4T {j.get('l4t_release') or '?'}, "
+                                f"nvpmodel {j.get('power_mode') or 'unknown'}, "
+                                f"clocks {j.get('clocks') or 'unknown'}"))
     return _table(["", ""], [(k, v) for k, v in items if v is not None and "None" not in str(v)])
 
 

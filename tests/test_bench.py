@@ -292,6 +292,23 @@ def test_report_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert "matplotlib is not installed" in (tmp_path / report.REPORT).read_text()
 
 
+def test_report_keeps_the_jetson_line_when_a_tool_gave_nothing() -> None:
+    board = {"model": "NVIDIA Jetson Orin Nano Developer Kit", "l4t_release": "36.4.3",
+             "power_mode": "15W (0)", "clocks": "pinned to maximum (jetson_clocks on)"}
+    run = _run_record()
+    run["environment"]["jetson"] = board
+    text = report.render_markdown(run, _synthetic_rows())
+    assert ("| Jetson | NVIDIA Jetson Orin Nano Developer Kit, L4T 36.4.3, nvpmodel 15W (0), "
+            "clocks pinned to maximum (jetson_clocks on) |") in text
+    # jetson_clocks --show without root, nvpmodel missing, release file unreadable
+    run["environment"]["jetson"] = {**board, "clocks": None, "power_mode": None,
+                                    "l4t_release": ""}
+    text = report.render_markdown(run, _synthetic_rows())
+    assert ("| Jetson | NVIDIA Jetson Orin Nano Developer Kit, L4T ?, nvpmodel unknown, "
+            "clocks unknown |") in text
+    assert "Jetson" not in report.render_markdown(_run_record(), _synthetic_rows())
+
+
 # ---------------------------------------------------------------------------------
 # The runner on fake paths (no model): statuses, budget, errors
 # ---------------------------------------------------------------------------------
