@@ -82,7 +82,8 @@ def unet1d(seed: int = 0) -> Any:
 
 def sinusoidal(t: torch.Tensor, dim: int) -> torch.Tensor:
     half = dim // 2
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * (-math.log(10000.0) / (half - 1)))
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=t.device)
+                      * (-math.log(10000.0) / (half - 1)))
     args = t.float()[:, None] * freqs[None]
     return torch.cat([args.sin(), args.cos()], dim=-1)
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -112,7 +113,7 @@ def export_policy(net: Any, out: Path, steps: list[int], precision: str) -> Path
 
 def bench(models: list[Path], out: Path, steps: list[int], backends: list[str],
           source: Any = None, folder: Path | None = None,
-          quick: bool = False) -> list[dict[str, Any]]:
+          quick: bool = False, extra: list[str] | None = None) -> list[dict[str, Any]]:
     from fewstep.benchmarks import cli as bench_cli
 
     argv = [a for m in models for a in ("--model", str(m))]
@@ -124,6 +125,7 @@ def bench(models: list[Path], out: Path, steps: list[int], backends: list[str],
         argv += ["--source", str(folder)]
     if quick:
         argv += ["--quick"]
+    argv += extra or []
     args = bench_cli.build_parser("fewstep bench").parse_args(argv)
     _, rows = bench_cli.run(bench_cli.config_from_args(args), out, source=source, plots=False)
     return rows
@@ -136,8 +138,10 @@ def export_one(name: str, precision: str, work: Path, steps: list[int], tiny: bo
     if name == "policy":
         return export_policy(policy_module(tiny), work / f"policy-{precision}.onnx", steps,
                              precision)
+    if tiny:
+        return export_folder(work / "pipeline", steps, precision)
     folder = work / "pipeline"
-    return export_folder(folder, steps if name == "policy" or tiny else steps[:1], precision)
+    return export_folder(folder, steps[:1], precision)
 
 
 def artifacts(name: str, work: Path) -> list[Path]:
@@ -154,6 +158,10 @@ def main() -> int:
     p.add_argument("--steps", nargs="+", type=int, default=[4, 8, 16])
     p.add_argument("--backends", nargs="+", default=["ort-cuda"])
     p.add_argument("--models", nargs="+", default=["unet64", "unet128", "policy"])
+    p.add_argument("--sampler-steps", nargs="+", type=int, default=None,
+                   help="step counts of the fused sampler graphs (default: --steps for the "
+                        "policy, the first of --steps for the UNets)")
+    p.add_argument("--bench-args", default="", help="more `fewstep bench` arguments")
     p.add_argument("--phase", choices=("all", "export", "bench"), default="all",
                    help="export: every model and precision in parallel processes; bench: "
                         "time what an earlier export phase wrote")
@@ -174,7 +182,8 @@ def main() -> int:
         jobs = [(m, prec) for m in args.models for prec in ("fp32", "fp16")]
         with cf.ProcessPoolExecutor(len(jobs),
                                     mp_context=multiprocessing.get_context("spawn")) as ex:
-            for f in [ex.submit(export_one, m, prec, root / m, args.steps, args.tiny)
+            for f in [ex.submit(export_one, m, prec, root / m, args.sampler_steps or args.steps,
+                                args.tiny)
                       for m, prec in jobs]:
                 f.result()
         print(f"exported {len(jobs)} artifacts in {time.perf_counter() - t0:.0f} s",
@@ -193,8 +202,8 @@ def main() -> int:
                                              scheduler=POLICY_SCHEDULER, name="policy")
         else:
             folder = work / "pipeline"
-        rows = bench(arts, args.out / name / "bench", args.steps, args.backends, source,
-                     folder, quick=args.tiny)
+        rows = bench(arts, args.out / f"{name}-bench", args.steps, args.backends, source,
+                     folder, quick=args.tiny, extra=shlex.split(args.bench_args))
         table += [(name, r) for r in rows if r.get("record") == "result"]
     (args.out / "table.json").write_text(json.dumps(
         [{"model": m, **{k: r.get(k) for k in ("name", "steps", "batch", "status", "p50_ms",
