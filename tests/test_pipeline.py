@@ -796,3 +796,24 @@ def test_save_grid_writes_the_format_of_the_extension(tmp_path: Path) -> None:
         out = Pipeline.save_grid(imgs, tmp_path / f"g{ext}", nrow=2)
         with Image.open(out) as im:
             assert im.format == fmt and im.size == (w, h)
+
+
+@pytest.mark.parametrize("kind", ["denoiser", "step", "sampler"])
+def test_the_oracle_samples_any_shape_with_named_conditioning(kind: str) -> None:
+    """A perfect denoiser of (16, 2) sequences conditioned on an observation vector:
+    every graph kind returns its x0 through the whole pipeline, as float samples."""
+    from fewstep.runtime.meta import CondSpec
+
+    meta = ModelMeta.build(prediction_type="epsilon", schedule=Schedule(num_train_timesteps=100),
+                           sample_shape=(16, 2), images=False,
+                           cond=(CondSpec("global_cond", "float32", (36,)),))
+    x0 = np.random.default_rng(3).uniform(-1, 1, (16, 2))
+    g = meta.for_graph(kind=kind, **({"steps": 4, "output_format": "float", "spacing": "trailing"}
+                                     if kind == "sampler" else {}))
+    pipe = Pipeline.from_graphs([make_oracle(g, x0)])
+    obs = np.zeros((3, 36), np.float32)
+    out = pipe.generate(3, 4, cond={"global_cond": obs})
+    assert out.shape == (3, 16, 2) and out.dtype == np.float32
+    np.testing.assert_allclose(out, np.broadcast_to(x0, out.shape), atol=1e-4)
+    with pytest.raises(ValueError, match="does not fit samples of shape"):
+        make_oracle(g, np.zeros((3, 32, 32)))

@@ -1,8 +1,8 @@
 """The ``oracle`` backend: graphs that return the exact model output for a known x0.
 
-An oracle "network" knows the clean image x0 (one per class, or one for an
-unconditional model) and answers what a perfect denoiser would: from x_t and the
-timestep t it recovers ε = (x_t - √α_t x0) / √(1-α_t) and returns the target of the
+An oracle "network" knows the clean sample x0 (one per class, or one for an
+unconditional model; an image or a sample of any shape) and answers what a perfect
+denoiser would, whatever its named conditioning: from x_t and the timestep t it recovers ε = (x_t - √α_t x0) / √(1-α_t) and returns the target of the
 model's prediction type (``ddim.target_for``). With it DDIM returns x0 at any step
 count and any η, so tests check the whole sampling machinery without a trained
 model, and benchmarks measure pure pipeline overhead.
@@ -56,12 +56,13 @@ class OracleGraph:
     def __init__(self, meta: ModelMeta, x0: Any, path: str = "<oracle>") -> None:
         table = np.asarray(x0, dtype=np.float64)
         rows = 1 if not meta.conditional else meta.num_classes
-        if table.ndim == 3:
+        shape = tuple(meta.sample_shape)
+        if table.ndim == len(shape):
             table = table[None]
-        if table.ndim != 4 or table.shape[1:] != meta.image_shape:
+        if table.ndim != len(shape) + 1 or table.shape[1:] != shape:
             raise ValueError(
-                f"x0 of shape {table.shape} does not fit images of shape {meta.image_shape}; "
-                f"pass x0 of shape (K, {', '.join(map(str, meta.image_shape))})"
+                f"x0 of shape {table.shape} does not fit samples of shape {shape}; "
+                f"pass x0 of shape (K, {', '.join(map(str, shape))})"
             )
         allowed = {1, rows, rows + 1} if meta.conditional else {1}
         if table.shape[0] not in allowed:
@@ -78,6 +79,7 @@ class OracleGraph:
         self.backend = "oracle"
         self.max_batch: int | None = None
         self.x0: F64 = np.ascontiguousarray(table)
+        self._ones = (1,) * len(shape)  # a per-sample value against (B, *sample_shape)
         self._alphas_cumprod: F64 = meta.schedule.alphas_cumprod()
 
     def __repr__(self) -> str:
@@ -92,7 +94,7 @@ class OracleGraph:
 
     def network(
         self,
-        x: Array,  # (B, C, H, W)
+        x: Array,  # (B, *sample_shape)
         t: Array,  # (B,)
         labels: Array | None = None,
         guidance: Array | None = None,
@@ -104,7 +106,7 @@ class OracleGraph:
         T = len(self._alphas_cumprod)
         if np.any((steps < 0) | (steps >= T)):
             raise ValueError(f"timesteps {steps.tolist()} outside 0..{T - 1}")
-        a_t = self._alphas_cumprod[steps].reshape(n, 1, 1, 1)
+        a_t = self._alphas_cumprod[steps].reshape(n, *self._ones)
         lab = None if labels is None else np.asarray(labels, dtype=np.int64).reshape(n)
         if lab is not None and np.any((lab < 0) | (lab > self.meta.num_classes)):
             raise ValueError(f"labels {lab.tolist()} outside 0..{self.meta.num_classes}")
@@ -119,7 +121,7 @@ class OracleGraph:
             return cond.astype(np.float32)
         null = np.full(n, self.meta.null_label, dtype=np.int64)
         uncond = target(self._rows(null, n))
-        g = np.asarray(guidance, dtype=np.float64).reshape(n, 1, 1, 1)
+        g = np.asarray(guidance, dtype=np.float64).reshape(n, *self._ones)
         guided: F64 = sampling.guided(cond, uncond, g)
         return guided.astype(np.float32)
 
@@ -168,7 +170,7 @@ class OracleGraph:
         n = x.shape[0]
 
         def col(name: str) -> F32:
-            return as_float32(feeds[name]).reshape(n, 1, 1, 1)
+            return as_float32(feeds[name]).reshape(n, *self._ones)
 
         out = self.network(x, feeds["t"], labels, guidance)
         x_prev: F32 = ddim.step(
@@ -198,7 +200,8 @@ class OracleGraph:
 
 
 def make_oracle(meta: ModelMeta, x0: Any, path: str = "<oracle>") -> OracleGraph:
-    """An oracle graph of ``meta.graph.kind`` for the clean images ``x0`` (K or 1, C, H, W).
+    """An oracle graph of ``meta.graph.kind`` for the clean samples ``x0`` (K or 1,
+    *sample_shape).
 
     For a class-conditional model pass one row per class (row k is class k's image),
     optionally one more row for the null label (else the mean of the classes), or a
@@ -210,7 +213,7 @@ def make_oracle(meta: ModelMeta, x0: Any, path: str = "<oracle>") -> OracleGraph
 def oracle_x0(meta: ModelMeta, seed: int) -> F64:
     """The x0 table of an ``.oracle.json`` file: uniform(-1, 1), one row per class."""
     rows = meta.num_classes if meta.conditional else 1
-    return np.random.default_rng(seed).uniform(-1.0, 1.0, (rows, *meta.image_shape))
+    return np.random.default_rng(seed).uniform(-1.0, 1.0, (rows, *meta.sample_shape))
 
 
 MAX_ORACLE_BYTES = 16 * 1024**2  # a ModelMeta (at most 8 MiB in an ONNX file) and a seed
