@@ -2,8 +2,9 @@
 
 An oracle "network" knows the clean sample x0 (one per class, or one for an
 unconditional model; an image or a sample of any shape) and answers what a perfect
-denoiser would, whatever its named conditioning: from x_t and the timestep t it recovers ε = (x_t - √α_t x0) / √(1-α_t) and returns the target of the
-model's prediction type (``ddim.target_for``). With it DDIM returns x0 at any step
+denoiser would, whatever its named conditioning: from x_t and the timestep t it
+recovers ε = (x_t - √α_t x0) / √(1-α_t) and returns the target of the model's
+prediction type (``ddim.target_for``). With it DDIM returns x0 at any step
 count and any η, so tests check the whole sampling machinery without a trained
 model, and benchmarks measure pure pipeline overhead.
 
