@@ -1,7 +1,8 @@
 """Latency benchmark: fewstep's paths against PyTorch and plain ONNX Runtime baselines.
 
 Times every path (fewstep on each backend × graph kind, and the baselines torch-eager,
-torch-compile and ort-steps) at every steps × batch, in one process, on the same
+torch-compile and ort-steps; with a diffusers folder as --source also diffusers-eager and
+diffusers-compile, diffusers' own loop) at every steps × batch, in one process, on the same
 weights, host noise, labels and guidance; writes OUT/results.jsonl (one row per
 configuration, line 1 the environment), OUT/report.md and PNG plots. Latency is end
 to end (host noise in, uint8 images out on the host), synchronised, p50 after warm-up.
