@@ -64,6 +64,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                         "beside it are found); give it twice for e.g. fp32 and fp16 "
                         "artifacts (default: the shipped model)")
     p.add_argument("--source", "--checkpoint", dest="checkpoint", type=Path, default=None,
+                   metavar="PATH",
                    help="what the model was exported from: a fewstep training checkpoint, "
                         "or a diffusers folder (then also the diffusers-eager and "
                         "diffusers-compile baselines, diffusers' own loop); enables the "
