@@ -326,12 +326,6 @@ def _read_sibling(path: Path, ext: str, main: GraphFile) -> GraphFile:
         why = (f"its {different} differs from {main.path.name}; re-export the whole artifact "
                "together")
         return GraphFile(path, found.meta, why, found.external_data, found.sidecar)
-    g = found.meta.graph
-    named = graph_path(path.with_name(base_stem(path, ext) + ext), g.kind, g.steps, g.eta, ext)
-    if named.name != path.name:  # a renamed graph: the name would pick it for other runs
-        why = (f"it holds the {g.kind} graph named {named.name!r}, not what its name says; "
-               "rename it back or re-export the artifact")
-        return GraphFile(path, found.meta, why, found.external_data, found.sidecar)
     return found
 
 

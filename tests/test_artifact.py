@@ -83,22 +83,6 @@ def test_same_model_answer(meta: ModelMeta) -> None:
         assert str(mismatch(meta, other, precision=False)).startswith(what)
 
 
-def test_a_renamed_graph_is_rejected_not_run_as_what_its_name_says(
-        tmp_path: Path, meta: ModelMeta, x0: np.ndarray) -> None:
-    """A 4-step sampler copied to model.sampler-8.onnx, a denoiser copied to
-    model.step.onnx: the name would pick them for runs they cannot do."""
-    main = oo.write_artifact(tmp_path, meta, x0, step=False)
-    four = meta.for_graph(kind="sampler", steps=4, spacing="trailing")
-    oo.write(tmp_path / "model.sampler-8.onnx", four, x0)
-    oo.write(tmp_path / "model.step.onnx", meta, x0)
-    art = Artifact.open(main)
-    assert [g.path.name for g in art.graphs] == ["model.onnx"]
-    why = {f.path.name: str(f.problem) for f in art.rejected}
-    assert why["model.sampler-8.onnx"].startswith(
-        "it holds the sampler graph named 'model.sampler-4.onnx', not what its name says")
-    assert "the denoiser graph named 'model.onnx'" in why["model.step.onnx"]
-
-
 def test_same_model_across_artifacts_of_other_precisions(
         tmp_path: Path, meta: ModelMeta, x0: np.ndarray) -> None:
     (tmp_path / "a").mkdir()
