@@ -292,6 +292,8 @@ def build_paths(cfg: SuiteConfig, arts: Sequence[BenchModel], work: Workload,
                 # fp16 first: torch.compile at fp16 is the strongest baseline fewstep is
                 # compared with, so it is measured before a time budget runs out
                 for p in sorted(precisions, key=lambda p: p != "fp16"):
+                    if src.cuda and p not in cfg.compile_precisions:
+                        continue
                     paths.append(compiled(src, work, p, mode, cfg.compile_steps,
                                           cfg.compile_batches))
     return [(p, work) for p in paths]
