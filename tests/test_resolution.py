@@ -1,6 +1,7 @@
-"""benchmarks/resolution.py: a real run of the resolution axis on the tiny preset (CPU,
-two sizes, two batches), its rows, ratios, roofline fractions and report, --render, the
-bound rule on scripted rows, and usage errors (exit 2, one line, no traceback)."""
+"""benchmarks/resolution.py and resolution_report.py: a real run of the resolution axis on
+the tiny preset (CPU, two sizes, two batches), its rows, ratios, roofline fractions and
+report, --render, the bound rule on scripted rows, and usage errors (exit 2, one line, no
+traceback)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 
 from fewstep.benchmarks import resolution as res
+from fewstep.benchmarks import resolution_report as rr
 
 pytest.importorskip("torch")
 pytest.importorskip("onnx")
@@ -119,7 +121,7 @@ def test_render_reproduces_the_report(run_out: tuple[Path, str],
 
 def _row(path: str, batch: int, p50: float, size: int = 64, **extra: Any) -> dict[str, Any]:
     family = "fewstep" if path.startswith("fewstep") else "baseline"
-    return res.new_row(size=size, batch=batch, steps=4, path=path, family=family,
+    return rr.new_row(size=size, batch=batch, steps=4, path=path, family=family,
                        status="ok", p50_ms=p50, per_step_ms=p50 / 4,
                        flops_per_step=batch * 1e9, **extra)
 
@@ -136,8 +138,8 @@ def test_bound_rule_and_ratios_on_scripted_rows() -> None:
         _row("torch-compile reduce-overhead fp32", 16, 18.0),
         _row("torch-eager fp32", 1, 40.0),
     ]
-    res.add_ratios(rows)
-    res.add_bounds(rows)
+    rr.add_ratios(rows)
+    rr.add_bounds(rows)
     f = {(r["path"], r["batch"]): r for r in rows}
     s = f[("fewstep ort-cuda sampler fp32", 1)]
     assert s["scaling"] == pytest.approx((4.4 / 4.0 - 1) / 3) and s["bound"] == "launch-bound"
@@ -152,9 +154,9 @@ def test_bound_rule_and_ratios_on_scripted_rows() -> None:
     assert big["vs_torch_eager"] is None
     # a single batch: launch floor against the roofline floor
     one = [_row("torch-eager fp32", 1, 40.0, launch_floor_ms=1.0, floor_ms_per_step=0.1)]
-    res.add_bounds(one)
+    rr.add_bounds(one)
     assert one[0]["bound"] == "launch-bound" and one[0]["scaling"] is None
-    text = res.render({"record": "run", "config": {"sizes": [64]}}, rows)
+    text = rr.render({"record": "run", "config": {"sizes": [64]}}, rows)
     why = text.split("and why")[1]
     assert "**wins** at 64 px batch 16 (0.89×)" in why
     assert "**loses** at 64 px batch 1 (2.00×), 64 px batch 4 (2.00×)" in why
