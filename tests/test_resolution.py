@@ -203,3 +203,36 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str, tmp_pat
     assert message in err and "Traceback" not in err, err
     assert err.count("\n") == 1, err
     assert not (tmp_path / "o" / res.RESULTS).exists()
+
+
+def test_a_failed_export_or_bench_is_a_row_saying_why(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    def prepare(size: int, *args: Any) -> dict[str, Any]:
+        if size == 32:
+            return {"size": 32, "export_s": 1.0, "error": "export failed: ValueError: boom"}
+        return {"size": size, "export_s": 1.0, "error": None, "model": str(tmp_path / "m"),
+                "checkpoint": str(tmp_path / "c"), "parameters": 10}
+
+    def bench_size(*args: Any) -> Any:
+        raise RuntimeError("CUDA error: out of memory\nmore lines")
+
+    monkeypatch.setattr(res, "prepare", prepare)
+    monkeypatch.setattr(res, "bench_size", bench_size)
+    out = tmp_path / "out"
+    code = res.main(["--preset", "tiny", "--sizes", "16", "32", "--batch", "1", "4",
+                     "--steps", "2", "--backends", "ort-cpu", "--workers", "1",
+                     "--out", str(out)])
+    assert code == 0
+    run, rows = _rows(out)
+    assert [s["size"] for s in run["sizes"]] == [16, 32]
+    got = {(r["size"], r["batch"], r["steps"]): (r["path"], r["status"], r["reason"])
+           for r in rows}
+    assert got == {
+        (16, 1, 2): ("bench", "error", "RuntimeError: CUDA error: out of memory"),
+        (16, 4, 2): ("bench", "error", "RuntimeError: CUDA error: out of memory"),
+        (32, 1, 2): ("export", "error", "export failed: ValueError: boom"),
+        (32, 4, 2): ("export", "error", "export failed: ValueError: boom"),
+    }
+    text = (out / res.REPORT).read_text()
+    assert "- 32 px, export, batch 1 4: error: export failed: ValueError: boom" in text
+    assert "No fewstep row was measured" in text
