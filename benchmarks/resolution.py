@@ -216,8 +216,12 @@ def check_args(args: argparse.Namespace) -> dict[str, Any]:
     _writable_folder(args.out, "--out")
     if args.models is not None:
         _writable_folder(args.models, "--models")
+    notes = []
+    if args.backends is None and avail.get("ort-cuda") is not None:
+        notes.append(f"fewstep ran on ort-cpu: ort-cuda is not available here "
+                     f"({avail['ort-cuda']}); pass --backends to choose")
     return dict(sizes=sizes, batches=batches, steps=steps, backends=chosen, graphs=graphs,
-                baselines=baselines, compile_precisions=precisions)
+                baselines=baselines, compile_precisions=precisions, notes=notes)
 
 
 def _writable_folder(folder: Path, flag: str) -> None:
@@ -538,7 +542,8 @@ def run(args: argparse.Namespace, settings: dict[str, Any],
     sizes = settings["sizes"]
     record: dict[str, Any] = {
         "run_id": run_id, "command": command,
-        "config": {**{k: list(v) for k, v in settings.items()}, "preset": args.preset,
+        "config": {**{k: list(v) for k, v in settings.items() if k != "notes"},
+                   "preset": args.preset,
                    "guidance": args.guidance, "seed": args.seed,
                    "time_budget_s": args.time_budget, "compile_budget_s": args.compile_budget,
                    "compile_margin_s": args.compile_margin, "warmup": args.warmup,
@@ -551,7 +556,7 @@ def run(args: argparse.Namespace, settings: dict[str, Any],
                       "(benchmarks/resolution.py)",
         "models": str(args.models) if args.models is not None
         else "a temporary folder, removed at the end (the weights are seeded: re-made alike)",
-        "sizes": [], "launch": {}, "environment": None,
+        "sizes": [], "launch": {}, "environment": None, "notes": settings["notes"],
     }
     rows: list[dict[str, Any]] = []
     results, md = args.out / RESULTS, args.out / REPORT

@@ -213,6 +213,7 @@ def render(run: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
             f"{'—' if flops is None else f'{flops / 1e9:.2f} G'} | {_f(kernels, 'd')} | "
             f"{', '.join(f'{a} px' for a in attn) or 'none'} | "
             f"{_f(info.get('export_s'), '.0f')} s | {info.get('error') or 'ok'} |")
+    lines += [f"\nNote: {n}" for n in run.get("notes") or []]
     launch = run.get("launch", {})
     lines += ["", "Per-kernel time (`launch_us`): " + "; ".join(
         f"{d}: {_f(v.get('us'), '.2f')} µs ({v.get('method')})" for d, v in launch.items())
