@@ -66,12 +66,18 @@ no-cuda-graph cuda_graph=False                               first generate -20.
                                                              capture), steady 2-3x slower:
                                                              reverted
 combined      heuristic + cache                              (a) 1.3-1.8 s, (b) 0.8-1.3 s
+sampler-main  ``--model`` the fused sampler graph itself:    load -0.1..-0.3 s (one session
+              ``Pipeline.load`` opens the model's denoiser   fewer), first generate same:
+              eagerly though a 4-step run never uses it;     kept (evidence for opening
+              this opens only the graph the run needs        graphs when first needed)
+all           heuristic + cache + sampler-main               (a) 1.0-1.5 s, (b) 0.6-1.0 s
 ============= ============================================== ================================
 
-On ``--backend ort-cpu`` only the levers that exist there run (cache, level-*, parallel,
-capture-load); this is how the tests exercise the script. Files: DIR/first_image.jsonl
-(line 1 the environment, then one record per process, per row, the import cost and the
-bench figures), DIR/first_image.md, DIR/images/ (the PNGs), DIR/ort-cache/ (the cache).
+On ``--backend ort-cpu`` only the levers that exist there run (cache, sampler-main,
+level-*, parallel, capture-load); this is how the tests exercise the script. Files:
+DIR/first_image.jsonl (line 1 the environment, then one record per process, per row, the
+import cost and the bench figures), DIR/first_image.md, DIR/images/ (the PNGs),
+DIR/ort-cache/ (the cache).
 """
 
 from __future__ import annotations
@@ -111,6 +117,7 @@ class Lever:
     options: dict[str, Any] = field(default_factory=dict)
     cuda_only: bool = False
     cached: bool = False  # reads the optimised-graph cache (written by a run first)
+    sampler_main: bool = False  # --model the fused sampler graph of --steps
 
 
 LEVERS: Final = (
@@ -125,6 +132,11 @@ LEVERS: Final = (
     Lever("combined", "heuristic + cache", "(a) 1.3-1.8 s, (b) 0.8-1.3 s",
           {"cuda_options": {"cudnn_conv_algo_search": "HEURISTIC"}, "optimized_cache": True},
           cuda_only=True, cached=True),
+    Lever("sampler-main", "--model the fused sampler graph (opens only that graph)",
+          "load -0.1..-0.3 s, first generate same: kept", sampler_main=True),
+    Lever("all", "heuristic + cache + sampler-main", "(a) 1.0-1.5 s, (b) 0.6-1.0 s",
+          {"cuda_options": {"cudnn_conv_algo_search": "HEURISTIC"}, "optimized_cache": True},
+          cuda_only=True, cached=True, sampler_main=True),
     Lever("cudnn-default", "cudnn_conv_algo_search=DEFAULT (no search)",
           "first generate -1.2..-2.3 s, steady +10..+50 %: reverted",
           {"cuda_options": {"cudnn_conv_algo_search": "DEFAULT"}}, cuda_only=True),
@@ -200,8 +212,22 @@ def run_process(argv: Sequence[str], png: Path, timeout: float = CHILD_TIMEOUT_S
     return rec
 
 
+def sampler_of(model: Path | None, steps: int) -> Path:
+    """The fused sampler graph of ``model`` (default: the shipped model) for ``steps``."""
+    from fewstep.runtime.pipeline import default_model_path
+
+    base = model if model is not None else default_model_path()
+    path = artifact.graph_path(base, "sampler", steps)
+    if not path.is_file():
+        raise ValueError(f"{base.name} has no fused sampler graph for {steps} steps "
+                         f"({path.name}); leave out the sampler-main and all levers")
+    return path
+
+
 def child_argv(lever: Lever, out: Path, backend: str, steps: int, png: Path,
                model: Path | None, steady: int) -> list[str]:
+    if lever.sampler_main:
+        model = sampler_of(model, steps)
     spec = {"options": _options(lever, out), "steps": steps, "steady": steady,
             "argv": _sample_argv(backend, steps, png, model)}
     return [sys.executable, "-m", "fewstep.benchmarks.first_image_child", json.dumps(spec)]
@@ -446,8 +472,9 @@ def markdown(env: dict[str, Any], rows: Sequence[dict[str, Any]], imports: dict[
         "",
         f"`{inert(env.get('command', ''), 300)}` on {gpu_line(env)}, onnxruntime "
         f"{(env.get('onnxruntime') or {}).get('version')}, {env.get('date_utc')}; backend "
-        f"{backend}, batch 1, the median of {repeats} fresh processes per row (cold "
-        "processes on a warm OS file cache: one unrecorded process ran first).",
+        f"{backend}, batch 1, the median of up to {repeats} fresh processes per row (n: "
+        "how many ran within the time budget; cold processes on a warm OS file cache: one "
+        "unrecorded process ran first).",
         "",
         "(a) spawn → PNG written, from the parent; exit: spawn → process end, for the "
         "real `fewstep` entry only (the runner goes on timing after the image). (b) inside "
@@ -459,14 +486,15 @@ def markdown(env: dict[str, Any], rows: Sequence[dict[str, Any]], imports: dict[
         f"{STEADY_SLACK:.0%} above it, image within {MAX_IMAGE_DIFF} uint8 levels of the "
         "baseline's; else reverted.",
         "",
-        "| lever | what | prediction (written first) | (a) PNG | exit | interpreter | "
+        "| lever | what | prediction (written first) | n | (a) PNG | exit | interpreter | "
         "import runtime | import sample | load | first generate | load+first | "
         "second ms | steady ms | image diff | vs baseline | kept/reverted |",
         "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | "
-        "---: | ---: | --- | --- |",
+        "---: | ---: | ---: | --- | --- |",
     ]
     for r in rows:
-        cells = [r["lever"], r.get("what", ""), r.get("prediction", ""), _s(r.get("png_s")),
+        cells = [r["lever"], r.get("what", ""), r.get("prediction", ""), str(r["ok"]),
+                 _s(r.get("png_s")),
                  _s(r.get("exit_s")) if r["lever"] == "fewstep-cli" else "",
                  _s(r.get("interpreter_s")), _s(r.get("import_runtime_s")),
                  _s(r.get("import_sample_s")), _s(r.get("load_s")),
@@ -530,6 +558,8 @@ def body(args: argparse.Namespace) -> int:
     if reason is not None:
         raise ValueError(f"--backend {args.backend} is not usable here: {reason}")
     levers = chosen_levers(args.levers, args.backend)
+    if any(lv.sampler_main for lv in levers):
+        sampler_of(args.model, args.steps)  # before any process: a model without one
     bench = bench_figures(args.bench) if args.bench is not None else []
     out.mkdir(parents=True, exist_ok=True)
     env = collect("first-image", " ".join(sys.argv))

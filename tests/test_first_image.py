@@ -47,7 +47,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp / "out"
     proc = subprocess.run(
         [*MODULE, "--out", str(out), "--backend", "ort-cpu", "--repeats", "1", "--levers",
-         "cache", "level-basic", "--steady", "2", "--bench", str(bench_folder(tmp / "bench"))],
+         "cache", "level-basic", "sampler-main", "--steady", "2",
+         "--bench", str(bench_folder(tmp / "bench"))],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     records = [json.loads(line) for line in (out / "first_image.jsonl").read_text().splitlines()]
@@ -63,8 +64,9 @@ def test_one_row_per_lever_with_positive_times(run: dict[str, Any]) -> None:
     assert run["records"][0]["record"] == "environment"
     assert run["records"][0]["onnxruntime"]["version"]
     rows = rows_of(run)
-    assert set(rows) == {"baseline", "cache", "level-basic", "fewstep-cli", "cache-write"}
-    for name in ("baseline", "cache", "level-basic", "cache-write"):
+    assert set(rows) == {"baseline", "cache", "level-basic", "sampler-main", "fewstep-cli",
+                         "cache-write"}
+    for name in ("baseline", "cache", "level-basic", "sampler-main", "cache-write"):
         r = rows[name]
         assert r["ok"] == r["runs"] == 1 and "error" not in r, r
         for f in ("png_s", "interpreter_s", "import_runtime_s", "import_sample_s", "load_s",
@@ -80,11 +82,15 @@ def test_one_row_per_lever_with_positive_times(run: dict[str, Any]) -> None:
     assert {g["optimized_cache"] for g in rows["cache-write"]["graphs"]} == {"written"}
     assert {g["graph_optimization_level"] for g in rows["level-basic"]["graphs"]} == {"basic"}
     assert rows["cache"]["image_diff"] == 0  # the cached graph gives the same image
+    # sampler-main opened the sampler alone; the baseline also opened the denoiser.
+    assert len(rows["baseline"]["graphs"]) == 2 and len(rows["sampler-main"]["graphs"]) == 1
+    assert rows["sampler-main"]["graphs"][0]["path"].endswith(".sampler-4.onnx")
+    assert rows["sampler-main"]["image_diff"] == 0
     processes = [r for r in run["records"] if r["record"] == "process"]
     assert [p["lever"] for p in processes if not p["counted"]] == ["warm-up", "cache-write"]
     assert sorted(p.name for p in (run["out"] / "images").iterdir()) == [
         "baseline-0.png", "cache-0.png", "cache-write.png", "fewstep-cli-0.png",
-        "level-basic-0.png", "warmup.png"]
+        "level-basic-0.png", "sampler-main-0.png", "warmup.png"]
 
 
 def _md_rows(md: str) -> dict[str, list[str]]:
@@ -104,7 +110,7 @@ def test_kept_or_reverted_follows_the_numbers(run: dict[str, Any]) -> None:
     md = _md_rows(run["md"])
     base = rows["baseline"]
     assert md["baseline"]["kept/reverted"] == "-"
-    for name in ("cache", "level-basic"):
+    for name in ("cache", "level-basic", "sampler-main"):
         r = rows[name]
         assert md[name]["load+first"] == f"{r['load_first_s']:.3f}"
         assert md[name]["steady ms"] == f"{r['steady_s'] * 1e3:.2f}"
