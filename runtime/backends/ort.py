@@ -36,6 +36,14 @@ need) and is capped at half the physical memory unless ``gpu_mem_limit=`` is giv
 cuDNN picks convolution algorithms heuristically instead of the exhaustive search,
 whose workspace trials are slow there and allocate large temporary buffers.
 
+Every backend: ``graph_optimization_level`` (default ``all``) and ``execution_mode``
+(default ``sequential``) set the session options; ``optimized_cache`` (CPU, CUDA) saves
+the optimised graph once and loads it afterwards (``ort_cache.py``; ``describe()`` says
+``hit``, ``written``, ``rebuilt (why)`` or ``off``); ``warmup_batch=B`` runs the graph
+once on zeros at batch B when it is opened, so allocation, cuDNN's algorithm search and
+the CUDA graph capture happen at load instead of in the first call. Sessions are made in
+``ort_session.py``.
+
 Thread safety: ``InferenceSession.run`` is thread-safe; the device buffers, bindings
 and CUDA graphs are not, so each graph serialises its bound runs with a lock.
 """
@@ -55,7 +63,8 @@ from ..errors import ArtifactError, BackendUnavailable
 from ..meta import ModelMeta, TensorSpec
 from . import Array, Feeds, NetworkRun, check_launches, host_loop
 from .cuda import warn_no_cuda_graph
-from .ort_options import OrtConfig, make_config, providers_for
+from .ort_options import OrtConfig, make_config
+from .ort_session import ORT_TYPES, create_session, verify_session
 
 PROVIDERS: Final = {
     "ort-cpu": "CPUExecutionProvider",
@@ -64,8 +73,7 @@ PROVIDERS: Final = {
 }
 CUDA_GRAPH_IDS_SINCE: Final = (1, 18)  # the run option "gpu_graph_id"
 SMALL_INPUT: Final = 4096  # elements: inputs this small are compared before uploading
-ORT_TYPES: Final = {"tensor(float)": np.float32, "tensor(int64)": np.int64,
-                    "tensor(uint8)": np.uint8}
+__all__ = ["ORT_TYPES", "OrtGraph", "open_graph", "unavailable_reason", "verify_session"]
 
 
 def _import_ort() -> Any:
@@ -113,49 +121,6 @@ def unavailable_reason(name: str) -> str | None:
     if name == "ort-tensorrt" and not _tensorrt_libs_present():
         return f"{provider} is built in, but no TensorRT library was found" + tensorrt_hint
     return None
-
-
-# ---------------------------------------------------------------------------------
-# The session against the graph I/O contract (``ModelMeta.io``)
-# ---------------------------------------------------------------------------------
-
-
-def _ort_shape(shape: Sequence[Any]) -> str:
-    return "(" + ", ".join("?" if not isinstance(d, int) else str(d) for d in shape) + ")"
-
-
-def verify_session(session: Any, meta: ModelMeta, path: str) -> None:
-    """ArtifactError unless the session's inputs/outputs are what the metadata says."""
-    ins, out = meta.io.inputs, meta.io.output
-    fix = "re-export it with `fewstep export` (the file was edited or made by another tool)"
-    got_in = [i.name for i in session.get_inputs()]
-    got_out = [o.name for o in session.get_outputs()]
-    if sorted(got_in) != sorted(ins):
-        raise ArtifactError(
-            f"{path}: metadata says inputs {list(meta.graph.inputs)} but the graph has "
-            f"{got_in}; {fix}"
-        )
-    if got_out != [out.name]:
-        raise ArtifactError(
-            f"{path}: metadata says outputs {list(meta.graph.outputs)} but the graph has "
-            f"{got_out}; {fix}"
-        )
-    for arg in [*session.get_inputs(), *session.get_outputs()]:
-        spec = ins.get(arg.name, out)
-        dtype = ORT_TYPES.get(arg.type)
-        shape = list(arg.shape)
-        bad = (
-            dtype is not spec.dtype
-            or len(shape) != 1 + len(spec.dims)
-            or isinstance(shape[0], int)
-            or any(isinstance(d, int) and d != e
-                   for d, e in zip(shape[1:], spec.dims, strict=False))
-        )
-        if bad:
-            raise ArtifactError(
-                f"{path}: metadata says {arg.name!r} is {spec.describe()} (batch dynamic) but "
-                f"the graph has {arg.type} {_ort_shape(shape)}; {fix}"
-            )
 
 
 # ---------------------------------------------------------------------------------
@@ -211,7 +176,10 @@ class OrtGraph:
         self._next_graph_id = 1
         self._device = "cpu" if config.backend == "ort-cpu" else "cuda"
         self.cuda_graph = config.cuda_graph and self._cuda_graph_supported()
+        self.cache_state = "off"  # what the optimised-graph cache did (ort_cache)
         self._session = self._open_session()
+        if config.warmup_batch is not None:
+            self.warm_up(config.warmup_batch)
 
     def __repr__(self) -> str:
         return f"OrtGraph({self.meta.graph.kind}, {self.path!r}, {self.backend})"
@@ -227,13 +195,6 @@ class OrtGraph:
         return True
 
     def _new_session(self, cuda_graph: bool) -> Any:
-        ort = _import_ort()
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.log_severity_level = 4  # fatal only: fewstep reports errors itself, in one line
-        if self.config.threads is not None:
-            so.intra_op_num_threads = self.config.threads
-        providers = providers_for(self.meta, self.config, cuda_graph)
         if self.config.backend == "ort-tensorrt":
             try:
                 Path(self.config.cache_dir).mkdir(parents=True, exist_ok=True)
@@ -242,7 +203,9 @@ class OrtGraph:
                     f"cannot create the TensorRT cache folder {self.config.cache_dir!r} "
                     f"({e.strerror}); pass cache_dir= a writable folder"
                 ) from None
-        return ort.InferenceSession(self.path, sess_options=so, providers=providers)
+        session, self.cache_state = create_session(_import_ort(), self.path, self.meta,
+                                                   self.config, cuda_graph)
+        return session
 
     def _open_session(self) -> Any:
         try:
@@ -285,7 +248,32 @@ class OrtGraph:
     def describe(self) -> dict[str, Any]:
         return {"providers": self.providers, "io_binding": self.config.io_binding,
                 "cuda_graph": self.cuda_graph, "threads": self.config.threads,
-                "max_batch": self.max_batch}
+                "max_batch": self.max_batch, "optimized_cache": self.cache_state,
+                "graph_optimization_level": self.config.graph_optimization_level,
+                "execution_mode": self.config.execution_mode,
+                "warmup_batch": self.config.warmup_batch}
+
+    def warm_up(self, batch: int) -> None:
+        """Run once on zeros at ``batch`` (both ping-pong directions of a step graph): the
+        buffers, cuDNN's algorithm choice and the CUDA graphs are made now, not in the
+        first real call."""
+        zeros = {n: np.zeros((batch, *spec.dims), spec.dtype) for n, spec in self.inputs.items()}
+        if not self.config.io_binding:
+            self._session.run([self.output.name], zeros)
+            return
+        directions = 2 if self.meta.graph.kind == "step" else 1
+        with self._lock:
+            for _ in range(2):  # a second pass after a CUDA graph capture failed
+                try:
+                    buffers = self._allocate(batch)
+                    for name, arr in zeros.items():
+                        buffers.upload(name, arr)
+                    for parity in range(directions):
+                        self._launch(buffers, parity)
+                    buffers.bound[0][0].synchronize_outputs()
+                    return
+                except _CaptureFailed:
+                    continue
 
     # -- feeds ----------------------------------------------------------------------
 

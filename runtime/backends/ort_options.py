@@ -5,6 +5,25 @@
 Jetson memory settings); ``providers_for`` turns a config into the session's
 ``providers=`` list (CUDA EP and TensorRT EP options, the TensorRT EP's batch profile
 from the graph I/O contract). The module docstring of ``ort.py`` says what each does.
+
+Session options (every ``ort-*`` backend; the defaults are ONNX Runtime's own, except
+the optimisation level, which fewstep has always set to ``all``):
+
+* ``graph_optimization_level``: ``disable``, ``basic``, ``extended`` or ``all``.
+* ``execution_mode``: ``sequential`` or ``parallel`` (parallel runs independent nodes
+  on several threads; it is a CPU-side scheduler, the CUDA EP still runs one stream).
+* ``optimized_cache`` (``ort-cpu``, ``ort-cuda``): False (default), True (the folder
+  ``default_cache_dir()``) or a folder: the graph as ONNX Runtime optimised it is saved
+  there once and later sessions load it with optimisations off (``ort_cache.py``).
+  Not for ``ort-tensorrt``: ONNX Runtime cannot save a graph with compiled nodes, and
+  the TensorRT EP has its own engine cache.
+* ``warmup_batch``: None (default) or a batch size: run the graph once on zeros at that
+  batch size when it is opened, so buffers, cuDNN's algorithm choice and the CUDA graph
+  are made at load time instead of in the first call.
+
+``cuda_options`` passes CUDA EP options through as given; ``cudnn_conv_algo_search``
+among them is checked (``EXHAUSTIVE``, ONNX Runtime's default, ``HEURISTIC`` or
+``DEFAULT``), since ONNX Runtime's own message for a bad value names neither.
 """
 
 from __future__ import annotations
@@ -19,14 +38,28 @@ from .. import jetson
 from ..checks import whole_number
 from ..meta import ModelMeta
 
+SESSION_OPTIONS: Final = ("graph_optimization_level", "execution_mode", "warmup_batch")
 OPTIONS: Final = {
-    "ort-cpu": ("threads", "io_binding"),
+    "ort-cpu": ("threads", "io_binding", *SESSION_OPTIONS, "optimized_cache"),
     "ort-cuda": ("device_id", "cuda_graph", "gpu_mem_limit", "threads", "io_binding",
-                 "cuda_options"),
+                 "cuda_options", *SESSION_OPTIONS, "optimized_cache"),
     "ort-tensorrt": ("device_id", "fp16", "cache_dir", "workspace_size", "max_batch",
-                     "opt_batch", "gpu_mem_limit", "threads", "io_binding"),
+                     "opt_batch", "gpu_mem_limit", "threads", "io_binding", *SESSION_OPTIONS),
 }
 DEFAULT_TRT_MAX_BATCH: Final = 16
+OPTIMIZATION_LEVELS: Final = ("disable", "basic", "extended", "all")
+EXECUTION_MODES: Final = ("sequential", "parallel")
+CUDNN_CONV_ALGO_SEARCH: Final = ("EXHAUSTIVE", "HEURISTIC", "DEFAULT")
+CACHE_ENV: Final = "FEWSTEP_CACHE_DIR"  # overrides the user cache folder
+
+
+def default_cache_dir() -> str:
+    """``$FEWSTEP_CACHE_DIR``, else ``$XDG_CACHE_HOME/fewstep``, else ``~/.cache/fewstep``;
+    the optimised graphs go to its ``ort-optimized`` sub-folder."""
+    root = os.environ.get(CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "fewstep")
+    return os.path.join(root, "ort-optimized")
 
 
 @dataclass(frozen=True)
@@ -46,6 +79,10 @@ class OrtConfig:
     opt_batch: int | None = None
     jetson: bool = False
     cuda_options: tuple[tuple[str, str], ...] = ()  # more CUDA EP options, as given
+    graph_optimization_level: str = "all"
+    execution_mode: str = "sequential"
+    optimized_cache: str = ""  # the cache folder, or "" for no cache
+    warmup_batch: int | None = None
 
 
 def _int_option(name: str, value: Any, low: int = 0) -> int:
@@ -56,6 +93,23 @@ def _bool_option(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{name}={value!r} must be True or False")
     return value
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}; pass one "
+                         "of those")
+    return str(value)
+
+
+def _cache_option(value: Any) -> str:
+    if value is False or value is None:
+        return ""
+    if value is True:
+        return default_cache_dir()
+    if isinstance(value, (str, os.PathLike)) and str(value) and "\x00" not in str(value):
+        return os.fspath(value)
+    raise ValueError(f"optimized_cache={value!r} must be True, False or a folder path")
 
 
 def make_config(name: str, path: str, options: Mapping[str, Any],
@@ -92,7 +146,23 @@ def make_config(name: str, path: str, options: Mapping[str, Any],
     ):
         raise ValueError(f"cuda_options={extra!r} must map CUDA EP option names to values, "
                          "e.g. {'prefer_nhwc': '1'}")
+    if "cudnn_conv_algo_search" in extra:
+        _choice("cuda_options['cudnn_conv_algo_search']", extra["cudnn_conv_algo_search"],
+                CUDNN_CONV_ALGO_SEARCH)
+    warmup = o.get("warmup_batch")
+    if warmup is not None:
+        warmup = _int_option("warmup_batch", warmup, 1)
+        if max_batch is not None and warmup > max_batch:
+            raise ValueError(f"warmup_batch={warmup} exceeds max_batch={max_batch}; pass "
+                             "warmup_batch <= max_batch")
     return OrtConfig(
+        graph_optimization_level=_choice("graph_optimization_level",
+                                         o.get("graph_optimization_level", "all"),
+                                         OPTIMIZATION_LEVELS),
+        execution_mode=_choice("execution_mode", o.get("execution_mode", "sequential"),
+                               EXECUTION_MODES),
+        optimized_cache=_cache_option(o.get("optimized_cache", False)),
+        warmup_batch=warmup,
         cuda_options=tuple(sorted((k, str(v)) for k, v in extra.items())),
         backend=name,
         threads=None if threads is None else _int_option("threads", threads, 1),
