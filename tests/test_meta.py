@@ -10,7 +10,6 @@ import pytest
 
 from fewstep.runtime.errors import ArtifactError
 from fewstep.runtime.meta import (
-    META_KEY,
     SCHEMA_VERSION,
     CondSpec,
     GraphInfo,
@@ -247,17 +246,18 @@ def test_version_1_metadata_reads_as_trailing_spacing_without_trained_betas() ->
         ModelMeta.from_json(json.dumps(late))
 
 
-def test_shipped_version_1_models_load_unchanged() -> None:
-    from fewstep.runtime import artifact, sampling
-    from fewstep.runtime.models import __file__ as models_init
+def test_version_1_models_load_unchanged() -> None:
+    # The metadata of the three graphs of the default model shipped until 2026-11-30,
+    # written with schema version 1, exactly as they were in the ONNX files.
+    from fewstep.runtime import sampling
 
-    folder = Path(models_init).parent
-    onnx_files = sorted(folder.glob("landscapes*.onnx"))
-    assert len(onnx_files) == 3
-    for path in onnx_files:
-        raw = json.loads(artifact.read_onnx_header(path).metadata[META_KEY])
+    data = Path(__file__).parent / "data" / "meta-v1-landscapes.json"
+    texts = json.loads(data.read_text(encoding="utf-8"))
+    assert len(texts) == 3
+    for name, text in texts.items():
+        raw = json.loads(text)
         assert raw["schema_version"] == 1 and "timestep_spacing" not in raw["schedule"]
-        meta = artifact.read_onnx_meta(path)
+        meta = ModelMeta.from_json(text, source=name)
         assert meta.schedule == Schedule(**raw["schedule"])  # every recorded field as written
         assert meta.schedule.timestep_spacing == "trailing"
         plan = sampling.SamplingPlan.create(meta, 4)
