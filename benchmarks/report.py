@@ -51,9 +51,12 @@ def write_results(path: Path, run: dict[str, Any], rows: Sequence[dict[str, Any]
     return path
 
 
-def read_results(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def read_results(path: Path, run_kind: str = "bench run"
+                 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The run record and result rows of a results file written by the suite
+    (``run_kind`` names the run in the messages: "bench run", "resolution run")."""
     if not path.is_file():
-        raise ValueError(f"{str(path)!r} does not exist; pass the --out folder of a bench run")
+        raise ValueError(f"{str(path)!r} does not exist; pass the --out folder of a {run_kind}")
     run: dict[str, Any] = {}
     rows = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -63,12 +66,15 @@ def read_results(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
             rec = json.loads(line)
         except ValueError as e:
             raise ValueError(f"{path}:{n} is not JSON ({e}); the file is damaged") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{n} is not a JSON object; the file is damaged")
         if rec.get("record") == "run":
             run = rec
         elif rec.get("record") == "result":
             rows.append(rec)
     if not run:
-        raise ValueError(f"{path} has no run record (line 1); it was not written by fewstep bench")
+        raise ValueError(f"{path} has no run record (line 1); it was not written by a "
+                         f"fewstep {run_kind}")
     return run, rows
 
 

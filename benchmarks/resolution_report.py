@@ -13,6 +13,7 @@ from typing import Any, Final
 from fewstep.runtime import clitools
 from fewstep.runtime.fileio import write_text
 
+from . import report
 from .envinfo import gpu_line
 
 RESULTS: Final = "resolution.jsonl"
@@ -124,27 +125,7 @@ def write_results(path: Path, run: dict[str, Any], rows: Sequence[dict[str, Any]
 
 
 def read_results(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    if not path.is_file():
-        raise ValueError(f"{str(path)!r} does not exist; pass the --out folder of a "
-                         "resolution run")
-    run: dict[str, Any] = {}
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError as e:
-            raise ValueError(f"{path}:{n} is not JSON ({e}); the file is damaged") from None
-        if not isinstance(rec, dict):
-            raise ValueError(f"{path}:{n} is not a JSON object; the file is damaged")
-        if rec.get("record") == "run":
-            run = rec
-        elif rec.get("record") == "result":
-            rows.append(rec)
-    if not run:
-        raise ValueError(f"{path} has no run record (line 1); the file is damaged")
-    return run, rows
+    return report.read_results(path, "resolution run")
 
 
 # ---------------------------------------------------------------------------------
