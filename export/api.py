@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fewstep.runtime import __version__, checks, clitools, ddim
+from fewstep.runtime import __version__, artifact, checks, clitools, ddim
 from fewstep.runtime.fileio import check_writable_target, staging_dir
 from fewstep.runtime.meta import CondSpec, ModelMeta, Schedule
 
@@ -132,6 +132,14 @@ def write_artifact(model: torch.nn.Module, meta: ModelMeta, out: Path,
     """Trace, check and gate every graph ``options`` asks for in a staging folder beside
     ``out``, then place them; nothing is written on failure. Returns the files placed."""
     stem = out.name[: -len(".onnx")]
+    if options.variants and check_parity and "cuda" not in check.available_providers():
+        raise ValueError(
+            "--target ort-cuda writes graphs that only ONNX Runtime's CUDA execution "
+            "provider runs, and their parity gate runs there; this ONNX Runtime has no CUDA "
+            "provider: export on a machine with onnxruntime-gpu, or pass --no-check to write "
+            f"them ungated (then gate them there: `fewstep check {out} --against {source} "
+            "--providers cuda`)"
+        )
     stages = onnx_export.graph_count(options) * (2 if not check_parity else 3)
     precision_dtype = GRAPH_DTYPES[options.precision]
     with staging_dir(out.parent, f"export-{stem}") as staging, clitools.Progress(
@@ -153,6 +161,9 @@ def write_artifact(model: torch.nn.Module, meta: ModelMeta, out: Path,
                     "tensor values, no data-dependent shapes): export the module's plain "
                     "forward, adapted with call=") from None
         for r in reports:
+            if r.fused:
+                progress.line(f"  {r.path.name}: {r.nodes} nodes, {r.seconds:.1f} s; {r.fused}")
+                continue
             islands = ""
             if r.fp32_islands:
                 ops = ", ".join(f"{k} x{v}" for k, v in r.fp32_islands.items())
@@ -166,6 +177,12 @@ def write_artifact(model: torch.nn.Module, meta: ModelMeta, out: Path,
                 staging / out.name, model, meta, n=check_n, eta=options.eta,
                 gates=dict(gates or {}), progress=progress,
             )
+            for target in options.variants:  # gated where they run: the CUDA provider
+                rows += check.check_artifact(
+                    artifact.variant_path(staging / out.name, target), model, meta,
+                    providers=["cuda"], n=check_n, eta=options.eta, gates=dict(gates or {}),
+                    progress=progress,
+                )
             progress.close()
             print(check.table(rows), file=sys.stderr)
             print(check.summary(rows), file=sys.stderr)
@@ -208,6 +225,7 @@ def export_module(
     eta: float = 0.0,
     sampler_output: str | None = None,
     opset: int | None = None,
+    targets: Sequence[str] = (),
     check_parity: bool = True,
     gates: Mapping[str, float] | None = None,
     check_n: int = 4,
@@ -227,7 +245,8 @@ def export_module(
     W) images in [-1, 1] (default: a rank-3 shape with 1, 3 or 4 channels).
     ``guidance``: classifier-free guidance inside the graphs (every input needs a null).
     ``fused``, ``steps``, ``spacing``, ``eta``, ``precision``, ``sampler_output``,
-    ``opset``: as ``fewstep export``. The parity gate compares every graph against the
+    ``opset``, ``targets`` (``("ort-cuda",)``: also the ORT-CUDA variant): as ``fewstep
+    export``. The parity gate compares every graph against the
     module itself (fp32 >= 40 dB, fp16 >= 35 dB) and raises ``CheckFailed`` (nothing
     written) below it.
     """
@@ -250,6 +269,7 @@ def export_module(
         precision=precision, guidance=guidance, fused=tuple(dict.fromkeys(fused)),
         sampler_steps=tuple(dict.fromkeys(steps)), spacing=spacing, eta=eta,
         sampler_output=sampler_output or ("uint8" if meta.images else "float"), opset=opset,
+        variants=tuple(dict.fromkeys(t for t in targets if t != "portable")),
     )
     onnx_export.check_options_against(meta, options)
     return write_artifact(model, meta, target, options, check_parity=check_parity,

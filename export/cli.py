@@ -15,11 +15,13 @@ The graphs share one weights file (OUT.weights.<hash>.bin) unless --no-shared-we
 Everything is staged in a temporary folder and moved into place only when every file
 passed onnx.checker and the parity gate; an existing model is replaced only on success,
 and then every other graph or weights file of OUT's name that this export did not write
-is removed. --precision fp16 or bf16 keeps GroupNorm statistics, softmax and the time
-embedding in fp32 (the graph's inputs and outputs stay fp32) and lists those fp32 nodes
-(all of them with --verbose). ONNX Runtime's CPU provider cannot run bf16 graphs (it has
-no bfloat16 Conv/Gemm kernels): their parity rows there are skipped with the reason, the
-gate is then not passed, and the files are written unchecked on that provider.
+is removed. --target ort-cuda adds the ORT-CUDA variant (see --target) and needs ONNX
+Runtime's CUDA provider for its gate. --precision fp16 or bf16 keeps GroupNorm
+statistics, softmax and the time embedding in fp32 (the graph's inputs and outputs
+stay fp32) and lists those fp32 nodes (all of them with --verbose). ONNX Runtime's CPU
+provider cannot run bf16 graphs (it has no bfloat16 Conv/Gemm kernels): their parity
+rows there are skipped with the reason, the gate is then not passed, and the files are
+written unchecked on that provider.
 """
 
 from __future__ import annotations
@@ -64,6 +66,13 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                         "for image models, float otherwise)")
     p.add_argument("--opset", type=int, default=None,
                    help="ONNX opset, 17..23 (default: 18; 22 for bf16)")
+    p.add_argument("--target", action="append", choices=["portable", "ort-cuda"],
+                   default=[],
+                   help="also write a graph variant (repeatable). ort-cuda: every graph "
+                        "again as OUT.ort-cuda[.step|.sampler-N].onnx with ONNX Runtime's "
+                        "fused CUDA kernels (NHWC GroupNorm+SiLU, SkipGroupNorm, NhwcConv; "
+                        "fp32 or fp16), gated on the CUDA provider, used by fewstep on "
+                        "ort-cuda; the portable graphs are always written (CPU, TensorRT)")
     p.add_argument("--no-shared-weights", action="store_true",
                    help="embed the weights in every graph file instead of sharing them")
     p.add_argument("--no-check", action="store_true", help="skip the parity gate")
@@ -119,6 +128,7 @@ def body(args: argparse.Namespace) -> int:
         sampler_steps=tuple(dict.fromkeys(steps)), spacing=args.spacing, eta=eta,
         sampler_output=sampler_output, opset=args.opset,
         shared_weights=not args.no_shared_weights,
+        variants=tuple(dict.fromkeys(t for t in args.target if t != "portable")),
     )
     onnx_export.check_options_against(meta, options)
     final = api.write_artifact(

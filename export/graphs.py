@@ -266,7 +266,11 @@ class SamplerGraph(nn.Module):
         if not self.uint8:
             return x0
         pixels: torch.Tensor = images.to_pixel_values(x0).permute(0, 2, 3, 1)  # (B, H, W, C)
-        finite = torch.isfinite(x0).flatten(1).all(dim=1)  # (B,)
+        # (B,): every value of a sample finite. Counted with a float sum (exact below 2**24
+        # values a sample) rather than all(): ONNX Runtime's symbolic shape inference,
+        # which its graph optimizer (the ORT-CUDA variant) runs, has no ReduceMin rule.
+        flags = torch.isfinite(x0).flatten(1).to(torch.float32)
+        finite = flags.sum(dim=1) == float(flags.shape[1])
         marker: torch.Tensor = self.marker  # type: ignore[assignment]
         pixels = torch.where(finite[:, None, None, None], pixels, marker)
         return pixels.to(torch.uint8)

@@ -40,6 +40,8 @@ BF16_MIN_OPSET = 22
 PRECISIONS = ("fp32", "fp16", "bf16")
 # Initializers at least this large go to the shared weights file; smaller stay inline.
 EXTERNAL_MIN_BYTES = 1024
+# Graph variants beside the portable graphs (``--target``), each an artifact of its own.
+VARIANTS = ("ort-cuda",)
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,8 @@ class ExportOptions:
     sampler_output: str = "uint8"
     opset: int | None = None  # None: DEFAULT_OPSET, or BF16_MIN_OPSET for bf16
     shared_weights: bool = True
+    # Graph variants written beside the portable graphs: "ort-cuda" (export/ort_cuda.py).
+    variants: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -69,6 +73,15 @@ class ExportOptions:
                 f"--precision bf16 needs --opset >= {BF16_MIN_OPSET} (ONNX Conv accepts "
                 f"bfloat16 from opset {BF16_MIN_OPSET}); pass --opset {BF16_MIN_OPSET} or "
                 "leave --opset out"
+            )
+        for v in self.variants:
+            if v not in VARIANTS:
+                raise ValueError(f"target={v!r} must be one of {', '.join(VARIANTS)} (the "
+                                 "portable graphs are always written)")
+        if "ort-cuda" in self.variants and self.precision == "bf16":
+            raise ValueError(
+                "--target ort-cuda needs --precision fp32 or fp16: ONNX Runtime's fused "
+                "GroupNorm and NhwcConv kernels have no bfloat16 version"
             )
         checks.eta(self.eta)
 
@@ -89,6 +102,7 @@ class GraphReport:
     seconds: float = 0.0
     # op type -> "node_name (torch module)" of every node computing in float32 (fp16/bf16)
     fp32_nodes: dict[str, list[str]] = field(default_factory=dict)
+    fused: str = ""  # a variant graph: the fused kernels it uses (ort_cuda.Rewrite.summary)
 
 
 def check_options_against(meta: ModelMeta, options: ExportOptions) -> None:
@@ -323,6 +337,10 @@ def write_graphs(graphs: dict[str, onnx.ModelProto], folder: Path, stem: str,
 def place(staged: list[Path], out_folder: Path, stem: str, source_hash: str) -> list[Path]:
     """Move staged files into ``out_folder`` (weights first), then remove what they replace.
 
+    The variants of ``stem`` (``stem.ort-cuda.onnx`` and its graphs and weights) are part
+    of the export: staged ones are placed, and any this export did not write are removed
+    with the rest (an older variant beside new portable graphs would be another model's).
+
     Only after every new file is in place, every other graph of the artifact ``stem``
     (a step or sampler graph this export did not write, whichever checkpoint it came
     from) and every ``stem.weights.*.bin`` this export did not write is removed: the
@@ -346,22 +364,37 @@ def _place(staged: list[Path], out_folder: Path, stem: str, source_hash: str) ->
         src.replace(dst)
         final.append(dst)
     names = {p.name for p in final}
-    for f in artifact.Artifact.open(out_folder / f"{stem}.onnx").files:
-        if f.path.name in names or not f.path.is_file():
+    main = out_folder / f"{stem}.onnx"
+    for base in (main, *(artifact.variant_path(main, v) for v in VARIANTS)):
+        _remove_unwritten(base, names, source_hash)
+    return final
+
+
+def _remove_unwritten(main: Path, names: set[str], source_hash: str) -> None:
+    """Remove every graph and weights file of the artifact ``main`` not in ``names``."""
+    folder, stem = main.parent, main.name[: -len(".onnx")]
+    graphs: list[tuple[Path, str]] = []
+    if main.is_file() or main.name in names:
+        for f in artifact.Artifact.open(main).files:
+            if f.meta is None:
+                why = "it is not a readable fewstep graph"
+            elif f.meta.source_hash != source_hash:
+                why = "it came from another checkpoint"
+            else:
+                why = "this export did not write it"
+            graphs.append((f.path, why))
+    else:  # no main file: its orphaned siblings still go
+        graphs = [(f, "this export did not write it")
+                  for f in artifact.siblings(main) if f != main]
+    for path, why in graphs:
+        if path.name in names or not path.is_file():
             continue
-        if f.meta is None:
-            why = "it is not a readable fewstep graph"
-        elif f.meta.source_hash != source_hash:
-            why = "it came from another checkpoint"
-        else:
-            why = "this export did not write it"
-        f.path.unlink()
-        _log(f"removed {f.path.name}: {why}")
-    for w in out_folder.glob(f"{artifact.glob_escape(stem)}.weights.*.bin"):
+        path.unlink()
+        _log(f"removed {path.name}: {why}")
+    for w in folder.glob(f"{artifact.glob_escape(stem)}.weights.*.bin"):
         if w.name not in names and w.is_file():
             w.unlink()
             _log(f"removed {w.name}: weights of an earlier export")
-    return final
 
 
 def _log(msg: str) -> None:
@@ -395,9 +428,10 @@ def graph_modules(
 
 
 def graph_count(options: ExportOptions) -> int:
-    """How many graphs ``graph_modules`` gives for ``options``."""
-    return (1 + ("step" in options.fused)
-            + (len(options.sampler_steps) if "sampler" in options.fused else 0))
+    """How many graph files an export with ``options`` writes (variants included)."""
+    per_target = (1 + ("step" in options.fused)
+                  + (len(options.sampler_steps) if "sampler" in options.fused else 0))
+    return per_target * (1 + len(options.variants))
 
 
 def export_to_folder(unet: torch.nn.Module, meta: ModelMeta, folder: Path, stem: str,
@@ -408,6 +442,7 @@ def export_to_folder(unet: torch.nn.Module, meta: ModelMeta, folder: Path, stem:
     ``progress``: two stages per graph (traced, checked) and the log lines."""
     check_options_against(meta, options)
     graphs: dict[str, onnx.ModelProto] = {}
+    variants: dict[str, dict[str, onnx.ModelProto]] = {v: {} for v in options.variants}
     reports = []
     for kind, module, gmeta in graph_modules(unet, meta, options):
         name = artifact.graph_path(folder / f"{stem}.onnx", kind, gmeta.graph.steps,
@@ -426,5 +461,38 @@ def export_to_folder(unet: torch.nn.Module, meta: ModelMeta, folder: Path, stem:
         graphs[name] = model
         if progress is not None:
             progress.advance()
-    files = write_graphs(graphs, folder, stem, options.shared_weights, progress)
+        for target in options.variants:
+            vname = artifact.graph_path(artifact.variant_path(folder / f"{stem}.onnx", target),
+                                        kind, gmeta.graph.steps, gmeta.graph.eta).name
+            if progress is not None:
+                progress.stage(f"rewrite {vname}")
+            t0 = time.perf_counter()
+            vmeta = gmeta.for_graph(target=target)
+            rewritten = _variant(model, vmeta, target)
+            reports.append(GraphReport(folder / vname, vmeta, len(rewritten.model.graph.node),
+                                       seconds=time.perf_counter() - t0,
+                                       fused=rewritten.summary()))
+            variants[target][vname] = rewritten.model
+            if progress is not None:
+                progress.advance()
+    files = []
+    for target, vgraphs in variants.items():  # before the portable graphs lose their weights
+        vstem = artifact.variant_path(folder / f"{stem}.onnx", target).name[: -len(".onnx")]
+        files += write_graphs(vgraphs, folder, vstem, options.shared_weights, progress)
+    files = write_graphs(graphs, folder, stem, options.shared_weights, progress) + files
     return files, reports
+
+
+def _variant(model: onnx.ModelProto, meta: ModelMeta, target: str) -> Any:
+    """The ``target`` variant of a traced portable graph (``model`` is left as it is)."""
+    assert target == "ort-cuda"
+    from . import ort_cuda
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    try:
+        rewritten = ort_cuda.rewrite(copy)
+    except ValueError as e:
+        raise ValueError(f"--target ort-cuda: {e}") from None
+    onnx.helper.set_model_props(rewritten.model, {META_KEY: meta.to_json()})
+    return rewritten

@@ -8,6 +8,11 @@ An exported model is a set of graph files that share one base name::
     model.sampler-8-eta1.onnx  an 8-step loop with eta 1 (noise as an input)
     model.weights.<hash>.bin   the weights they share (ONNX external data)
 
+``fewstep export --target ort-cuda`` adds the ORT-CUDA variant beside them, an artifact of
+its own named ``model.ort-cuda.onnx``, ``model.ort-cuda.step.onnx``, ... with its own
+``model.ort-cuda.weights.<hash>.bin`` (NHWC weights); ``graph.target`` in its metadata
+says what it is, and ``Pipeline.load`` prefers it on ONNX Runtime's CUDA provider.
+
 TensorRT plans follow the same pattern with ``.plan`` and a ``.plan.json`` sidecar each.
 The ModelMeta of every ONNX file sits in its ``metadata_props`` under ``META_KEY``.
 ``mismatch`` is the one answer to "are these graphs of the same model?".
@@ -32,7 +37,7 @@ from typing import TYPE_CHECKING, Final
 from . import onnx_header
 from .errors import ArtifactError, quote
 from .fileio import check_name_lengths
-from .meta import META_KEY, ModelMeta
+from .meta import META_KEY, TARGETS, ModelMeta
 from .onnx_header import OnnxHeader
 
 if TYPE_CHECKING:
@@ -64,6 +69,16 @@ def graph_path(base: str | Path, kind: str, steps: int = 0, eta: float = 0.0,
     else:
         raise ValueError(f"kind={kind!r} is not denoiser, step or sampler")
     return b.with_name(name + ext)
+
+
+def variant_path(path: str | Path, target: str) -> Path:
+    """The main file of the ``target`` variant of the artifact whose main file is ``path``:
+    model.onnx → model.ort-cuda.onnx (its graphs and weights share that base name, so
+    they are an artifact of their own beside the portable one)."""
+    p = Path(path)
+    if target not in TARGETS or target == "portable":
+        raise ValueError(f"target={target!r} is not one of {', '.join(TARGETS[1:])}")
+    return p.with_name(f"{base_stem(p)}.{target}.onnx")
 
 
 def base_stem(path: str | Path, ext: str = ".onnx") -> str:
@@ -244,8 +259,9 @@ def extension(path: str | Path) -> str:
 
 def mismatch(main: ModelMeta, other: ModelMeta, *, precision: bool = True) -> str | None:
     """What makes ``other`` another model than ``main`` ("source_hash ('b' vs 'a')"), or
-    None for the same model. Graphs of one artifact also share their precision; pass
-    ``precision=False`` to compare artifacts of one model exported at other precisions."""
+    None for the same model. Graphs of one artifact also share their precision and
+    target; pass ``precision=False`` to compare artifacts of one model exported at other
+    precisions or for other targets (the ORT-CUDA variant beside the portable graphs)."""
     checks: list[tuple[str, object, object]] = [
         ("source_hash", main.source_hash, other.source_hash),
         ("schedule", main.schedule, other.schedule),
@@ -255,6 +271,7 @@ def mismatch(main: ModelMeta, other: ModelMeta, *, precision: bool = True) -> st
     ]
     if precision:
         checks.append(("precision", main.graph.precision, other.graph.precision))
+        checks.append(("target", main.graph.target, other.graph.target))
     checks.append(("classes", main.class_names or main.num_classes,
                    other.class_names or other.num_classes))
     checks.append(("null label", main.null_label, other.null_label))

@@ -42,6 +42,10 @@ MAX_TRAIN_TIMESTEPS: Final = 100_000
 GRAPH_KINDS: Final = ("denoiser", "step", "sampler")
 PRECISIONS: Final = ("fp32", "fp16", "bf16")
 OUTPUT_FORMATS: Final = ("float", "uint8")
+# What a graph file runs on: "portable" (standard ONNX: every ONNX Runtime provider,
+# TensorRT, Triton), or "ort-cuda" (ONNX Runtime's com.microsoft CUDA kernels, NHWC:
+# only ONNX Runtime's CUDA execution provider; see export/ort_cuda.py).
+TARGETS: Final = ("portable", "ort-cuda")
 MAX_CLASSES: Final = 100_000
 MAX_NAME_CHARS: Final = 100  # a class name
 MAX_TEXT_CHARS: Final = 200  # fewstep_version, source_hash, distilled_spacing
@@ -182,9 +186,11 @@ class GraphInfo:
     spacing: str = ""
     eta: float = 0.0
     output_format: str = "float"
+    target: str = "portable"  # TARGETS; written into the metadata only when not portable
 
     def __post_init__(self) -> None:
         _check_choice("graph.kind", self.kind, GRAPH_KINDS)
+        _check_choice("graph.target", self.target, TARGETS)
         _check_choice("graph.precision", self.precision, PRECISIONS)
         _check_choice("graph.output_format", self.output_format, OUTPUT_FORMATS)
         if self.kind == "sampler":
@@ -388,6 +394,8 @@ class ModelMeta:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["train_config"] = dict(self.train_config)
+        if self.graph.target == "portable":  # the metadata of a portable graph is unchanged
+            del d["graph"]["target"]
         return d
 
     def to_json(self) -> str:
@@ -453,4 +461,6 @@ def graph_summary(meta: ModelMeta) -> dict[str, Any]:
                          "inputs": list(g.inputs), "outputs": list(g.outputs)}
     if g.kind == "sampler":
         d.update(steps=g.steps, spacing=g.spacing, eta=g.eta, output_format=g.output_format)
+    if g.target != "portable":
+        d["target"] = g.target
     return d

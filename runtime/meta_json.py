@@ -115,6 +115,7 @@ def parse(data: object) -> ModelMeta:
         spacing=_get(g, "spacing", str, "graph.", ""),
         eta=_get(g, "eta", float, "graph.", 0.0),
         output_format=_get(g, "output_format", str, "graph.", "float"),
+        target=_get(g, "target", str, "graph.", "portable"),
     )
     distilled = _get(data, "distilled_steps", list, "", [])
     if not all(checks.is_whole_number(v) for v in distilled):

@@ -12,6 +12,11 @@ fastest graph that can do what was asked:
    on the host in between;
 3. ``denoiser``: the network alone, the DDIM update on the host (``sampling.run_loop``).
 
+On ONNX Runtime's CUDA provider, the ORT-CUDA variant beside the model
+(``model.ort-cuda.onnx`` and its graphs, from ``fewstep export --target ort-cuda``) is
+preferred for every path it has; a variant graph that cannot be opened is reported once
+and the portable graph runs instead.
+
 Every path uses the same host noise (``noise.generation_noise``: sample i of a seed
 has its own stream), so a sample is the same whatever the batch split, graph or
 backend, and as ``fewstep.train.reference.sample`` gives, up to float rounding. One
@@ -81,6 +86,45 @@ class GenerationInfo:
     eta: float
     batch_size: int
     seconds: float
+
+
+def _variant_entries(art: artifact.Artifact, backend: str,
+                     options: dict[str, Any]) -> list[_Entry]:
+    """The graphs of the ORT-CUDA variant beside ``art`` (none when there is none), to be
+    opened on first use; a variant of another model, or one that cannot be read, is
+    reported and left out."""
+    path = artifact.variant_path(art.path, "ort-cuda")
+    if not path.is_file():
+        return []
+    try:
+        variant = artifact.Artifact.open(path)
+        different = art.same_model(variant) or (
+            None if variant.meta.graph.target == "ort-cuda" else "target ('portable')")
+    except ArtifactError as e:
+        different = str(e)
+    if different:
+        warnings.warn(inert(f"ignoring {path}: not the ORT-CUDA variant of {art.path.name}: "
+                            f"{different}; re-export with --target ort-cuda", 2000),
+                      stacklevel=3)
+        return []
+    for bad in variant.rejected:
+        warnings.warn(inert(f"ignoring {bad.path}: {bad.problem}", 2000), stacklevel=3)
+
+    def opener(file: str) -> Callable[[], Graph]:
+        def open_variant() -> Graph:
+            try:
+                return backends.load(file, backend, **options)
+            except ArtifactError:
+                raise
+            except Exception as e:  # ONNX Runtime's own errors: fall back to the portable
+                first = next((ln for ln in str(e).splitlines() if ln.strip()), "")
+                raise ArtifactError(f"ONNX Runtime could not open this ORT-CUDA variant "
+                                    f"graph ({type(e).__name__}: {first[:300]}); the "
+                                    "portable graph runs instead") from None
+        return open_variant
+
+    return [_Entry(str(g.path), g.meta, None, opener(str(g.path)))
+            for g in variant.graphs if g.meta is not None]
 
 
 class _Entry:
@@ -165,6 +209,8 @@ class Pipeline:
             _Entry(str(g.path), g.meta, None, opener(str(g.path)))
             for g in art.graphs[1:] if g.meta is not None
         ]
+        if concrete == "ort-cuda" and art.meta.graph.target == "portable":
+            entries += _variant_entries(art, concrete, backend_options)
         return cls(entries, concrete, name)
 
     @classmethod
@@ -235,7 +281,8 @@ class Pipeline:
         def rank(e: _Entry) -> tuple[bool, ...]:
             g = e.meta.graph
             return (g.guidance != (guidance is not None),
-                    (g.output_format == "float") != want_float)
+                    (g.output_format == "float") != want_float,
+                    g.target == "portable")  # a variant (loaded only where it runs) first
 
         out: list[tuple[str, _Entry]] = []
         if fused_ok:

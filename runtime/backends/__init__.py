@@ -114,7 +114,28 @@ def resolve(name: str, path: str | None = None) -> str:
         if avail["tensorrt"] is None:
             return "tensorrt"
         raise BackendUnavailable(f"{path} is a TensorRT plan but {avail['tensorrt']}")
-    return "ort-cuda" if avail["ort-cuda"] is None else "ort-cpu"
+    if avail["ort-cuda"] is None:
+        return "ort-cuda"
+    if path is not None and _is_variant(path):
+        raise BackendUnavailable(
+            f"{path} is an ORT-CUDA variant graph, which only ONNX Runtime's CUDA provider "
+            f"runs, but {avail['ort-cuda']}; load the portable graph beside it (the same "
+            "name without .ort-cuda)"
+        )
+    return "ort-cpu"
+
+
+def _is_variant(path: str) -> bool:
+    """A readable ONNX graph whose metadata marks it as the ORT-CUDA variant."""
+    from ..artifact import read_onnx_meta
+    from ..errors import ArtifactError
+
+    if not path.endswith(".onnx"):
+        return False
+    try:
+        return read_onnx_meta(path).graph.target == "ort-cuda"
+    except (ArtifactError, OSError):
+        return False  # unreadable: the backend that opens it says why
 
 
 def load(path: str, name: str = "auto", **options: Any) -> Graph:

@@ -469,6 +469,13 @@ def open_graph(path: str, name: str, **options: Any) -> OrtGraph:
                          f"{', '.join(PROVIDERS)}")
     config = make_config(name, str(path), options)
     meta = read_onnx_meta(path)
+    if meta.graph.target == "ort-cuda" and name != "ort-cuda":
+        raise ArtifactError(
+            f"{Path(path).name} is an ORT-CUDA variant graph (ONNX Runtime's com.microsoft "
+            f"GroupNorm/NhwcConv kernels, which only its CUDA provider has), not for {name}: "
+            "load the portable graph beside it (the same name without .ort-cuda), or use "
+            "--backend ort-cuda"
+        )
     if name == "ort-cpu" and meta.graph.precision == "bf16":
         raise ArtifactError(
             f"{Path(path).name} is a bf16 graph and ONNX Runtime's CPU provider has no "
