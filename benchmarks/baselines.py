@@ -33,7 +33,7 @@ import numpy as np
 
 from fewstep.runtime import backends, images, sampling
 
-from .paths import SEEDS, BenchModel, BenchPath, Workload
+from .paths import SEEDS, VARIANT_ON_CUDA_ONLY, BenchModel, BenchPath, Workload
 from .torch_source import NO_CHECKPOINT, TorchSource
 
 __all__ = [
@@ -376,6 +376,8 @@ class OrtStepsPath(BenchPath):
         if self.file is None:
             return f"{self.art.path.name} has no denoiser ONNX graph"
         meta = self.art.graphs("denoiser", ".onnx")[0][1]
+        if meta.graph.target == "ort-cuda" and self.backend != "ort-cuda":
+            return VARIANT_ON_CUDA_ONLY
         if self.work.guidance is not None and not meta.graph.guidance:
             return "the denoiser graph was exported without --guidance"
         return None

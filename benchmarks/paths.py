@@ -120,6 +120,8 @@ class BenchPath:
 
 
 MODEL_EXTENSIONS: Final = (".onnx", ".plan")
+VARIANT_ON_CUDA_ONLY: Final = ("an ORT-CUDA variant graph (fewstep export --target ort-cuda): "
+                               "only the ort-cuda backend runs it")
 
 
 @dataclass
@@ -223,6 +225,8 @@ class FewstepPath(BenchPath):
                    else f"export it with `fewstep export --fused {self.kind}`"
                    if self.kind != "denoiser" else "re-export the model")
             return f"{self.art.path.name} has no {self.kind} {what}; {fix}"
+        if self.files[0][1].graph.target == "ort-cuda" and self.backend != "ort-cuda":
+            return VARIANT_ON_CUDA_ONLY
         if self.work.guidance is not None and not self.files[0][1].graph.guidance:
             return (f"the {self.kind} graph was exported without --guidance but the benchmark "
                     f"uses guidance={self.work.guidance}")

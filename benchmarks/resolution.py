@@ -3,7 +3,9 @@
 For each --sizes entry a model of --preset at that size is made with seeded random-init
 weights (latency does not depend on what the weights learned), saved as a fewstep
 training checkpoint, exported (denoiser, fused step graph, fused sampler for each --steps;
-the parity gate runs) in parallel worker processes, and then timed one size after the
+the parity gate runs; on ort-cuda also the ORT-CUDA variant, gated on the CUDA provider,
+and timed instead of the portable graphs unless --portable) in parallel worker processes,
+and then timed one size after the
 other by the latency suite in this process (``fewstep bench`` with the checkpoint as
 source: fewstep's paths and the torch-eager / torch-compile baselines on the same weights
 and noise). --time-budget bounds the whole run: each size's bench gets an equal share of
@@ -19,7 +21,7 @@ vs_torch_eager, its p50 over the fastest torch-compile / torch-eager row (any pr
 of the same size, batch and steps (the row named in torch_compile_ref / torch_eager_ref);
 floor_fraction, the roofline fraction (``roofline.py``: the floor of one step, max of
 FLOPs / matrix rate and bytes / copy bandwidth at this run's measured ceilings, over the
-measured time per step); kernels_per_step (nodes of the exported denoiser graph, Constant
+measured time per step); kernels_per_step (nodes of the timed denoiser graph, Constant
 nodes left out), launch_us (the measured device time of one tiny kernel: replayed in a
 CUDA graph on a GPU, one ONNX Runtime node on the CPU), launch_floor_ms = kernels x
 launch_us / 1000 and launch_fraction = launch floor / time per step.
@@ -96,6 +98,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--graphs", nargs="+", default=["sampler"], metavar="KIND",
                    help="graph kinds fewstep is timed with: denoiser step sampler (all "
                         "three are exported)")
+    p.add_argument("--portable", action="store_true",
+                   help="on ort-cuda, export and time the portable graphs only (default: "
+                        "also the ORT-CUDA variant, fewstep export --target ort-cuda, which "
+                        "is what Pipeline.load runs there; only the variant is then timed "
+                        "on ort-cuda)")
     p.add_argument("--baselines", nargs="*", default=["torch-eager", "torch-compile"],
                    metavar="NAME", help=f"{' '.join(TORCH_BASELINES)}; none when empty")
     p.add_argument("--compile-precisions", nargs="+", default=["fp16"], metavar="P",
@@ -220,8 +227,10 @@ def check_args(args: argparse.Namespace) -> dict[str, Any]:
     if args.backends is None and avail.get("ort-cuda") is not None:
         notes.append(f"fewstep ran on ort-cpu: ort-cuda is not available here "
                      f"({avail['ort-cuda']}); pass --backends to choose")
+    variants = ("ort-cuda",) if "ort-cuda" in chosen and not args.portable else ()
     return dict(sizes=sizes, batches=batches, steps=steps, backends=chosen, graphs=graphs,
-                baselines=baselines, compile_precisions=precisions, notes=notes)
+                baselines=baselines, compile_precisions=precisions, variants=variants,
+                notes=notes)
 
 
 def _writable_folder(folder: Path, flag: str) -> None:
@@ -271,8 +280,8 @@ def make_checkpoint(path: Path, preset_name: str, size: int, seed: int) -> Path:
 
 
 def prepare(size: int, preset_name: str, seed: int, steps: tuple[int, ...], guidance: bool,
-            folder: str, log: str, check: bool, check_n: int, threads: int
-            ) -> dict[str, Any]:
+            folder: str, log: str, check: bool, check_n: int, threads: int,
+            variants: tuple[str, ...] = ()) -> dict[str, Any]:
     """Checkpoint + export of one size (run in a worker process). Never raises: a failure
     is the returned dict's ``error``."""
     started = time.perf_counter()
@@ -295,7 +304,7 @@ def prepare(size: int, preset_name: str, seed: int, steps: tuple[int, ...], guid
                         attention_resolutions=list(ck.unet_config.attention_resolutions),
                         channel_mults=list(ck.unet_config.channel_mults))
             options = onnx_export.ExportOptions(guidance=guidance, fused=("step", "sampler"),
-                                                sampler_steps=steps)
+                                                sampler_steps=steps, variants=variants)
             onnx_export.check_options_against(ck.meta, options)
             out = work / "model.onnx"
             api.write_artifact(model, ck.meta, out, options, check_parity=check,
@@ -320,7 +329,7 @@ def prepare_all(sizes: Sequence[int], settings: dict[str, Any], args: argparse.N
     threads = max(1, cores // workers)
     jobs = {s: (s, args.preset, args.seed, settings["steps"], args.guidance,
                 str(models / folder_name(s)), str(args.out / folder_name(s) / "export.log"),
-                not args.no_check, args.check_n, threads) for s in sizes}
+                not args.no_check, args.check_n, threads, settings["variants"]) for s in sizes}
     for s in sizes:
         (args.out / folder_name(s)).mkdir(parents=True, exist_ok=True)
     say(f"exporting {len(sizes)} sizes in {workers} worker process(es), {threads} "
@@ -470,7 +479,7 @@ def bench_size(info: dict[str, Any], settings: dict[str, Any], args: argparse.Na
                           max_config_seconds=args.max_config_seconds, warmup_seconds=0.5,
                           min_iters_floor=min(5, args.iters))
     cfg = SuiteConfig(
-        models=(Path(info["model"]),), checkpoint=Path(info["checkpoint"]),
+        models=bench_models(Path(info["model"]), settings), checkpoint=Path(info["checkpoint"]),
         backends=settings["backends"], graphs=settings["graphs"], steps=settings["steps"],
         batches=settings["batches"], baselines=settings["baselines"],
         compile_steps=settings["steps"], compile_batches=settings["batches"],
@@ -484,6 +493,18 @@ def bench_size(info: dict[str, Any], settings: dict[str, Any], args: argparse.Na
     out = args.out / folder_name(info["size"])
     return cli.run(cfg, out, log=lambda s: say(f"[{info['size']} px] {s}"),
                    plots=not args.no_plots)
+
+
+def bench_models(model: Path, settings: dict[str, Any]) -> tuple[Path, ...]:
+    """The artifacts one size's bench times: the ORT-CUDA variant where it was exported
+    (alone when ort-cuda is the only backend: it is what ``Pipeline.load`` runs there),
+    and the portable graphs for any other backend."""
+    from fewstep.runtime.artifact import variant_path
+
+    variant = variant_path(model, "ort-cuda")
+    if not settings.get("variants") or not variant.is_file():
+        return (model,)
+    return (variant,) if tuple(settings["backends"]) == ("ort-cuda",) else (model, variant)
 
 
 def failed_rows(size: int, settings: dict[str, Any], path: str, reason: str
@@ -600,8 +621,8 @@ def run(args: argparse.Namespace, settings: dict[str, Any],
                 save()
                 continue
             info["bench_s"] = time.perf_counter() - t0
-            rows += size_rows(s, bench_rows, settings, kernel_count(Path(info["model"])),
-                              launch)
+            timed = bench_models(Path(info["model"]), settings)[0]  # the variant, if timed
+            rows += size_rows(s, bench_rows, settings, kernel_count(timed), launch)
             save()
     finally:
         if temp is not None:

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from fewstep.runtime import clitools
-from fewstep.runtime.artifact import Artifact, read_onnx_meta
+from fewstep.runtime.artifact import Artifact, read_onnx_meta, require_portable
 from fewstep.runtime.errors import ArtifactError
 from fewstep.runtime.plan import ENGINES, PLAN_EXT, RTX_DEFAULT_TARGETS, BatchProfile
 
@@ -83,6 +83,7 @@ def _targets(args: argparse.Namespace) -> list[tuple[Path, Path]]:
     onnx: Path = args.onnx
     out: Path = args.out
     meta = read_onnx_meta(onnx)  # ArtifactError: missing, not ONNX, no fewstep metadata
+    require_portable(onnx, meta, "fewstep build")
     if args.all:
         if not (out.is_dir() or out.name.endswith(PLAN_EXT)):
             raise ValueError(

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from fewstep.runtime import checks, fileio
-from fewstep.runtime.artifact import read_onnx_meta
+from fewstep.runtime.artifact import read_onnx_meta, require_portable
 from fewstep.runtime.errors import ArtifactError, BackendUnavailable
 from fewstep.runtime.fileio import file_lock, locked_update
 from fewstep.runtime.meta import ModelMeta
@@ -128,6 +128,7 @@ def prepare_build(
     if not out.name.endswith(PLAN_EXT):
         raise ValueError(f"--out {str(out)!r} must end in {PLAN_EXT} (e.g. --out model.plan)")
     meta = read_onnx_meta(onnx)  # missing file, not ONNX, no fewstep metadata: ArtifactError
+    require_portable(onnx, meta, "a TensorRT build")
     fileio.check_writable_target(out)
     profile = BatchProfile.parse(batch) if isinstance(batch, str) else batch
     if not checks.is_whole_number(opt_level) or opt_level not in OPT_LEVELS:

@@ -296,6 +296,7 @@ def plan_repository(onnx_path: str | os.PathLike[str], options: TritonOptions | 
     main_path = Path(onnx_path)
     folder = plans_folder(main_path, plans)
     art = artifact.Artifact.open(main_path)
+    artifact.require_portable(main_path, art.meta, "a Triton model repository")
     if art.rejected:
         bad = art.rejected[0]
         raise ArtifactError(f"{bad.path.name}: {bad.problem}")

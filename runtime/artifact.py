@@ -81,6 +81,23 @@ def variant_path(path: str | Path, target: str) -> Path:
     return p.with_name(f"{base_stem(p)}.{target}.onnx")
 
 
+def require_portable(path: str | Path, meta: ModelMeta, what: str) -> None:
+    """An ArtifactError when ``path`` is a variant graph (``graph.target`` not portable):
+    ``what`` (TensorRT, Triton, ...) reads only the portable graphs."""
+    if meta.graph.target == "portable":
+        return
+    p = Path(path)
+    base = base_stem(p)
+    portable = base[: -len(f".{meta.graph.target}")] if base.endswith(
+        f".{meta.graph.target}") else base
+    raise ArtifactError(
+        f"{p.name} is an {meta.graph.target.upper()} variant graph (ONNX Runtime's CUDA "
+        f"contrib kernels, NHWC), which only ONNX Runtime's CUDA provider runs; {what} "
+        f"takes the portable graphs: pass {quote(portable + '.onnx')} (or its step/sampler "
+        "graph) instead"
+    )
+
+
 def base_stem(path: str | Path, ext: str = ".onnx") -> str:
     """``model`` for model.onnx, model.step.onnx and model.sampler-4.onnx alike."""
     name = Path(path).name

@@ -82,6 +82,11 @@ def collect(path: Path | None) -> dict[str, Any]:
     art = artifact.Artifact.open(path if path is not None else default_model_path())
     meta = art.meta
     rows, shared = graphs_of(art)
+    variant = artifact.variant_path(art.path, "ort-cuda")
+    if art.ext == ".onnx" and meta.graph.target == "portable" and variant.is_file():
+        vrows, vshared = graphs_of(artifact.Artifact.open(variant))
+        rows += vrows
+        shared.update(vshared)
     config = meta.train_config
     return {
         "path": str(art.path),
@@ -152,6 +157,8 @@ def render(info: dict[str, Any]) -> str:
             detail = (f"  steps={row['steps']} spacing={row['spacing']} eta={row['eta']:g} "
                       f"-> {row['output_format']}")
         precision = row["precision"] + (" +guidance" if row["guidance"] else "")
+        if "target" in row:
+            detail += f"  {row['target']} only (ONNX Runtime's CUDA provider)"
         lines.append(f"  {row['file']:<{width}}  {row['kind']:<9} {precision:<14} "
                      f"{_size(row['size_bytes']):>10}{detail}")
         if "plan" in row:
