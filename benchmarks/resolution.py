@@ -426,6 +426,7 @@ def _launch_cpu() -> tuple[float | None, str]:
             [helper.make_tensor_value_info(f"y{n - 1}", TensorProto.FLOAT, [1])],
             [helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])])
         m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 8  # what opset 17 needs; a newer onnx writes an IR older runtimes refuse
         so = ort.SessionOptions()
         so.intra_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

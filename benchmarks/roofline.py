@@ -111,12 +111,33 @@ def _with_batch(model: Any, batch: int) -> Any:
     return m
 
 
+def portable_twin(path: Path) -> Path:
+    """The portable graph beside an ORT-CUDA variant graph (model.ort-cuda.step.onnx →
+    model.step.onnx), whose FLOPs and bytes are the same computation's and which ONNX's
+    shape inference can follow (it knows no com.microsoft op); else ``path`` itself."""
+    marker = ".ort-cuda"
+    if marker not in path.name:
+        return path
+    from fewstep.runtime.artifact import read_onnx_meta
+
+    try:
+        if read_onnx_meta(path).graph.target != "ort-cuda":
+            return path
+    except Exception:  # unreadable: counted as it is (and reported unknown)
+        return path
+    twin = path.with_name(path.name.replace(marker, "", 1))
+    return twin if twin.is_file() else path
+
+
 def count(model: str | Path | Any, batch: int) -> GraphCost:
-    """The cost of one evaluation of ``model`` (a path or a ModelProto) at ``batch``."""
+    """The cost of one evaluation of ``model`` (a path or a ModelProto) at ``batch``; an
+    ORT-CUDA variant graph is counted on its portable twin (``portable_twin``)."""
     import onnx
 
     if batch < 1:
         raise ValueError(f"batch={batch} must be >= 1")
+    if isinstance(model, (str, Path)):
+        model = portable_twin(Path(model))
     proto = onnx.load(str(model), load_external_data=False) if isinstance(
         model, (str, Path)) else model
     inferred = onnx.shape_inference.infer_shapes(_with_batch(proto, batch), check_type=False,

@@ -52,7 +52,6 @@ class Rewrite:
     silu: int = 0  # of which with the SiLU fused in
     odd_groups: list[str] = field(default_factory=list)  # sites left alone, and why
     ops: Counter[str] = field(default_factory=Counter)  # op counts of the result
-    tidied: dict[str, int] = field(default_factory=dict)  # _tidy_layout's removals
 
     def summary(self) -> str:
         fused = ", ".join(f"{op} x{self.ops[op]}" for op in CONTRIB_OPS if self.ops[op])
@@ -278,164 +277,6 @@ def _ort_unet_fusions(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-# Elementwise ops whose output layout follows their inputs': a Transpose applied to every
-# input may be applied once to the output instead.
-_ELEMENTWISE = ("Add", "Sub", "Mul", "Div")
-
-
-# Element type of an op's output: that of its first input, except for these.
-_BOOL_OUT = ("IsInf", "IsNaN", "Not", "And", "Or", "Equal", "Less", "Greater",
-             "LessOrEqual", "GreaterOrEqual")
-_SECOND_INPUT_TYPE = ("Where",)
-
-
-def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
-    """Element type of every value of a topologically sorted graph, propagated from its
-    inputs and initializers (ONNX's own inference knows no com.microsoft op, and ONNX
-    Runtime's symbolic one fails on some of ours); a value it cannot tell is left out."""
-    g = model.graph
-    types = {v.name: v.type.tensor_type.elem_type for v in g.input}
-    types.update({i.name: i.data_type for i in g.initializer})
-    for node in g.node:
-        if node.op_type == "Cast":
-            t = int(_attr(node, "to", 0))  # type: ignore[call-overload]
-        elif node.op_type == "Constant":
-            value = next((a.t for a in node.attribute if a.name == "value"), None)
-            t = value.data_type if value is not None else 0
-        elif node.op_type == "Shape":
-            t = onnx.TensorProto.INT64
-        elif node.op_type in _BOOL_OUT:
-            t = onnx.TensorProto.BOOL
-        elif node.op_type in _SECOND_INPUT_TYPE and len(node.input) > 1:
-            t = types.get(node.input[1], 0)
-        else:
-            t = types.get(node.input[0], 0) if node.input else 0
-        if t:
-            for o in node.output[:1]:
-                types[o] = t
-    return types
-
-
-def _rewire(model: onnx.ModelProto, old: str, new: str) -> None:
-    for node in model.graph.node:
-        for k, name in enumerate(node.input):
-            if name == old:
-                node.input[k] = new
-
-
-def _tidy_layout(model: onnx.ModelProto) -> dict[str, int]:
-    """Remove the kernels the UNet fusions leave between NHWC ops; returns what went.
-
-    1. Casts to the type their input already has (the NhwcConv fusion adds one before
-       every convolution whose input type it cannot see).
-    2. Transposes sunk below elementwise ops and channel Concats: when every input of an
-       Add (a residual) or a Concat (a skip connection) is an NHWC→NCHW Transpose, the op
-       runs in NHWC and one Transpose follows it.
-    3. A Transpose pair that cancels (NHWC→NCHW→NHWC) is dropped, and an NCHW→NHWC
-       Transpose of an Unsqueeze to (B, C, 1, 1) becomes an Unsqueeze to (B, 1, 1, C).
-    Graph outputs are never renamed; nodes left without consumers are removed.
-    """
-    done: Counter[str] = Counter()
-    outputs = {o.name for o in model.graph.output}
-    types = _elem_types(model)
-    keep = []
-    for node in model.graph.node:
-        if (node.op_type == "Cast" and node.output[0] not in outputs
-                and types.get(node.input[0], -1) == _attr(node, "to", 0)):
-            _rewire(model, node.output[0], node.input[0])
-            done["Cast"] += 1
-        else:
-            keep.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(keep)
-
-    changed = True
-    while changed:
-        changed = False
-        producer = {o: n for n in model.graph.node for o in n.output}
-        consumers: dict[str, list[onnx.NodeProto]] = {}
-        for n in model.graph.node:
-            for i in n.input:
-                consumers.setdefault(i, []).append(n)
-
-        def to_nchw(name: str) -> onnx.NodeProto | None:
-            t = producer.get(name)
-            if t is None or t.op_type != "Transpose" or list(_attr(t, "perm", [])) != NHWC_TO_NCHW:  # type: ignore[call-overload]
-                return None
-            return t
-
-        nodes: list[onnx.NodeProto] = []
-        for node in model.graph.node:
-            concat = node.op_type == "Concat" and _attr(node, "axis", 0) in (1, -3)
-            ins = [to_nchw(i) for i in node.input]
-            if ((node.op_type in _ELEMENTWISE or concat) and len(ins) >= 2
-                    and all(t is not None for t in ins) and node.output[0] not in outputs):
-                for k, t in enumerate(ins):
-                    assert t is not None
-                    node.input[k] = t.input[0]
-                if concat:
-                    for a in node.attribute:
-                        if a.name == "axis":
-                            a.i = 3
-                out = node.output[0]
-                node.output[0] = f"{out}_nhwc"
-                nodes += [node, helper.make_node("Transpose", [f"{out}_nhwc"], [out],
-                                                 f"{node.name or out}_to_nchw",
-                                                 perm=NHWC_TO_NCHW)]
-                done["sunk"] += 1
-                changed = True
-                continue
-            if node.op_type == "Transpose" and list(_attr(node, "perm", [])) == NCHW_TO_NHWC:  # type: ignore[call-overload]
-                first = to_nchw(node.input[0])
-                if first is not None and node.output[0] not in outputs:
-                    _rewire(model, node.output[0], first.input[0])
-                    done["Transpose"] += 1
-                    changed = True
-                    continue
-                unsq = producer.get(node.input[0])
-                axes = g_const(model, unsq.input[1]) if (
-                    unsq is not None and unsq.op_type == "Unsqueeze" and len(unsq.input) == 2
-                ) else None
-                if (unsq is not None and axes is not None and sorted(axes.tolist()) == [2, 3]
-                        and len(consumers.get(unsq.output[0], [])) == 1):
-                    name = f"{node.name or node.output[0]}_axes"
-                    model.graph.initializer.append(
-                        numpy_helper.from_array(np.array([1, 2], np.int64), name))
-                    nodes.append(helper.make_node("Unsqueeze", [unsq.input[0], name],
-                                                  [node.output[0]], node.name))
-                    done["Transpose"] += 1
-                    changed = True
-                    continue
-            nodes.append(node)
-        del model.graph.node[:]
-        model.graph.node.extend(nodes)
-        _drop_dead(model, outputs)
-    return dict(done)
-
-
-def g_const(model: onnx.ModelProto, name: str) -> NDArray[np.int64] | None:
-    """An int64 initializer's value, or None."""
-    for init in model.graph.initializer:
-        if init.name == name:
-            return numpy_helper.to_array(init).astype(np.int64)  # type: ignore[no-any-return]
-    return None
-
-
-def _drop_dead(model: onnx.ModelProto, outputs: set[str]) -> None:
-    """Remove nodes none of whose outputs is used (repeatedly), and unused initializers."""
-    while True:
-        used = {i for n in _all_nodes(model.graph) for i in n.input} | outputs
-        live = [n for n in model.graph.node if any(o in used for o in n.output)]
-        if len(live) == len(model.graph.node):
-            break
-        del model.graph.node[:]
-        model.graph.node.extend(live)
-    used = {i for n in _all_nodes(model.graph) for i in n.input}
-    inits = [i for i in model.graph.initializer if i.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(inits)
-
-
 def _dedupe_initializers(model: onnx.ModelProto) -> None:
     seen: dict[str, str] = {}
     rename: dict[str, str] = {}
@@ -467,10 +308,14 @@ def _all_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
                 yield from _all_nodes(a.g)
 
 
-def rewrite(model: onnx.ModelProto, tidy: bool = True) -> Rewrite:
+def rewrite(model: onnx.ModelProto) -> Rewrite:
     """The ORT-CUDA variant of a portable graph (``model`` is changed in place and
     returned in ``Rewrite.model``); a ValueError when no GroupNorm could be fused.
-    ``tidy=False`` leaves out ``_tidy_layout`` (to measure what it gains)."""
+
+    What is left between the NHWC kernels (Transposes around residual Adds and skip
+    Concats, the no-op Casts the NhwcConv fusion adds) is left to ONNX Runtime's own
+    session optimisers: removing them here was measured (``benchmarks/lab/
+    variant_levers.py``, lever V1 against V0) and gained nothing, so it was reverted."""
     result = Rewrite(model)
     _fuse_group_norms(model, result)
     if not result.group_norms:
@@ -483,7 +328,6 @@ def rewrite(model: onnx.ModelProto, tidy: bool = True) -> Rewrite:
             "--target ort-cuda out"
         )
     model = _ort_unet_fusions(model)
-    result.tidied = _tidy_layout(model) if tidy else {}
     _dedupe_initializers(model)
     result.model = model
     result.ops = Counter(n.op_type for n in model.graph.node)

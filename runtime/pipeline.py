@@ -197,20 +197,28 @@ class Pipeline:
         name = str(p)
         oracle = name.endswith(artifact.ORACLE_EXT) and backend == "auto"
         concrete = "oracle" if oracle else backends.resolve(backend, name)
-        main = backends.load(name, concrete, **backend_options)
-        art = artifact.Artifact.open(p)
-        for bad in art.rejected:
-            warnings.warn(inert(f"ignoring {bad.path}: {bad.problem}", 2000), stacklevel=2)
 
         def opener(file: str) -> Callable[[], Graph]:
             return lambda: backends.load(file, concrete, **backend_options)
 
-        entries = [_Entry(name, main.meta, main)] + [
+        variant: list[_Entry] = []
+        if (concrete == "ort-cuda" and name.endswith(".onnx")
+                and artifact.variant_path(p, "ort-cuda").is_file()):
+            art = artifact.Artifact.open(p)
+            if art.meta.graph.target == "portable":
+                variant = _variant_entries(art, concrete, backend_options)
+        if variant:  # the portable main is then a fallback, opened only if needed
+            main_entry = _Entry(name, art.meta, None, opener(name))
+        else:
+            main = backends.load(name, concrete, **backend_options)
+            main_entry = _Entry(name, main.meta, main)
+            art = artifact.Artifact.open(p)
+        for bad in art.rejected:
+            warnings.warn(inert(f"ignoring {bad.path}: {bad.problem}", 2000), stacklevel=2)
+        entries = [main_entry] + [
             _Entry(str(g.path), g.meta, None, opener(str(g.path)))
             for g in art.graphs[1:] if g.meta is not None
-        ]
-        if concrete == "ort-cuda" and art.meta.graph.target == "portable":
-            entries += _variant_entries(art, concrete, backend_options)
+        ] + variant
         return cls(entries, concrete, name)
 
     @classmethod

@@ -305,3 +305,15 @@ def test_gpu_variant_passes_the_gate_and_pipeline_prefers_it(
     assert pipe.last_info is not None and ".ort-cuda." in pipe.last_info.graph
     ref3 = portable.generate(2, steps=3, seed=1, guidance=2.0)
     assert np.abs(three.astype(np.int16) - ref3.astype(np.int16)).max() <= 3
+
+
+def test_bench_counts_a_variant_graph_on_its_portable_twin(exported: Path) -> None:
+    from fewstep.benchmarks import roofline
+
+    folder = exported.parent
+    variant = folder / "model.ort-cuda.sampler-2.onnx"
+    assert roofline.portable_twin(variant) == folder / "model.sampler-2.onnx"
+    assert roofline.portable_twin(folder / "model.step.onnx") == folder / "model.step.onnx"
+    cost = roofline.count(variant, 1)
+    assert cost.flops == roofline.count(folder / "model.sampler-2.onnx", 1).flops > 0
+    assert not cost.unknown

@@ -12,16 +12,19 @@ graph's. The predictions were written before the first run:
 id  lever                                                        prediction (written first)
 === ============================================================ ===========================
 P   portable sampler (LayerNorm-form GroupNorm, NCHW)            the reference
-V0  variant without the layout clean-up (``rewrite(tidy=False)``) -30 %: measured 4.19 ->
-                                                                 2.75 ms in the bench (fp16)
-V1  the variant as exported (no-op Casts gone, Transposes sunk   -7 .. -16 % of V0: per step
-    below residual Adds and skip Concats, cancelled pairs         44 Transposes and (unless
-    dropped)                                                     ORT's CastElimination drops
-                                                                 them anyway) 35 Casts fewer
+V1  the variant as exported                                      -30 %: 4.19 -> 2.75 ms in
+                                                                 the bench (fp16)
 V2  V1 with the CUDA EP's prefer_nhwc=1                          ~V1: the convolutions are
                                                                  NHWC already; what is left
                                                                  NCHW is attention
 === ============================================================ ===========================
+
+A layout clean-up after ONNX Runtime's UNet fusions (removing the no-op Casts the
+NhwcConv fusion adds and sinking Transposes below residual Adds and skip Concats: 66 ->
+22 Transposes and 54 -> 19 Casts a step in the fp16 graph) was lever V0 -> V1 of the
+first run, predicted -7..-16 %; it measured 2.808 -> 2.864 ms (no gain: ONNX Runtime's
+session optimisers already remove them) and was reverted, so this script no longer
+builds it (``benchmarks/results/latency-2026-12-01-h200-ortcuda/levers-fp16.json``).
 
 It also times the host-side noise of one 64 x 64 sample (``noise.generation_noise``), the
 part of the host overhead every path shares.
@@ -32,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,6 @@ import numpy as np
 
 from fewstep.runtime import Pipeline, artifact, backends, clitools, noise
 from fewstep.runtime.fileio import check_writable_target, write_text
-from fewstep.runtime.meta import META_KEY
 
 
 def _pipe(path: Path, **options: Any) -> Pipeline:
@@ -57,56 +58,37 @@ def _p50(pipe: Pipeline, iters: int) -> float:
     return float(np.median(times))
 
 
-def untidy_variant(model: Path, work: Path) -> Path:
-    """The variant's sampler graph rewritten without ``_tidy_layout`` (lever V0)."""
-    import onnx
-
-    from fewstep.export import ort_cuda
-
-    src = artifact.graph_path(model, "sampler", 4)
-    proto = onnx.load(str(src))
-    props = {p.key: p.value for p in proto.metadata_props}
-    rewritten = ort_cuda.rewrite(proto, tidy=False).model
-    onnx.helper.set_model_props(rewritten, {META_KEY: props[META_KEY]})
-    dst = work / "untidy.sampler-4.onnx"
-    onnx.save_model(rewritten, str(dst))
-    return dst
-
-
 def run(model: Path, iters: int, rounds: int = 5) -> dict[str, Any]:
     variant = artifact.variant_path(model, "ort-cuda")
     v_sampler = artifact.graph_path(variant, "sampler", 4)
-    with tempfile.TemporaryDirectory() as tmp:
-        levers: list[tuple[str, str, Any]] = [
-            ("P", "portable sampler",
-             lambda: _pipe(artifact.graph_path(model, "sampler", 4))),
-            ("V0", "variant without layout clean-up",
-             lambda: _pipe(untidy_variant(model, Path(tmp)))),
-            ("V1", "variant as exported", lambda: _pipe(v_sampler)),
-            ("V2", "V1 + prefer_nhwc=1",
-             lambda: _pipe(v_sampler, cuda_options={"prefer_nhwc": "1"})),
-        ]
-        pipes: dict[str, Pipeline] = {}
-        rows: dict[str, dict[str, Any]] = {}
-        for lid, name, make in levers:
-            rows[lid] = {"id": lid, "lever": name, "p50_rounds_ms": []}
-            try:
-                pipes[lid] = make()
-                _p50(pipes[lid], 30)  # warm-up and CUDA graph capture
-            except Exception as e:  # a lever ONNX Runtime refuses is a row saying so
-                rows[lid]["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
-        for _ in range(rounds):
-            for lid, pipe in pipes.items():
-                rows[lid]["p50_rounds_ms"].append(_p50(pipe, max(1, iters // rounds)))
-        ref = pipes["P"].generate(8, 4, seed=123, guidance=2.0) if "P" in pipes else None
+    levers: list[tuple[str, str, Any]] = [
+        ("P", "portable sampler",
+         lambda: _pipe(artifact.graph_path(model, "sampler", 4))),
+        ("V1", "variant as exported", lambda: _pipe(v_sampler)),
+        ("V2", "V1 + prefer_nhwc=1",
+         lambda: _pipe(v_sampler, cuda_options={"prefer_nhwc": "1"})),
+    ]
+    pipes: dict[str, Pipeline] = {}
+    rows: dict[str, dict[str, Any]] = {}
+    for lid, name, make in levers:
+        rows[lid] = {"id": lid, "lever": name, "p50_rounds_ms": []}
+        try:
+            pipes[lid] = make()
+            _p50(pipes[lid], 30)  # warm-up and CUDA graph capture
+        except Exception as e:  # a lever ONNX Runtime refuses is a row saying so
+            rows[lid]["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    for _ in range(rounds):
         for lid, pipe in pipes.items():
-            row = rows[lid]
-            row["p50_ms"] = float(np.median(row["p50_rounds_ms"]))
-            if ref is not None:
-                img = pipe.generate(8, 4, seed=123, guidance=2.0)
-                d = np.abs(img.astype(np.int16) - ref.astype(np.int16))
-                row["max_diff_vs_P"] = int(d.max())
-                row["share_diff_gt1_vs_P"] = float((d > 1).mean())
+            rows[lid]["p50_rounds_ms"].append(_p50(pipe, max(1, iters // rounds)))
+    ref = pipes["P"].generate(8, 4, seed=123, guidance=2.0) if "P" in pipes else None
+    for lid, pipe in pipes.items():
+        row = rows[lid]
+        row["p50_ms"] = float(np.median(row["p50_rounds_ms"]))
+        if ref is not None:
+            img = pipe.generate(8, 4, seed=123, guidance=2.0)
+            d = np.abs(img.astype(np.int16) - ref.astype(np.int16))
+            row["max_diff_vs_P"] = int(d.max())
+            row["share_diff_gt1_vs_P"] = float((d > 1).mean())
     shape = (3, 64, 64)
     reps = []
     for i in range(200):
