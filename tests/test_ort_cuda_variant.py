@@ -317,3 +317,54 @@ def test_bench_counts_a_variant_graph_on_its_portable_twin(exported: Path) -> No
     cost = roofline.count(variant, 1)
     assert cost.flops == roofline.count(folder / "model.sampler-2.onnx", 1).flops > 0
     assert not cost.unknown
+
+
+def test_a_variant_graph_that_cannot_open_falls_back_to_the_portable_one(
+        exported: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What Pipeline.load does on ort-cuda, with ONNX Runtime refusing the variant (say a
+    build without the contrib kernels): one warning, then the portable graph."""
+    from fewstep.runtime import pipeline as pl
+
+    real = backends.load
+
+    def load(path: str, name: str = "auto", **options: Any) -> Any:
+        if ".ort-cuda" in path:
+            raise RuntimeError("Could not find an implementation for GroupNorm(1)")
+        return real(path, "ort-cpu", **options)
+
+    monkeypatch.setattr(pl.backends, "load", load)
+    art = artifact.Artifact.open(exported)
+    variant = pl._variant_entries(art, "ort-cuda", {})
+    assert sorted(Path(e.path).name for e in variant) == [
+        "model.ort-cuda.onnx", "model.ort-cuda.sampler-2.onnx", "model.ort-cuda.step.onnx"]
+    portable = [pl._Entry(str(g.path), g.meta, None, lambda f=str(g.path): load(f))
+                for g in art.graphs if g.meta is not None]
+    pipe = pl.Pipeline(portable + variant, "ort-cuda", str(exported))
+    with pytest.warns(UserWarning, match="could not open this ORT-CUDA variant"):
+        images = pipe.generate(2, steps=2, seed=0)
+    assert images.shape == (2, 16, 16, 3)
+    info = pipe.last_info
+    assert info is not None and info.graph.endswith("model.sampler-2.onnx"), info
+
+
+def test_a_variant_of_another_model_is_ignored_with_a_warning(
+        exported: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from fewstep.runtime import pipeline as pl
+
+    for f in exported.parent.iterdir():
+        if f.is_file() and not f.name.startswith("."):
+            shutil.copy(f, tmp_path / f.name)
+    # A portable model whose variant beside it describes another model (another sample
+    # shape): the variant is not used.
+    vpath = artifact.variant_path(tmp_path / "model.onnx", "ort-cuda")
+    model = onnx.load(str(vpath), load_external_data=False)
+    props = {p.key: p.value for p in model.metadata_props}
+    doc = json.loads(props[META_KEY])
+    doc["source_hash"] = "sha256:" + "0" * 64
+    onnx.helper.set_model_props(model, {META_KEY: json.dumps(doc)})
+    onnx.save_model(model, str(vpath))
+    art = artifact.Artifact.open(tmp_path / "model.onnx")
+    with pytest.warns(UserWarning, match="not the ORT-CUDA variant of model.onnx"):
+        assert pl._variant_entries(art, "ort-cuda", {}) == []
