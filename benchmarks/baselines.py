@@ -34,10 +34,9 @@ import numpy as np
 from fewstep.runtime import backends, images, sampling
 
 from .paths import SEEDS, VARIANT_ON_CUDA_ONLY, BenchModel, BenchPath, Workload
-from .torch_source import NO_CHECKPOINT, TorchSource
+from .torch_source import TorchSource
 
 __all__ = [
-    "NO_CHECKPOINT",
     "OrtStepsPath",
     "Reference",
     "TorchCompilePath",

@@ -46,12 +46,12 @@ class _DiffusersLoop(TorchEagerPath):
 
         sched = self.src.fresh_scheduler(steps)
         timesteps = [int(t) for t in sched.timesteps]
+        floats = [float(t) for t in timesteps]
         model, g = self.model_obj if net is None else net, self.work.guidance
         null, nulls, finish = self.work.meta.null_label, self._nulls(), self._finish
 
         def loop(x: Any, labels: Any, cond: dict[str, Any]) -> Any:
-            fn = reference.denoiser(model, [float(t) for t in timesteps], labels, g, null,
-                                    cond, nulls)
+            fn = reference.denoiser(model, floats, labels, g, null, cond, nulls)
             for i, t in enumerate(timesteps):
                 x = sched.step(fn(x, i), t, x, eta=0.0).prev_sample
             return finish(x)

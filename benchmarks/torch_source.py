@@ -27,9 +27,6 @@ NO_SOURCE = ("no --source given: the torch baselines and the PyTorch fp32 refere
              "the model's weights (a fewstep checkpoint or a diffusers folder)")
 NO_SCHEDULER = ("no diffusers scheduler: pass a diffusers folder as --source (or "
                 "TorchSource.from_module(..., scheduler=...))")
-# Kept for callers that imported the old name.
-NO_CHECKPOINT = NO_SOURCE
-
 
 class TorchSource:
     """The source model (fp32, on the CPU), its ModelMeta, and whether torch can run here.
