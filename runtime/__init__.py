@@ -7,19 +7,15 @@ is first used.
 
 from __future__ import annotations
 
-from importlib import metadata as _metadata
 from typing import TYPE_CHECKING, Any
 
 from .errors import ArtifactError, BackendUnavailable, NumericalError
 
-try:
-    __version__ = _metadata.version("fewstep")
-except _metadata.PackageNotFoundError:  # running from a source tree
-    __version__ = "0+unknown"
-
 if TYPE_CHECKING:
     from .meta import ModelMeta
     from .pipeline import Pipeline
+
+    __version__: str
 
 __all__ = [
     "ArtifactError",
@@ -31,7 +27,22 @@ __all__ = [
 ]
 
 
+def _version() -> str:
+    # importlib.metadata costs ~30 ms of every start (most of this package's import time),
+    # so the version is looked up when first asked for, not on import.
+    from importlib import metadata
+
+    try:
+        return metadata.version("fewstep")
+    except metadata.PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
+
+
 def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        version = _version()
+        globals()["__version__"] = version
+        return version
     if name == "Pipeline":
         from .pipeline import Pipeline
 

@@ -56,9 +56,22 @@ def test_generating_imports_no_framework(tmp_path: Path) -> None:
 
 
 def test_import_fewstep_runtime_alone_is_light() -> None:
-    out = run("import fewstep.runtime, sys; "
-              "print([m for m in ('numpy', 'onnxruntime', 'PIL', 'torch') if m in sys.modules])")
+    # What the import itself adds (a site hook may have imported something already).
+    out = run("import sys; names = ('numpy', 'onnxruntime', 'PIL', 'torch', "
+              "'importlib.metadata'); before = {m for m in names if m in sys.modules}; "
+              "import fewstep.runtime; "
+              "print([m for m in names if m in sys.modules and m not in before])")
     assert out == "[]"
+
+
+def test_version_is_looked_up_when_asked_for() -> None:
+    """importlib.metadata (~30 ms of a start) is imported by ``__version__``, not on import."""
+    out = run("import sys; pre = 'importlib.metadata' in sys.modules; "
+              "import fewstep.runtime as r; a = 'importlib.metadata' in sys.modules; "
+              "from fewstep.runtime import __version__ as v; "
+              "print(pre or not a, 'importlib.metadata' in sys.modules, v == r.__version__, "
+              "bool(v))")
+    assert out == "True True True True"
 
 
 def test_pipeline_is_reachable_lazily() -> None:
