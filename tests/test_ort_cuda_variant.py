@@ -252,7 +252,7 @@ def test_gated_export_needs_the_cuda_provider(tiny_checkpoint: Path, tmp_path: P
     assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
-def test_cli_export_refuses_the_gated_variant_without_cuda(tiny_checkpoint: Path,
+def test_cli_export_of_the_variant_without_cuda(tiny_checkpoint: Path,
                                                             tmp_path: Path) -> None:
     import subprocess
     import sys
@@ -265,6 +265,15 @@ def test_cli_export_refuses_the_gated_variant_without_cuda(tiny_checkpoint: Path
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "CUDA provider" in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()
+    # --no-check writes it ungated, and says which fused kernels each variant graph uses.
+    r = subprocess.run([sys.executable, "-m", "fewstep.runtime.cli", "export",
+                        str(tiny_checkpoint), "--out", str(out), "--fused", "sampler",
+                        "--steps", "2", "--target", "ort-cuda", "--no-check"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "m.ort-cuda.sampler-2.onnx" in r.stdout and "NhwcConv x" in r.stderr
+    assert sorted(p.name for p in tmp_path.glob("m.ort-cuda*.onnx")) == [
+        "m.ort-cuda.onnx", "m.ort-cuda.sampler-2.onnx"]
 
 
 def test_reexport_without_the_target_removes_the_old_variant(tiny_checkpoint: Path,
