@@ -118,15 +118,16 @@ def portable_twin(path: Path) -> Path:
     marker = ".ort-cuda"
     if marker not in path.name:
         return path
-    from fewstep.runtime.artifact import read_onnx_meta
+    from fewstep.runtime.artifact import contained_file, read_onnx_meta
 
+    twin = path.with_name(path.name.replace(marker, "", 1))
     try:
         if read_onnx_meta(path).graph.target != "ort-cuda":
             return path
-    except Exception:  # unreadable: counted as it is (and reported unknown)
+        found = contained_file(path.parent, twin.name, "portable graph", must_exist=False)
+    except Exception:  # unreadable, or a twin outside the folder: counted as it is
         return path
-    twin = path.with_name(path.name.replace(marker, "", 1))
-    return twin if twin.is_file() else path
+    return twin if found.is_file() else path
 
 
 def count(model: str | Path | Any, batch: int) -> GraphCost:

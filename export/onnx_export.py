@@ -358,7 +358,9 @@ def place(staged: list[Path], out_folder: Path, stem: str, source_hash: str) -> 
 
 def _place(staged: list[Path], out_folder: Path, stem: str, source_hash: str) -> list[Path]:
     artifact.siblings(out_folder / f"{stem}.onnx")  # a link out of the folder: refused now,
-    final = []  # before anything moves
+    for v in VARIANTS:  # before anything moves
+        artifact.find_variant(out_folder / f"{stem}.onnx", v)
+    final = []
     for src in sorted(staged, key=lambda p: not p.name.endswith(".bin")):
         dst = out_folder / src.name
         src.replace(dst)

@@ -81,6 +81,15 @@ def variant_path(path: str | Path, target: str) -> Path:
     return p.with_name(f"{base_stem(p)}.{target}.onnx")
 
 
+def find_variant(path: str | Path, target: str) -> Path | None:
+    """The main file of the ``target`` variant beside ``path`` when there is one; it must
+    lie inside the folder like every file an artifact references (``contained_file``:
+    an ArtifactError for one that leads out of it)."""
+    v = variant_path(path, target)
+    found = contained_file(v.parent, v.name, f"{target} variant", must_exist=False)
+    return v if found.is_file() else None
+
+
 def require_portable(path: str | Path, meta: ModelMeta, what: str) -> None:
     """An ArtifactError when ``path`` is a variant graph (``graph.target`` not portable):
     ``what`` (TensorRT, Triton, ...) reads only the portable graphs."""

@@ -82,8 +82,9 @@ def collect(path: Path | None) -> dict[str, Any]:
     art = artifact.Artifact.open(path if path is not None else default_model_path())
     meta = art.meta
     rows, shared = graphs_of(art)
-    variant = artifact.variant_path(art.path, "ort-cuda")
-    if art.ext == ".onnx" and meta.graph.target == "portable" and variant.is_file():
+    variant = (artifact.find_variant(art.path, "ort-cuda")
+               if art.ext == ".onnx" and meta.graph.target == "portable" else None)
+    if variant is not None:
         vrows, vshared = graphs_of(artifact.Artifact.open(variant))
         rows += vrows
         shared.update(vshared)

@@ -88,14 +88,11 @@ class GenerationInfo:
     seconds: float
 
 
-def _variant_entries(art: artifact.Artifact, backend: str,
+def _variant_entries(art: artifact.Artifact, path: Path, backend: str,
                      options: dict[str, Any]) -> list[_Entry]:
-    """The graphs of the ORT-CUDA variant beside ``art`` (none when there is none), to be
-    opened on first use; a variant of another model, or one that cannot be read, is
-    reported and left out."""
-    path = artifact.variant_path(art.path, "ort-cuda")
-    if not path.is_file():
-        return []
+    """The graphs of the ORT-CUDA variant ``path`` beside ``art``, to be opened on first
+    use; a variant of another model, or one that cannot be read, is reported and left
+    out."""
     try:
         variant = artifact.Artifact.open(path)
         different = art.same_model(variant) or (
@@ -201,18 +198,20 @@ class Pipeline:
         def opener(file: str) -> Callable[[], Graph]:
             return lambda: backends.load(file, concrete, **backend_options)
 
+        art: artifact.Artifact | None = None
         variant: list[_Entry] = []
-        if (concrete == "ort-cuda" and name.endswith(".onnx")
-                and artifact.variant_path(p, "ort-cuda").is_file()):
+        vpath = (artifact.find_variant(p, "ort-cuda")
+                 if concrete == "ort-cuda" and name.endswith(".onnx") else None)
+        if vpath is not None:
             art = artifact.Artifact.open(p)
             if art.meta.graph.target == "portable":
-                variant = _variant_entries(art, concrete, backend_options)
-        if variant:  # the portable main is then a fallback, opened only if needed
+                variant = _variant_entries(art, vpath, concrete, backend_options)
+        if variant and art is not None:  # the portable main is a fallback, opened if needed
             main_entry = _Entry(name, art.meta, None, opener(name))
         else:
             main = backends.load(name, concrete, **backend_options)
             main_entry = _Entry(name, main.meta, main)
-            art = artifact.Artifact.open(p)
+            art = art or artifact.Artifact.open(p)
         for bad in art.rejected:
             warnings.warn(inert(f"ignoring {bad.path}: {bad.problem}", 2000), stacklevel=2)
         entries = [main_entry] + [

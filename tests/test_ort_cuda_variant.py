@@ -343,7 +343,8 @@ def test_a_variant_graph_that_cannot_open_falls_back_to_the_portable_one(
 
     monkeypatch.setattr(pl.backends, "load", load)
     art = artifact.Artifact.open(exported)
-    variant = pl._variant_entries(art, "ort-cuda", {})
+    variant = pl._variant_entries(art, artifact.variant_path(exported, "ort-cuda"),
+                                  "ort-cuda", {})
     assert sorted(Path(e.path).name for e in variant) == [
         "model.ort-cuda.onnx", "model.ort-cuda.sampler-2.onnx", "model.ort-cuda.step.onnx"]
     portable = [pl._Entry(str(g.path), g.meta, None, lambda f=str(g.path): load(f))
@@ -376,4 +377,33 @@ def test_a_variant_of_another_model_is_ignored_with_a_warning(
     onnx.save_model(model, str(vpath))
     art = artifact.Artifact.open(tmp_path / "model.onnx")
     with pytest.warns(UserWarning, match="not the ORT-CUDA variant of model.onnx"):
-        assert pl._variant_entries(art, "ort-cuda", {}) == []
+        assert pl._variant_entries(art, vpath, "ort-cuda", {}) == []
+
+
+def test_a_variant_that_leads_out_of_the_folder_is_refused(exported: Path,
+                                                           tmp_path: Path) -> None:
+    """A model.ort-cuda.onnx beside the model that is a link to a file elsewhere: nothing
+    reads it (info, Pipeline's lookup, an export placing into that folder)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from fewstep.runtime import pipeline as pl
+
+    folder, outside = tmp_path / "m", tmp_path / "outside"
+    folder.mkdir()
+    outside.mkdir()
+    for f in exported.parent.iterdir():
+        if f.is_file() and "ort-cuda" not in f.name and not f.name.startswith("."):
+            shutil.copy(f, folder / f.name)
+    fifo = outside / "model.ort-cuda.onnx"
+    os.mkfifo(fifo)  # opening it would block: the test proves nothing opens it
+    (folder / "model.ort-cuda.onnx").symlink_to(fifo)
+    with pytest.raises(ArtifactError, match="outside"):
+        artifact.find_variant(folder / "model.onnx", "ort-cuda")
+    r = subprocess.run([sys.executable, "-m", "fewstep.runtime.cli", "info",
+                        str(folder / "model.onnx")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "outside the model's folder" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    assert pl.Pipeline.load(folder / "model.onnx", backend="ort-cpu") is not None  # not looked at
