@@ -234,6 +234,93 @@ def test_cuda_graph_session_failure_falls_back(step_graph: tuple[Path, ModelMeta
                                   ortb.open_graph(str(path), "ort-cpu").run(feeds))
 
 
+class _FailingRuns:
+    """A real session whose bound runs fail the way cuDNN's frontend does when it cannot
+    build a fused convolution + bias engine (the message of the 2026-12-01 H200 run)."""
+
+    def __init__(self, session: Any) -> None:
+        self._session = session
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._session, name)
+
+    def run_with_iobinding(self, *args: Any) -> None:
+        raise RuntimeError("Non-zero status code returned while running Conv node. Name:"
+                           "'node_conv2d' Status Message: Failed to initialize CUDNN Frontend")
+
+    def run(self, *args: Any) -> None:
+        self.run_with_iobinding()
+
+
+@pytest.mark.parametrize("where", ["open", "run", "run-unbound", "always"])
+def test_fused_bias_default_is_dropped_when_it_fails(
+        where: str, step_graph: tuple[Path, ModelMeta, np.ndarray],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """fewstep's own default (fuse_conv_bias on a variant graph) never costs a user their
+    images: a session that fails to open or to run with it warns once and runs without it,
+    before CUDA graphs are given up; a failure that is not its fault still surfaces."""
+    path, meta, _ = step_graph
+    feeds = feeds_for(meta, 2)
+    want = ortb.open_graph(str(path), "ort-cpu").run(feeds)
+    real = ortb.OrtGraph._new_session
+    monkeypatch.setattr(ortb, "fuse_conv_bias_default", lambda meta, config, version: True)
+
+    def session(self: ortb.OrtGraph, cuda_graph: bool) -> Any:
+        made = real(self, cuda_graph)
+        if self.fuse_conv_bias or where == "always":
+            if where == "open":
+                raise RuntimeError("Failed to initialize CUDNN Frontend")
+            return _FailingRuns(made)
+        return made
+
+    monkeypatch.setattr(ortb.OrtGraph, "_new_session", session)
+    config = orto.OrtConfig(backend="ort-cpu", io_binding=where != "run-unbound",
+                            cuda_graph=False, threads=1)
+    if where == "always":
+        graph = ortb.OrtGraph(str(path), meta, config)
+        with pytest.warns(RuntimeWarning, match="fuse_conv_bias"), pytest.raises(
+                RuntimeError, match="Failed to initialize CUDNN Frontend"):
+            graph.run(feeds)
+        assert not graph.fuse_conv_bias
+        return
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graph = ortb.OrtGraph(str(path), meta, config)
+        assert graph.fuse_conv_bias is (where != "open")
+        got = graph.run(feeds)
+        again = graph.run(feeds)
+    said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(said) == 1 and "model.step.onnx: cuDNN's fused convolution + bias" in said[0]
+    assert "Failed to initialize CUDNN Frontend" in said[0] and "'0'" in said[0]
+    assert not graph.fuse_conv_bias and not graph.describe()["fuse_conv_bias"]
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(again, want)
+
+
+def test_fuse_conv_bias_default() -> None:
+    """On for ORT-CUDA variant graphs on ort-cuda with ONNX Runtime >= 1.20, unless the
+    user's cuda_options name it; never for portable graphs (cuDNN's frontend failed or
+    gave wrong images there) or other backends."""
+    meta = oo.make_meta("v_prediction", num_classes=4).for_graph(kind="step")
+    variant = meta.for_graph(target="ort-cuda")
+    cuda = orto.make_config("ort-cuda", "/m/model.ort-cuda.onnx", {}, on_jetson=False)
+    assert orto.fuse_conv_bias_default(variant, cuda, (1, 31, 1))
+    assert orto.fuse_conv_bias_default(variant, cuda, (1, 20, 0))
+    assert not orto.fuse_conv_bias_default(variant, cuda, (1, 19, 2))
+    assert not orto.fuse_conv_bias_default(meta, cuda, (1, 31, 1))
+    for backend in ("ort-cpu", "ort-tensorrt"):
+        other = orto.make_config(backend, "/m/model.ort-cuda.onnx", {}, on_jetson=False)
+        assert not orto.fuse_conv_bias_default(variant, other, (1, 31, 1))
+    mine = orto.make_config("ort-cuda", "/m/model.ort-cuda.onnx",
+                            {"cuda_options": {"fuse_conv_bias": "0"}}, on_jetson=False)
+    assert not orto.fuse_conv_bias_default(variant, mine, (1, 31, 1))
+    assert orto.cuda_provider_options(cuda, True, fuse_conv_bias=True) == {
+        "device_id": "0", "enable_cuda_graph": "1", "fuse_conv_bias": "1"}
+    assert orto.cuda_provider_options(mine, False)["fuse_conv_bias"] == "0"
+    providers = dict(orto.providers_for(variant, cuda, cuda_graph=False, fuse_conv_bias=True))
+    assert providers["CUDAExecutionProvider"]["fuse_conv_bias"] == "1"
+
+
 def test_old_onnxruntime_runs_without_cuda_graphs(step_graph: tuple[Path, ModelMeta, np.ndarray],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     path, meta, _ = step_graph

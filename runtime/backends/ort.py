@@ -21,6 +21,9 @@ its own captured graph, told apart by the run option ``gpu_graph_id`` (ONNX Runt
 session cannot use CUDA graphs (some node not on the CUDA EP, or capture fails) the
 graph warns once (``cuda.warn_no_cuda_graph``, as every backend does) and runs without
 them; ``cuda_graph=False`` turns them off.
+An ORT-CUDA variant graph also gets ``fuse_conv_bias=1`` by default
+(``ort_options.fuse_conv_bias_default``); if a session fails to open or a run fails with
+it, the graph warns once and drops it first, then CUDA graphs, then reports the error.
 
 TensorRT (``ort-tensorrt``): engine and timing caches in ``cache_dir`` (default
 ``<model folder>/.fewstep-cache/ort-trt/``), an optimisation profile for batch sizes
@@ -51,10 +54,11 @@ and CUDA graphs are not, so each graph serialises its bound runs with a lock.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import numpy as np
 
@@ -63,7 +67,7 @@ from ..errors import ArtifactError, BackendUnavailable
 from ..meta import ModelMeta, TensorSpec
 from . import Array, Feeds, NetworkRun, check_launches, host_loop
 from .cuda import warn_no_cuda_graph
-from .ort_options import OrtConfig, make_config
+from .ort_options import OrtConfig, fuse_conv_bias_default, make_config
 from .ort_session import ORT_TYPES, create_session, verify_session
 
 PROVIDERS: Final = {
@@ -129,7 +133,23 @@ def unavailable_reason(name: str) -> str | None:
 
 
 class _CaptureFailed(Exception):
-    """A bound run failed with CUDA graphs on; retry without them."""
+    """A bound run failed and the graph fell back (fewstep's default fuse_conv_bias off,
+    else CUDA graphs off): run it again."""
+
+
+FALLBACKS: Final = 2  # fuse_conv_bias off, then CUDA graphs off
+_T = TypeVar("_T")
+
+
+def _retrying(run: Callable[[], _T]) -> _T:
+    """``run()``, again after each fallback a failed bound run took (at most FALLBACKS;
+    with none left, ``_launch`` raises the run's own error)."""
+    for _ in range(FALLBACKS):
+        try:
+            return run()
+        except _CaptureFailed:
+            continue
+    return run()
 
 
 @dataclass
@@ -176,6 +196,10 @@ class OrtGraph:
         self._next_graph_id = 1
         self._device = "cpu" if config.backend == "ort-cpu" else "cuda"
         self.cuda_graph = config.cuda_graph and self._cuda_graph_supported()
+        # cuDNN's fused convolution + bias on a variant graph (ort_options); dropped, with
+        # one warning, if a session with it fails to open or to run.
+        self.fuse_conv_bias = fuse_conv_bias_default(
+            meta, config, _version(_import_ort().__version__))
         self.cache_state = "off"  # what the optimised-graph cache did (ort_cache)
         self._session = self._open_session()
         if config.warmup_batch is not None:
@@ -204,7 +228,7 @@ class OrtGraph:
                     f"({e.strerror}); pass cache_dir= a writable folder"
                 ) from None
         session, self.cache_state = create_session(_import_ort(), self.path, self.meta,
-                                                   self.config, cuda_graph)
+                                                   self.config, cuda_graph, self.fuse_conv_bias)
         return session
 
     def _open_session(self) -> Any:
@@ -213,6 +237,9 @@ class OrtGraph:
         except ValueError:
             raise
         except Exception as e:  # onnxruntime's exceptions derive from Exception only
+            if self.fuse_conv_bias:
+                self._drop_fused_bias(e)
+                return self._open_session()
             if not self.cuda_graph:
                 gpu = "" if self.backend == "ort-cpu" else (
                     f" (if --backend ort-cpu loads it, {PROVIDERS[self.backend]} itself failed: "
@@ -236,6 +263,17 @@ class OrtGraph:
         verify_session(session, self.meta, self.path)
         return session
 
+    def _drop_fused_bias(self, e: BaseException) -> None:
+        """fewstep's default ``fuse_conv_bias`` failed here: warn once, go on without it."""
+        warnings.warn(
+            f"{Path(self.path).name}: cuDNN's fused convolution + bias (the CUDA EP option "
+            f"fuse_conv_bias, on by default for ORT-CUDA variant graphs) failed "
+            f"({_first_line(e)}); running without it, which is slower; pass "
+            "cuda_options={'fuse_conv_bias': '0'} to skip the attempt",
+            RuntimeWarning, stacklevel=5)
+        self.fuse_conv_bias = False
+        self._buffers.clear()
+
     def _warn_no_cuda_graph(self, e: BaseException) -> None:
         warn_no_cuda_graph(self.path, e, stacklevel=5)
         self.cuda_graph = False
@@ -251,7 +289,8 @@ class OrtGraph:
                 "max_batch": self.max_batch, "optimized_cache": self.cache_state,
                 "graph_optimization_level": self.config.graph_optimization_level,
                 "execution_mode": self.config.execution_mode,
-                "warmup_batch": self.config.warmup_batch}
+                "warmup_batch": self.config.warmup_batch,
+                "fuse_conv_bias": self.fuse_conv_bias}
 
     def warm_up(self, batch: int) -> None:
         """Run once on zeros at ``batch`` (both ping-pong directions of a step graph): the
@@ -263,7 +302,7 @@ class OrtGraph:
             return
         directions = 2 if self.meta.graph.kind == "step" else 1
         with self._lock:
-            for _ in range(2):  # a second pass after a CUDA graph capture failed
+            for _ in range(FALLBACKS + 1):  # again after each fallback (_launch)
                 try:
                     buffers = self._allocate(batch)
                     for name, arr in zeros.items():
@@ -306,14 +345,18 @@ class OrtGraph:
         batch = int(np.shape(feeds["x"])[0]) if np.ndim(feeds["x"]) else None
         arrays = self._feeds(feeds, list(self.inputs), batch)
         if not self.config.io_binding:
-            out: Array = self._session.run([self.output.name], arrays)[0]
+            try:
+                out: Array = self._session.run([self.output.name], arrays)[0]
+            except Exception as e:
+                if not self.fuse_conv_bias:
+                    raise
+                self._drop_fused_bias(e)
+                self._session = self._open_session()
+                out = self._session.run([self.output.name], arrays)[0]
             return out
         assert batch is not None
         with self._lock:
-            try:
-                return self._bound_run(batch, arrays)
-            except _CaptureFailed:
-                return self._bound_run(batch, arrays)
+            return _retrying(lambda: self._bound_run(batch, arrays))
 
     def network_run(self, feeds: Feeds, launches: int = 1) -> NetworkRun:
         """The session alone on ``feeds``: see ``backends.Graph.network_run``."""
@@ -349,10 +392,7 @@ class OrtGraph:
 
         def bound() -> None:
             with self._lock:
-                try:
-                    launch()
-                except _CaptureFailed:
-                    launch()
+                _retrying(launch)
 
         with self._lock:
             buffers = ready()
@@ -385,10 +425,7 @@ class OrtGraph:
         fixed_arrays = {n: self._cast(n, v, batch) for n, v in fixed.items()}
         steps = [{n: self._cast(n, v, batch) for n, v in f.items()} for f in per_step]
         with self._lock:
-            try:
-                return self._bound_loop(x0, fixed_arrays, steps)
-            except _CaptureFailed:
-                return self._bound_loop(x0, fixed_arrays, steps)
+            return _retrying(lambda: self._bound_loop(x0, fixed_arrays, steps))
 
     # -- IO binding (device-resident buffers) -----------------------------------------
 
@@ -428,9 +465,12 @@ class OrtGraph:
         try:
             self._session.run_with_iobinding(binding, options)
         except Exception as e:
-            if not self.cuda_graph:
+            if self.fuse_conv_bias:  # first drop fewstep's own default, then CUDA graphs
+                self._drop_fused_bias(e)
+            elif self.cuda_graph:
+                self._warn_no_cuda_graph(e)
+            else:
                 raise
-            self._warn_no_cuda_graph(e)
             self._session = self._open_session()
             raise _CaptureFailed from e
 

@@ -50,10 +50,10 @@ def session_options(ort: Any, config: OrtConfig, level: str | None = None,
 
 
 def create_session(ort: Any, path: str, meta: ModelMeta, config: OrtConfig,
-                   cuda_graph: bool) -> tuple[Any, str]:
+                   cuda_graph: bool, fuse_conv_bias: bool = False) -> tuple[Any, str]:
     """(InferenceSession, what the optimised-graph cache did: ``ort_cache.open_session``;
     ``off`` without a cache folder)."""
-    providers = providers_for(meta, config, cuda_graph)
+    providers = providers_for(meta, config, cuda_graph, fuse_conv_bias)
 
     def make(graph: str | None, save_to: str | None) -> Any:
         if graph is not None:  # a cached graph: already optimised
