@@ -98,6 +98,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--guidance", default="2.0",
                    help="classifier-free guidance scale of every path ('none' = conditional "
                         "model without CFG); ignored for models without guided graphs")
+    p.add_argument("--cuda-options", action="append", default=[], type=clitools.key_values,
+                   metavar="K=V[,K=V]",
+                   help="time every ort-cuda graph once more with these CUDA EP options "
+                        "(repeatable; each a row of its own, named with the options), e.g. "
+                        "fuse_conv_bias=1")
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op threads of ONNX Runtime CPU (default: all cores)")
     p.add_argument("--torch-threads", type=int, default=None,
@@ -213,6 +218,7 @@ def config_from_args(args: argparse.Namespace) -> SuiteConfig:
         compile_budget_s=args.compile_budget,
         guidance=_guidance(args.guidance), threads=args.threads,
         torch_threads=args.torch_threads, timing=timing,
+        cuda_options=tuple(tuple(o.items()) for o in args.cuda_options),
         time_budget_s=budget, roofline=not args.no_roofline, quick=q,
         command=shlex.join(["fewstep", "bench", *sys.argv[2:]]) if sys.argv[1:2] == ["bench"]
         else shlex.join(sys.argv),
@@ -269,10 +275,16 @@ def build_paths(cfg: SuiteConfig, arts: Sequence[BenchModel], work: Workload,
             paths.append(_Unavailable(f"fewstep {backend}", backend, str(avail[backend]),
                                       "cpu" if backend == "ort-cpu" else "cuda"))
             continue
+        extra = [dict(o) for o in cfg.cuda_options] if backend == "ort-cuda" else []
         for art in arts:
             for kind in cfg.graphs:
                 paths.append(FewstepPath(art, backend, kind, work,
                                          _backend_options(backend, cfg)))
+                for opts in extra:
+                    paths.append(FewstepPath(art, backend, kind, work,
+                                             {**_backend_options(backend, cfg),
+                                              "cuda_options": opts},
+                                             tag=",".join(f"{k}={v}" for k, v in opts.items())))
     if "ort-steps" in cfg.baselines:
         ort_backends = [b for b in ("ort-cpu", "ort-cuda") if b in cfg.backends] or (
             ["ort-cuda"] if avail.get("ort-cuda") is None else ["ort-cpu"])

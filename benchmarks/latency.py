@@ -114,6 +114,8 @@ class SuiteConfig:
     seed: int = 0
     threads: int | None = None
     torch_threads: int | None = None
+    # More fewstep ort-cuda rows, one per dict of CUDA EP options (--cuda-options).
+    cuda_options: tuple[tuple[tuple[str, str], ...], ...] = ()
     timing: TimingConfig = field(default_factory=TimingConfig)
     time_budget_s: float | None = None
     roofline: bool = True

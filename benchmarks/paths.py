@@ -203,10 +203,10 @@ class FewstepPath(BenchPath):
     path = "fewstep"
 
     def __init__(self, art: BenchModel, backend: str, kind: str, work: Workload,
-                 options: dict[str, Any]) -> None:
+                 options: dict[str, Any], tag: str = "") -> None:
         self.art, self.backend, self.graph, self.work = art, backend, kind, work
         self.kind = kind
-        self.name = f"fewstep {backend} {kind} {art.label}"
+        self.name = f"fewstep {backend} {kind} {art.label}" + (f" {{{tag}}}" if tag else "")
         self.precision = art.precision
         self.device = "cpu" if backend == "ort-cpu" else "cuda"
         self.ext = ".plan" if backend == "tensorrt" else ".onnx"

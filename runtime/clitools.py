@@ -289,6 +289,21 @@ def bounded_int(low: int, high: int, what: str) -> Callable[[str], int]:
     return parse
 
 
+def key_values(text: str) -> dict[str, str]:
+    """argparse type of ``K=V[,K=V...]`` (e.g. CUDA EP options): a dict of str; keys are
+    identifiers, values printable, each at most 200 characters."""
+    out: dict[str, str] = {}
+    for part in text.split(","):
+        key, sep, value = (x.strip() for x in part.partition("="))
+        if not sep or not key.isidentifier() or not value or not value.isprintable() or max(
+                len(key), len(value)) > 200:
+            raise argparse.ArgumentTypeError(
+                f"{inert(part)} is not KEY=VALUE (an identifier, '=', a value); e.g. "
+                "fuse_conv_bias=1")
+        out[key] = value
+    return out
+
+
 def main_of(build: Callable[[str], argparse.ArgumentParser],
             body: Callable[[argparse.Namespace], int | None]) -> Callable[..., int]:
     """A subcommand's ``main(argv, prog)`` from its parser builder and body."""

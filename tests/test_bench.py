@@ -461,6 +461,8 @@ def test_quick_bench_on_the_tiny_model(tiny_artifact: Path, tiny_checkpoint: Pat
         (["--guidance", "lots"], "--guidance 'lots' is not a number"),
         (["--steps", "5000"], "--steps 5000 exceeds num_train_timesteps=1000"),
         (["--render", "{tmp}"], "does not exist; pass the --out folder of a bench run"),
+        (["--cuda-options", "fuse_conv_bias"], "--cuda-options: fuse_conv_bias is not KEY=VALUE"),
+        (["--cuda-options", "a=1,=2"], "--cuda-options: =2 is not KEY=VALUE"),
     ],
 )
 def test_cli_bad_arguments(args: list[str], message: str, tmp_path: Path,
@@ -471,6 +473,41 @@ def test_cli_bad_arguments(args: list[str], message: str, tmp_path: Path,
     assert message in err and "Traceback" not in err
     assert err.count("\n") == 1, err
     assert not (tmp_path / "o" / report.RESULTS).exists()
+
+
+def test_cuda_options_add_tagged_ort_cuda_rows(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """--cuda-options K=V (repeatable) times every ort-cuda graph once more with those CUDA
+    EP options, each its own row named with them; other backends are untouched."""
+    from fewstep.benchmarks.paths import FewstepPath, open_models
+
+    meta = oo.make_meta(num_classes=2)
+    (tmp_path / "a").mkdir()
+    art = oo.write_artifact(tmp_path / "a", meta, oo.pixel_x0(meta))
+    cfg = cli.config_from_args(cli.build_parser("fewstep bench").parse_args(
+        ["--model", str(art), "--backends", "ort-cpu", "ort-cuda", "--graphs", "step",
+         "--baselines", "--cuda-options", "fuse_conv_bias=1",
+         "--cuda-options", "prefer_nhwc=1,cudnn_conv_algo_search=HEURISTIC",
+         "--out", str(tmp_path / "o")]))
+    assert cfg.cuda_options == ((("fuse_conv_bias", "1"),),
+                                (("prefer_nhwc", "1"), ("cudnn_conv_algo_search", "HEURISTIC")))
+    monkeypatch.setattr(backends, "availability", lambda: {"ort-cpu": None, "ort-cuda": None})
+    models = open_models([art])
+    work = Workload(meta, "trailing", None)
+    src = type("Src", (), {"cuda": False, "scheduler": None})()
+    built = [p for p, _ in cli.build_paths(cfg, models, work, src)]
+    fewstep = [p for p in built if isinstance(p, FewstepPath)]
+    assert [p.name for p in fewstep] == [
+        "fewstep ort-cpu step fp32",
+        "fewstep ort-cuda step fp32",
+        "fewstep ort-cuda step fp32 {fuse_conv_bias=1}",
+        "fewstep ort-cuda step fp32 {prefer_nhwc=1,cudnn_conv_algo_search=HEURISTIC}",
+    ]
+    assert [p.options for p in fewstep] == [
+        {}, {},
+        {"cuda_options": {"fuse_conv_bias": "1"}},
+        {"cuda_options": {"prefer_nhwc": "1", "cudnn_conv_algo_search": "HEURISTIC"}},
+    ]
 
 
 def test_models_of_another_source_are_refused_and_precisions_label_them(

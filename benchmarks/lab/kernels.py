@@ -116,10 +116,12 @@ def summarize(name: str, wall: list[float], acts: list[tuple[str, float]], n: in
     }
 
 
-def paths(model: Path, checkpoint: Path, steps: int, batch: int,
-          modes: list[str]) -> list[tuple[str, Any]]:
+def paths(model: Path, checkpoint: Path, steps: int, batch: int, modes: list[str],
+          cuda_options: list[dict[str, str]], torch_paths: bool = True,
+          ) -> list[tuple[str, Any]]:
     """(name, BenchPath) for every path this script profiles, built from the bench suite's
-    own classes so that the work is exactly what `fewstep bench` times."""
+    own classes so that the work is exactly what `fewstep bench` times. ``cuda_options``:
+    one more fewstep row (CUDA graphs on) per dict of CUDA EP options."""
     from fewstep.benchmarks import baselines as bl
     from fewstep.benchmarks.paths import FewstepPath, Workload, open_model
     from fewstep.runtime.sampling import default_spacing
@@ -132,13 +134,19 @@ def paths(model: Path, checkpoint: Path, steps: int, batch: int,
         raise ValueError("torch sees no CUDA GPU: this profile needs one")
     g = 2.0 if meta.conditional and art.meta.graph.guidance else None  # fewstep bench's default
     work = Workload(meta, default_spacing(meta), g)
+    name = f"fewstep ort-cuda sampler {art.label} ({art.path.name})"
     out: list[tuple[str, Any]] = [
-        ("fewstep ort-cuda sampler fp32, CUDA graph",
-         FewstepPath(art, "ort-cuda", "sampler", work, {})),
-        ("fewstep ort-cuda sampler fp32, no CUDA graph",
+        (f"{name}, CUDA graph", FewstepPath(art, "ort-cuda", "sampler", work, {})),
+        (f"{name}, no CUDA graph",
          FewstepPath(art, "ort-cuda", "sampler", work, {"cuda_graph": False})),
-        ("torch eager fp32", bl.TorchEagerPath(src, work, "fp32")),
     ]
+    for opts in cuda_options:
+        said = " ".join(f"{k}={v}" for k, v in opts.items())
+        out.append((f"{name}, CUDA graph, {said}",
+                    FewstepPath(art, "ort-cuda", "sampler", work, {"cuda_options": opts})))
+    if not torch_paths:
+        return out
+    out.append(("torch eager fp32", bl.TorchEagerPath(src, work, "fp32")))
     for mode in modes:
         for prec in ("fp16", "fp32") if mode == "reduce-overhead" else ("fp16",):
             out.append((f"torch.compile {mode} {prec}",
@@ -147,9 +155,11 @@ def paths(model: Path, checkpoint: Path, steps: int, batch: int,
 
 
 def run(model: Path, checkpoint: Path, steps: int, batch: int, iters: int, profiled: int,
-        modes: list[str]) -> list[dict[str, Any]]:
+        modes: list[str], cuda_options: list[dict[str, str]] | None = None,
+        torch_paths: bool = True) -> list[dict[str, Any]]:
     rows = []
-    for name, path in paths(model, checkpoint, steps, batch, modes):
+    for name, path in paths(model, checkpoint, steps, batch, modes, cuda_options or [],
+                            torch_paths):
         why = path.unavailable() or path.supports(steps, batch)
         if why:
             rows.append({"path": name, "error": why})
@@ -175,14 +185,14 @@ def run(model: Path, checkpoint: Path, steps: int, batch: int, iters: int, profi
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'path':<46} {'wall p50':>9} {'acts/gen':>9} {'busy ms':>8} {'busy/wall':>9} "
+    lines = [f"{'path':<64} {'wall p50':>9} {'acts/gen':>9} {'busy ms':>8} {'busy/wall':>9} "
              f"{'µs/act':>7}"]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['path']:<46} error: {r['error'][:70]}")
+            lines.append(f"{r['path']:<64} error: {r['error'][:70]}")
             continue
         lines.append(
-            f"{r['path']:<46} {r['wall_p50_ms']:>9.3f} "
+            f"{r['path']:<64} {r['wall_p50_ms']:>9.3f} "
             f"{r['device_activities_per_generation']:>9.1f} "
             f"{r['device_busy_ms_per_generation']:>8.3f} {r['busy_over_wall'] or 0:>9.2f} "
             f"{r['mean_activity_us'] or 0:>7.2f}")
@@ -209,6 +219,12 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--modes", nargs="*", default=["reduce-overhead", "default"],
                    choices=["reduce-overhead", "default", "max-autotune"],
                    help="torch.compile modes to profile")
+    p.add_argument("--cuda-options", action="append", default=[], metavar="K=V[,K=V]",
+                   type=clitools.key_values,
+                   help="one more fewstep row with these CUDA EP options (repeatable), e.g. "
+                        "fuse_conv_bias=1")
+    p.add_argument("--no-torch", action="store_true",
+                   help="profile fewstep's rows only (no eager loop, no torch.compile)")
     p.add_argument("--out", type=Path, required=True, help="JSON result file")
     return p
 
@@ -218,7 +234,7 @@ def body(args: argparse.Namespace) -> int:
     from fewstep.benchmarks.envinfo import collect
 
     rows = run(args.model, args.checkpoint, args.steps, args.batch, args.iters,
-               args.profiled, list(args.modes))
+               args.profiled, list(args.modes), args.cuda_options, not args.no_torch)
     env = collect("kernels", " ".join(sys.argv))
     write_text(out, json.dumps({"environment": env, "steps": args.steps, "batch": args.batch,
                                 "rows": rows}, indent=2) + "\n")

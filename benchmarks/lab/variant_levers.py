@@ -17,6 +17,13 @@ V1  the variant as exported                                      -30 %: 4.19 -> 
 V2  V1 with the CUDA EP's prefer_nhwc=1                          ~V1: the convolutions are
                                                                  NHWC already; what is left
                                                                  NCHW is attention
+V3  V1 with the CUDA EP's fuse_conv_bias=1 (cuDNN's frontend     -4..-8 %: one bias-add
+    runs convolution + bias as one fused graph)                  kernel fewer per NhwcConv
+                                                                 (172 a generation, ~1.5 µs
+                                                                 each), if cuDNN's fused
+                                                                 engines are as fast
+V4  V1 with cudnn_conv_algo_search=HEURISTIC (the time-to-first- +0..+10 %: the heuristic
+    image lever: no exhaustive search at the first call)         can pick slower engines
 === ============================================================ ===========================
 
 A layout clean-up after ONNX Runtime's UNet fusions (removing the no-op Casts the
@@ -67,6 +74,10 @@ def run(model: Path, iters: int, rounds: int = 5) -> dict[str, Any]:
         ("V1", "variant as exported", lambda: _pipe(v_sampler)),
         ("V2", "V1 + prefer_nhwc=1",
          lambda: _pipe(v_sampler, cuda_options={"prefer_nhwc": "1"})),
+        ("V3", "V1 + fuse_conv_bias=1",
+         lambda: _pipe(v_sampler, cuda_options={"fuse_conv_bias": "1"})),
+        ("V4", "V1 + cudnn_conv_algo_search=HEURISTIC",
+         lambda: _pipe(v_sampler, cuda_options={"cudnn_conv_algo_search": "HEURISTIC"})),
     ]
     pipes: dict[str, Pipeline] = {}
     rows: dict[str, dict[str, Any]] = {}
@@ -95,9 +106,33 @@ def run(model: Path, iters: int, rounds: int = 5) -> dict[str, Any]:
         t0 = time.perf_counter()
         noise.generation_noise(i, range(1), shape)
         reps.append((time.perf_counter() - t0) * 1e6)
-    return {"rows": list(rows.values()),
+    host = _host_profile(pipes["V1"]) if "V1" in pipes else None
+    return {"rows": list(rows.values()), "host_profile_V1": host,
             "host_noise_us_p50": float(np.median(reps)),
             "host_noise_what": f"noise.generation_noise of one {shape} sample, 200 calls"}
+
+
+def _host_profile(pipe: Pipeline, calls: int = 2000, top: int = 18) -> dict[str, Any]:
+    """Where ``Pipeline.generate(1, 4)``'s host time goes: cProfile over ``calls`` calls,
+    the functions with the most own time (µs per call). The profiler's own cost inflates
+    every row alike; the GPU wait is in whichever call synchronises."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for i in range(calls):
+        pipe.generate(1, 4, seed=i % 4, guidance=2.0)
+    prof.disable()
+    stats = pstats.Stats(prof)
+    rows = []
+    for (file, line, func), (_, ncalls, tottime, cumtime, _) in stats.stats.items():  # type: ignore[attr-defined]
+        rows.append({"function": f"{Path(file).name}:{line}({func})",
+                     "calls_per_generate": ncalls / calls,
+                     "own_us_per_generate": tottime / calls * 1e6,
+                     "cumulative_us_per_generate": cumtime / calls * 1e6})
+    rows.sort(key=lambda r: -r["own_us_per_generate"])
+    return {"calls": calls, "top_own_time": rows[:top]}
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -120,6 +155,11 @@ def body(args: argparse.Namespace) -> int:
     write_text(out, json.dumps({"environment": env, "onnxruntime": ort.__version__,
                                 "steps": 4, "batch": 1, **result}, indent=2))
     print(f"host noise (one 3x64x64 sample): {result['host_noise_us_p50']:.1f} us")
+    if result["host_profile_V1"]:
+        print("host profile of V1 (cProfile, own µs per generate):")
+        for r in result["host_profile_V1"]["top_own_time"]:
+            print(f"  {r['own_us_per_generate']:8.1f} {r['calls_per_generate']:6.1f}x "
+                  f"{r['function'][:90]}")
     print(f"{'id':<3} {'lever':<40} {'p50 ms':>8} {'max diff':>9}")
     for r in result["rows"]:
         if "error" in r:
