@@ -1,0 +1,143 @@
+"""The pipeline's own host time per ``generate``: a null sampler graph, any machine (lab).
+
+    python benchmarks/lab/host_overhead.py [--model model.onnx] [--out host.json]
+
+``Pipeline.generate(1, 4, guidance=2.0)`` (the bench's headline call) on a sampler graph
+that does no work: it checks its feeds against the graph I/O contract and returns
+preallocated uint8 images (a grey image, so the NaN check runs in full). What is left is
+what fewstep adds on the host around a real graph call (argument checks, plan, noise,
+feeds, the output checks); ONNX Runtime's own binding (upload, replay call, copy back)
+is not in it. Also timed alone: ``noise.generation_noise`` of one sample and
+``images.nonfinite_images`` of one image. p50 of ``--rounds`` rounds of ``--iters``
+calls each, ``perf_counter``.
+
+Host-side levers, predictions written before their measurement (this 2-core CPU machine):
+
+=== ===================================================== ===============================
+id  lever                                                 prediction
+=== ===================================================== ===============================
+H1  noise: reuse one Philox bit generator per thread and  -8..-10 µs a sample: the
+    set its key and counter, instead of constructing one  constructor draws OS entropy
+    per sample (the same stream)                          for a seed it then discards
+H2  NaN check of uint8 images: compare a 64-byte prefix   -3..-8 µs a 64 x 64 image
+    with the marker first, the whole image only when the
+    prefix matches
+=== ===================================================== ===============================
+
+Measured (``benchmarks/results/host-overhead-2026-12-01-cpu/``): H1 took one sample's
+noise from 52–79 to 35–54 µs p50 over three alternating pairs (kept); H2 measured no gain
+(6.7–7.8 → 7.1 µs) and was reverted, so the runtime has H1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fewstep.runtime import Pipeline, artifact, clitools, images, noise
+from fewstep.runtime.backends import Array, NetworkRun
+from fewstep.runtime.fileio import check_writable_target, write_text
+from fewstep.runtime.meta import ModelMeta
+
+
+class NullSampler:
+    """A sampler graph that returns grey images without running anything."""
+
+    backend = "null"
+    max_batch = None
+
+    def __init__(self, meta: ModelMeta) -> None:
+        self.meta, self.path = meta, "<null sampler>"
+        c, h, w = meta.image_shape
+        self._out: dict[int, Array] = {}
+        self._shape = (h, w, c)
+
+    def run(self, feeds: Mapping[str, Array]) -> Array:
+        ins = self.meta.io.inputs
+        if set(feeds) != set(ins):
+            raise ValueError(f"feeds {sorted(feeds)} are not {sorted(ins)}")
+        n = feeds["x"].shape[0]
+        out = self._out.get(n)
+        if out is None:
+            out = self._out[n] = np.full((n, *self._shape), 128, np.uint8)
+        return out
+
+    def run_loop(self, x: Array, fixed: Mapping[str, Array],
+                 per_step: Sequence[Mapping[str, Array]]) -> Array:
+        raise NotImplementedError("a sampler graph has no run_loop")
+
+    def network_run(self, feeds: Mapping[str, Array], launches: int = 1) -> NetworkRun:
+        return NetworkRun(lambda: None, "nothing")
+
+
+def _p50_us(call: Callable[[int], Any], iters: int, rounds: int) -> tuple[float, list[float]]:
+    for i in range(min(iters, 200)):
+        call(i)
+    per_round = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for i in range(iters):
+            call(i)
+        per_round.append((time.perf_counter() - t0) / iters * 1e6)
+    return float(np.median(per_round)), per_round
+
+
+def run(model: Path, iters: int, rounds: int) -> dict[str, Any]:
+    art = artifact.Artifact.open(artifact.locate(model))
+    sampler = next((g.meta for g in art.graphs
+                    if g.meta is not None and g.meta.graph.kind == "sampler"), None)
+    if sampler is None:
+        raise ValueError(f"{model} has no fused sampler graph; export one with --fused sampler")
+    pipe = Pipeline.from_graphs([NullSampler(sampler)])
+    steps = sampler.graph.steps
+    g = 2.0 if sampler.graph.guidance else None
+    shape = sampler.sample_shape
+    grey = np.full((1, *sampler.image_shape[1:], sampler.image_shape[0]), 128, np.uint8)
+    rows = {}
+    for name, call in (
+        ("generate", lambda i: pipe.generate(1, steps, seed=i % 4, guidance=g)),
+        ("generation_noise", lambda i: noise.generation_noise(i % 4, range(1), shape)),
+        ("nonfinite_images", lambda i: images.nonfinite_images(grey)),
+    ):
+        p50, per_round = _p50_us(call, iters, rounds)
+        rows[name] = {"p50_us": p50, "rounds_us": per_round}
+    return {"model": str(model), "steps": steps, "guidance": g, "sample_shape": list(shape),
+            "iters": iters, "rounds": rounds, "rows": rows}
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    p = clitools.parser(prog, __doc__)
+    p.add_argument("--model", type=Path, default=None, help="default: the shipped model")
+    p.add_argument("--iters", type=clitools.positive_int, default=2000)
+    p.add_argument("--rounds", type=clitools.positive_int, default=7)
+    p.add_argument("--out", type=Path, default=None, help="JSON result file")
+    return p
+
+
+def body(args: argparse.Namespace) -> int:
+    from fewstep.runtime.pipeline import default_model_path
+
+    out = check_writable_target(args.out) if args.out is not None else None
+    result = run(args.model or default_model_path(), args.iters, args.rounds)
+    if out is not None:
+        from fewstep.benchmarks.envinfo import collect
+
+        env = collect("host_overhead", " ".join(sys.argv))
+        write_text(out, json.dumps({"environment": env, **result}, indent=2) + "\n")
+    for name, row in result["rows"].items():
+        spread = f"{min(row['rounds_us']):.1f}-{max(row['rounds_us']):.1f}"
+        print(f"{name:<18} p50 {row['p50_us']:8.1f} µs per call (rounds {spread})")
+    return 0
+
+
+main = clitools.main_of(build_parser, body)
+
+if __name__ == "__main__":
+    sys.exit(main(prog="python benchmarks/lab/host_overhead.py"))
