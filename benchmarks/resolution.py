@@ -105,6 +105,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                         "on ort-cuda)")
     p.add_argument("--baselines", nargs="*", default=["torch-eager", "torch-compile"],
                    metavar="NAME", help=f"{' '.join(TORCH_BASELINES)}; none when empty")
+    p.add_argument("--precisions", nargs="+", default=["fp32"], metavar="P",
+                   help="precisions fewstep's graphs are exported and timed at (fp32 fp16; "
+                        "each is one more export per size and one more row per batch)")
     p.add_argument("--compile-precisions", nargs="+", default=["fp16"], metavar="P",
                    help="precisions torch.compile is measured at on a GPU (fp16 fp32; each "
                         "costs a compile per size and batch); the CPU has fp32 only")
@@ -205,6 +208,7 @@ def check_args(args: argparse.Namespace) -> dict[str, Any]:
     graphs = _choices("--graphs", args.graphs, GRAPH_KINDS)
     baselines = _choices("--baselines", args.baselines, TORCH_BASELINES)
     precisions = _choices("--compile-precisions", args.compile_precisions, ("fp16", "fp32"))
+    exports = _choices("--precisions", args.precisions, ("fp32", "fp16"))
     for flag, value, low in (("--time-budget", args.time_budget, 1e-9),
                              ("--compile-budget", args.compile_budget, 0.0),
                              ("--compile-margin", args.compile_margin, 0.0),
@@ -230,7 +234,7 @@ def check_args(args: argparse.Namespace) -> dict[str, Any]:
     variants = ("ort-cuda",) if "ort-cuda" in chosen and not args.portable else ()
     return dict(sizes=sizes, batches=batches, steps=steps, backends=chosen, graphs=graphs,
                 baselines=baselines, compile_precisions=precisions, variants=variants,
-                notes=notes)
+                precisions=exports, notes=notes)
 
 
 def _writable_folder(folder: Path, flag: str) -> None:
@@ -281,9 +285,11 @@ def make_checkpoint(path: Path, preset_name: str, size: int, seed: int) -> Path:
 
 def prepare(size: int, preset_name: str, seed: int, steps: tuple[int, ...], guidance: bool,
             folder: str, log: str, check: bool, check_n: int, threads: int,
-            variants: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Checkpoint + export of one size (run in a worker process). Never raises: a failure
-    is the returned dict's ``error``."""
+            variants: tuple[str, ...] = (), precisions: tuple[str, ...] = ("fp32",)
+            ) -> dict[str, Any]:
+    """Checkpoint + export of one size (run in a worker process), one artifact per
+    precision (``model.onnx``, or ``<precision>/model.onnx`` for more than one). Never
+    raises: a failure is the returned dict's ``error``."""
     started = time.perf_counter()
     info: dict[str, Any] = {"size": size, "error": None}
     try:
@@ -303,13 +309,19 @@ def prepare(size: int, preset_name: str, seed: int, steps: tuple[int, ...], guid
                         parameters=sum(p.numel() for p in model.parameters()),
                         attention_resolutions=list(ck.unet_config.attention_resolutions),
                         channel_mults=list(ck.unet_config.channel_mults))
-            options = onnx_export.ExportOptions(guidance=guidance, fused=("step", "sampler"),
-                                                sampler_steps=steps, variants=variants)
-            onnx_export.check_options_against(ck.meta, options)
-            out = work / "model.onnx"
-            api.write_artifact(model, ck.meta, out, options, check_parity=check,
-                               check_n=check_n, source=str(ckpt))
-            info["model"] = str(out)
+            info["models"] = []
+            for precision in precisions:
+                options = onnx_export.ExportOptions(
+                    guidance=guidance, fused=("step", "sampler"), sampler_steps=steps,
+                    variants=variants, precision=precision)
+                onnx_export.check_options_against(ck.meta, options)
+                out = (work / "model.onnx" if len(precisions) == 1
+                       else work / precision / "model.onnx")
+                out.parent.mkdir(parents=True, exist_ok=True)
+                api.write_artifact(model, ck.meta, out, options, check_parity=check,
+                                   check_n=check_n, source=str(ckpt))
+                info["models"].append(str(out))
+            info["model"] = info["models"][0]
             info["parity_gate"] = (f"passed ({check_n} images a graph)" if check
                                    else "not run (--no-check)")
     except Exception as e:  # a worker reports, the run goes on with the other sizes
@@ -329,7 +341,8 @@ def prepare_all(sizes: Sequence[int], settings: dict[str, Any], args: argparse.N
     threads = max(1, cores // workers)
     jobs = {s: (s, args.preset, args.seed, settings["steps"], args.guidance,
                 str(models / folder_name(s)), str(args.out / folder_name(s) / "export.log"),
-                not args.no_check, args.check_n, threads, settings["variants"]) for s in sizes}
+                not args.no_check, args.check_n, threads, settings["variants"],
+                settings["precisions"]) for s in sizes}
     for s in sizes:
         (args.out / folder_name(s)).mkdir(parents=True, exist_ok=True)
     say(f"exporting {len(sizes)} sizes in {workers} worker process(es), {threads} "
@@ -480,7 +493,9 @@ def bench_size(info: dict[str, Any], settings: dict[str, Any], args: argparse.Na
                           max_config_seconds=args.max_config_seconds, warmup_seconds=0.5,
                           min_iters_floor=min(5, args.iters))
     cfg = SuiteConfig(
-        models=bench_models(Path(info["model"]), settings), checkpoint=Path(info["checkpoint"]),
+        models=tuple(m for model in info.get("models", [info["model"]])
+                     for m in bench_models(Path(model), settings)),
+        checkpoint=Path(info["checkpoint"]),
         backends=settings["backends"], graphs=settings["graphs"], steps=settings["steps"],
         batches=settings["batches"], baselines=settings["baselines"],
         compile_steps=settings["steps"], compile_batches=settings["batches"],

@@ -185,6 +185,7 @@ def test_bound_rule_and_ratios_on_scripted_rows() -> None:
         (["--out", "{tmp}/ro/out"], "is not writable; pass a writable folder"),
         (["--render", "{tmp}"], "resolution.jsonl' does not exist; pass the --out folder"),
         (["--sizes", "x"], "argument --sizes: invalid int value: 'x'"),
+        (["--precisions", "fp32", "bf16"], "--precisions 'bf16' is unknown; use one or more of"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str, tmp_path: Path,
@@ -206,6 +207,23 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str, tmp_pat
     assert message in err and "Traceback" not in err, err
     assert err.count("\n") == 1, err
     assert not (tmp_path / "o" / res.RESULTS).exists()
+
+
+def test_each_precision_is_its_own_export(tmp_path: Path) -> None:
+    """--precisions fp32 fp16: one artifact per precision in its own folder, each with the
+    metadata of its precision, and the bench of the size times both."""
+    from fewstep.runtime.artifact import Artifact
+
+    info = res.prepare(16, "tiny", 0, (1,), False, str(tmp_path / "m"), str(tmp_path / "log"),
+                       False, 1, 1, (), ("fp32", "fp16"))
+    assert info["error"] is None, info
+    assert info["models"] == [str(tmp_path / "m" / p / "model.onnx") for p in ("fp32", "fp16")]
+    assert info["model"] == info["models"][0]
+    got = [Artifact.open(Path(m)).meta.graph.precision for m in info["models"]]
+    assert got == ["fp32", "fp16"]
+    settings = {"variants": (), "backends": ("ort-cpu",)}
+    assert [res.bench_models(Path(m), settings) for m in info["models"]] == [
+        (Path(info["models"][0]),), (Path(info["models"][1]),)]
 
 
 def test_a_failed_export_or_bench_is_a_row_saying_why(tmp_path: Path,
