@@ -15,7 +15,8 @@ How a row is measured (a claimed speedup is a committed row, so the method is st
   ``max(iters, target_seconds / call)`` timed calls, at most ``max_iters``; a call so
   slow that this exceeds ``max_config_seconds`` gets fewer (never below
   ``min_iters_floor``), and the row's ``iterations`` says how many (also fewer when the
-  run's ``--time-budget`` runs out mid-configuration). Seeds rotate over
+  run's ``--time-budget`` runs out mid-configuration, but never fewer than
+  ``min_iters_floor``). Seeds rotate over
   ``SEEDS`` so the inputs change between calls; the images of the last timed call with
   seed 0 are compared with the PyTorch fp32 reference.
 * **Network only**: the graph executions alone with inputs already on the device

@@ -115,7 +115,9 @@ def time_calls(call: Callable[[int], Any], cfg: TimingConfig,
     """Warm up, then time ``call(i)`` repeatedly; ``call`` must synchronise itself.
 
     Past ``deadline`` (a ``clock()`` value: the run's time budget) the warm-up stops after
-    one call and the timing after one sample, and the result is marked ``reduced``.
+    one call and the timing after ``min_iters_floor`` samples (a p50 of one sample says
+    little, and the calls are already paid for: a compile or capture came first), and the
+    result is marked ``reduced``.
     """
 
     def late() -> bool:
@@ -142,7 +144,7 @@ def time_calls(call: Callable[[int], Any], cfg: TimingConfig,
         t0 = clock()
         call(i)
         samples.append(clock() - t0)
-        if late() and i + 1 < n:
+        if late() and i + 1 < n and i + 1 >= cfg.min_iters_floor:
             reduced = True
             break
     return Timed(samples, warm, reduced)

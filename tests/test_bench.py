@@ -81,11 +81,18 @@ def test_time_calls_discards_warmup_and_adapts_the_count() -> None:
     cfg = TimingConfig(warmup=10, iters=50, warmup_seconds=1.0, max_config_seconds=20.0)
     t = stats.time_calls(clock.work, cfg, clock=clock)
     assert len(t.warmup_s) == 3 and len(t.samples_s) == 10 and t.reduced
-    # Past the deadline (the run's time budget) one warm-up call and one sample remain.
+    # Past the deadline (the run's time budget) one warm-up call and min_iters_floor
+    # samples remain (never a p50 of one call).
     clock = FakeClock([1.0])
     cfg = TimingConfig(warmup=5, iters=50, warmup_seconds=100, max_config_seconds=1000)
     t = stats.time_calls(clock.work, cfg, clock=clock, deadline=0.5)
-    assert len(t.warmup_s) == 1 and len(t.samples_s) == 1 and t.reduced
+    assert len(t.warmup_s) == 1 and len(t.samples_s) == cfg.min_iters_floor == 5
+    assert t.reduced
+    cfg = TimingConfig(warmup=0, iters=2, max_iters=2, warmup_seconds=100,
+                       max_config_seconds=1000)
+    clock = FakeClock([1.0])
+    t = stats.time_calls(clock.work, cfg, clock=clock, deadline=0.5)
+    assert len(t.samples_s) == 2 and not t.reduced  # fewer planned than the floor: all
 
 
 def test_iteration_plan() -> None:
