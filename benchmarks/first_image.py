@@ -21,7 +21,8 @@ process on a warm OS file cache (libraries and model files already read once). T
 ``cache`` levers run one more unrecorded process first, which writes the cache (its
 numbers are the ``cache-write`` row). A row's image is compared with the baseline's
 (max difference in uint8 levels). ``fewstep-cli`` times the real ``fewstep`` entry point
-with the baseline options for (a): it shows what the child runner adds (nothing, or
+with the baseline options for (a) (``--cudnn-search exhaustive``: the command's own
+default is the ``heuristic`` lever): it shows what the child runner adds (nothing, or
 noise). The import cost of ``fewstep sample`` is measured apart with ``python -X
 importtime``. ``--bench DIR`` adds torch.compile's compile-inclusive first call
 (``first_call_ms``, and ``cold_start_ms`` = load + first call) and fewstep's in-process
@@ -170,7 +171,10 @@ def _options(lever: Lever, out: Path) -> dict[str, Any]:
 
 
 def _sample_argv(backend: str, steps: int, png: Path, model: Path | None) -> list[str]:
-    argv = ["--n", "1", "--steps", str(steps), "--backend", backend, "--out", str(png)]
+    # exhaustive: the library's defaults, which every lever changes one at a time (the
+    # command's own default is the `heuristic` lever's options)
+    argv = ["--n", "1", "--steps", str(steps), "--backend", backend, "--out", str(png),
+            "--cudnn-search", "exhaustive"]
     return argv + (["--model", str(model)] if model is not None else [])
 
 

@@ -38,6 +38,33 @@ PROGRESS_DELAY = 1.0  # seconds of sampling before a progress bar appears on a t
 MAX_SCALE = 64  # grid enlargement; the grid itself is also capped (images.MAX_GRID_PIXELS)
 
 
+def _resolve(backend: str, path: str) -> str:
+    from .backends import resolve
+
+    return resolve(backend, path)
+
+
+def quick_start_options_here() -> dict[str, str]:
+    """``ort_options.quick_start_options`` for the onnxruntime installed here."""
+    from .backends.ort import installed_version
+    from .backends.ort_options import quick_start_options
+
+    return quick_start_options(installed_version())
+
+
+def start_options(backend: str, model: Path | None, search: str) -> dict[str, Any]:
+    """Backend options of ``--cudnn-search``: for ``heuristic`` on ort-cuda (named, or what
+    ``auto`` picks for this model) ``ort_options.quick_start_options``; else none."""
+    if search == "exhaustive":
+        return {}
+    from .pipeline import default_model_path
+
+    path = artifact.locate(model if model is not None else default_model_path())
+    if _resolve(backend, str(path)) != "ort-cuda":
+        return {}
+    return {"cuda_options": quick_start_options_here()}
+
+
 def build_parser(prog: str) -> argparse.ArgumentParser:
     p = clitools.parser(prog, __doc__)
     p.add_argument("--model", type=Path, default=None,
@@ -45,6 +72,14 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                         ".plan, or an .oracle.json; default: the shipped model")
     p.add_argument("--backend", default="auto",
                    help="auto, ort, ort-cpu, ort-cuda, ort-tensorrt, tensorrt or oracle")
+    p.add_argument("--cudnn-search", choices=("heuristic", "exhaustive"), default="heuristic",
+                   help="ort-cuda only: heuristic (default) lets cuDNN pick convolution "
+                        "algorithms from its heuristics, so the first image comes seconds "
+                        "sooner and each image is a little slower (H200, a model with its ORT-CUDA "
+                        "variant: load + first image 5.2 -> 1.8 s, +8 %% per image); exhaustive times every "
+                        "algorithm at the first call and, on an ORT-CUDA variant, uses "
+                        "cuDNN's fused convolution + bias: the library's default, the "
+                        "fastest images for a long run")
     p.add_argument("--n", type=clitools.bounded_int(1, MAX_N, "the most images one grid holds"),
                    default=16, help=f"number of images, at most {MAX_N}")
     p.add_argument("--steps", type=int, default=None,
@@ -196,7 +231,8 @@ def body(args: argparse.Namespace) -> int:
         labels = labels[0]
     with one_line_warnings(err):
         started = time.perf_counter()
-        pipe = Pipeline.load(args.model, backend=args.backend)
+        pipe = Pipeline.load(args.model, backend=args.backend,
+                             **start_options(args.backend, args.model, args.cudnn_search))
         # Said with the first finished batch: a run that fails before prints only its error.
         loaded = (f"model {pipe.source} on {pipe.backend} "
                   f"(loaded in {time.perf_counter() - started:.2f} s)")

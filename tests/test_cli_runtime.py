@@ -157,6 +157,44 @@ def test_sample_bad_input_exits_2_without_traceback(
     assert not out.exists()
 
 
+def test_sample_starts_quickly_on_ort_cuda(model: Path, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """`fewstep sample` is one process for a few images: on ort-cuda (named, or what auto
+    picks) its default --cudnn-search heuristic passes the quick-start CUDA EP options;
+    exhaustive, and every other backend, pass none."""
+    from fewstep.runtime.backends import ort_options
+    from fewstep.runtime.pipeline import Pipeline
+
+    seen: list[dict[str, Any]] = []
+    real = Pipeline.load.__func__  # type: ignore[attr-defined]
+
+    def load(cls: Any, path: Any = None, backend: str = "auto", **options: Any) -> Any:
+        seen.append({"backend": backend, **options})
+        return real(cls, path, "ort-cpu")  # this machine has no CUDA: run on the CPU
+
+    monkeypatch.setattr(Pipeline, "load", classmethod(load))
+    quick = ort_options.quick_start_options((1, 31, 1))
+    assert quick == {"cudnn_conv_algo_search": "HEURISTIC", "fuse_conv_bias": "0"}
+    assert ort_options.quick_start_options((1, 19, 0)) == {"cudnn_conv_algo_search": "HEURISTIC"}
+    for extra, want in (([], {"cuda_options": cli_sample.quick_start_options_here()}),
+                        (["--cudnn-search", "exhaustive"], {})):
+        code, _, err = run_main(cli_sample.main, [
+            "--model", str(model), "--backend", "ort-cuda", "--n", "1", *extra,
+            "--out", str(tmp_path / "a.png")], capsys)
+        assert code == 0, err
+        assert seen.pop() == {"backend": "ort-cuda", **want}
+    monkeypatch.setattr(cli_sample, "_resolve", lambda backend, path: "ort-cuda")
+    assert cli_sample.start_options("auto", model, "heuristic") == {
+        "cuda_options": cli_sample.quick_start_options_here()}
+    monkeypatch.setattr(cli_sample, "_resolve", lambda backend, path: "ort-cpu")
+    assert cli_sample.start_options("auto", model, "heuristic") == {}
+    code, _, err = run_main(cli_sample.main, [
+        "--model", str(model), "--backend", "ort-cpu", "--n", "1", "--cudnn-search", "fast",
+        "--out", str(tmp_path / "b.png")], capsys)
+    assert code == 2 and "--cudnn-search" in err and "Traceback" not in err
+
+
 def test_sample_checks_out_before_any_work(model: Path, tmp_path: Path,
                                            capsys: pytest.CaptureFixture[str],
                                            monkeypatch: pytest.MonkeyPatch) -> None:

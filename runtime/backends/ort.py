@@ -94,6 +94,11 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
+def installed_version() -> tuple[int, ...]:
+    """The installed onnxruntime's version as numbers, e.g. (1, 31, 1)."""
+    return _version(_import_ort().__version__)
+
+
 def _tensorrt_libs_present() -> bool:
     import ctypes.util
     import importlib.util
