@@ -203,8 +203,7 @@ class OrtGraph:
         self.cuda_graph = config.cuda_graph and self._cuda_graph_supported()
         # cuDNN's fused convolution + bias on a variant graph (ort_options); dropped, with
         # one warning, if a session with it fails to open or to run.
-        self.fuse_conv_bias = fuse_conv_bias_default(
-            meta, config, _version(_import_ort().__version__))
+        self.fuse_conv_bias = fuse_conv_bias_default(meta, config, installed_version())
         self.cache_state = "off"  # what the optimised-graph cache did (ort_cache)
         self._session = self._open_session()
         if config.warmup_batch is not None:
