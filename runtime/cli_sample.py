@@ -75,11 +75,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--cudnn-search", choices=("heuristic", "exhaustive"), default="heuristic",
                    help="ort-cuda only: heuristic (default) lets cuDNN pick convolution "
                         "algorithms from its heuristics, so the first image comes seconds "
-                        "sooner and each image is a little slower (H200, a model with its ORT-CUDA "
-                        "variant: load + first image 5.2 -> 1.8 s, +8 %% per image); exhaustive times every "
-                        "algorithm at the first call and, on an ORT-CUDA variant, uses "
-                        "cuDNN's fused convolution + bias: the library's default, the "
-                        "fastest images for a long run")
+                        "sooner and each image is a little slower (H200, a model with its "
+                        "ORT-CUDA variant: load + first image 5.2 -> 1.8 s, +8 %% per "
+                        "image); exhaustive times every algorithm at the first call and, "
+                        "on an ORT-CUDA variant, uses cuDNN's fused convolution + bias: the "
+                        "library's default, the fastest images for a long run")
     p.add_argument("--n", type=clitools.bounded_int(1, MAX_N, "the most images one grid holds"),
                    default=16, help=f"number of images, at most {MAX_N}")
     p.add_argument("--steps", type=int, default=None,
