@@ -209,21 +209,29 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str, tmp_pat
     assert not (tmp_path / "o" / res.RESULTS).exists()
 
 
-def test_each_precision_is_its_own_export(tmp_path: Path) -> None:
-    """--precisions fp32 fp16: one artifact per precision in its own folder, each with the
-    metadata of its precision, and the bench of the size times both."""
-    from fewstep.runtime.artifact import Artifact
+def test_each_precision_is_its_own_export(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """--precisions fp32 fp16: one export per precision, each into its own folder with
+    that precision in its ExportOptions (the export itself is the exporter's, tested in
+    test_export; here it only records what it was asked)."""
+    from fewstep.export import api
 
+    asked: list[tuple[Path, str, tuple[str, ...]]] = []
+
+    def write_artifact(model: Any, meta: Any, out: Path, options: Any, **kw: Any) -> None:
+        asked.append((Path(out), options.precision, tuple(options.variants)))
+
+    monkeypatch.setattr(api, "write_artifact", write_artifact)
     info = res.prepare(16, "tiny", 0, (1,), False, str(tmp_path / "m"), str(tmp_path / "log"),
-                       False, 1, 1, (), ("fp32", "fp16"))
+                       False, 1, 1, ("ort-cuda",), ("fp32", "fp16"))
     assert info["error"] is None, info
-    assert info["models"] == [str(tmp_path / "m" / p / "model.onnx") for p in ("fp32", "fp16")]
-    assert info["model"] == info["models"][0]
-    got = [Artifact.open(Path(m)).meta.graph.precision for m in info["models"]]
-    assert got == ["fp32", "fp16"]
-    settings = {"variants": (), "backends": ("ort-cpu",)}
-    assert [res.bench_models(Path(m), settings) for m in info["models"]] == [
-        (Path(info["models"][0]),), (Path(info["models"][1]),)]
+    want = [tmp_path / "m" / p / "model.onnx" for p in ("fp32", "fp16")]
+    assert asked == [(want[0], "fp32", ("ort-cuda",)), (want[1], "fp16", ("ort-cuda",))]
+    assert info["models"] == [str(w) for w in want] and info["model"] == str(want[0])
+    asked.clear()
+    one = res.prepare(16, "tiny", 0, (1,), False, str(tmp_path / "o"), str(tmp_path / "log"),
+                      False, 1, 1)
+    assert asked == [(tmp_path / "o" / "model.onnx", "fp32", ())] and one["error"] is None
 
 
 def test_a_failed_export_or_bench_is_a_row_saying_why(tmp_path: Path,
