@@ -29,9 +29,13 @@ def check_seed(seed: object) -> int:
     return number
 
 
+def _key(seed: int, index: int) -> NDArray[np.uint64]:
+    """The Philox key of image ``index`` of ``seed``: the one place the stream is named."""
+    return np.array([check_seed(seed), index], dtype=np.uint64)
+
+
 def image_rng(seed: int, index: int) -> np.random.Generator:
-    key = np.array([check_seed(seed), index], dtype=np.uint64)
-    return np.random.Generator(np.random.Philox(key=key))
+    return np.random.Generator(np.random.Philox(key=_key(seed, index)))
 
 
 _PER_THREAD = threading.local()
@@ -40,7 +44,7 @@ _PER_THREAD = threading.local()
 def _keyed_rng(seed: int, index: int) -> np.random.Generator:
     """``image_rng(seed, index)``'s stream from this thread's reused bit generator; valid
     until the thread's next call (``generation_noise`` draws from it at once)."""
-    key = np.array([check_seed(seed), index], dtype=np.uint64)
+    key = _key(seed, index)
     state = getattr(_PER_THREAD, "state", None)
     if state is None:
         bits = np.random.Philox(key=key)
