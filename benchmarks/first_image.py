@@ -23,10 +23,12 @@ numbers are the ``cache-write`` row). A row's image is compared with the baselin
 (max difference in uint8 levels). ``fewstep-cli`` times the real ``fewstep`` entry point
 with the baseline options for (a) (``--cudnn-search exhaustive``: the command's own
 default is the ``heuristic`` lever): it shows what the child runner adds (nothing, or
-noise). The import cost of ``fewstep sample`` is measured apart with ``python -X
-importtime``. ``--bench DIR`` adds torch.compile's compile-inclusive first call
-(``first_call_ms``, and ``cold_start_ms`` = load + first call) and fewstep's in-process
-cold start from a ``fewstep bench`` run's ``results.jsonl`` (4 steps, batch 1).
+noise); ``fewstep-cli-default`` times it with the command's own defaults, which is what
+a user's ``fewstep sample --n 1`` does. The import cost of ``fewstep sample`` is measured
+apart with ``python -X importtime``. ``--bench DIR`` adds torch.compile's
+compile-inclusive first call (``first_call_ms``, and ``cold_start_ms`` = load + first
+call) and fewstep's in-process cold start from a ``fewstep bench`` run's
+``results.jsonl`` (4 steps, batch 1).
 
 A lever is **kept** when its (b) load + first generate is at least ``KEEP_GAIN`` (5 %)
 below the baseline's, its steady-state generate at most ``STEADY_SLACK`` (10 %) above
@@ -74,6 +76,22 @@ sampler-main  ``--model`` the fused sampler graph itself:    load -0.1..-0.3 s (
 all           heuristic + cache + sampler-main               (a) 1.0-1.5 s, (b) 0.6-1.0 s
 ============= ============================================== ================================
 
+Later levers (predictions written before their first run, one H200, the ORT-CUDA variant,
+where the library's defaults add cuDNN's fused convolution + bias to the baseline):
+
+============= ============================================== ================================
+lever         what                                           prediction (written first)
+============= ============================================== ================================
+quick-start   ``fewstep sample``'s own default options:      (b) 1.6-2.0 s (the variant's
+              HEURISTIC, no fused bias                       ``heuristic`` row before the
+                                                             fused-bias default: 1.76 s)
+quick-capture quick-start + ``capture_after=1``: the first   first generate -60..-250 ms
+              generate runs without the CUDA graph, so a     against quick-start (the
+              one-image process never captures one           portable ``no-cuda-graph`` row:
+                                                             -243 ms); steady same: kept
+quick-all     quick-capture + cache + sampler-main           (a) 1.3-1.7 s, (b) 0.9-1.3 s
+============= ============================================== ================================
+
 On ``--backend ort-cpu`` only the levers that exist there run (cache, sampler-main,
 level-*, parallel, capture-load); this is how the tests exercise the script. Files:
 DIR/first_image.jsonl (line 1 the environment, then one record per process, per row, the
@@ -110,6 +128,10 @@ BACKENDS: Final = ("ort-cuda", "ort-cpu")
 CACHE_DIR: Final = "ort-cache"
 
 
+# ort_options.quick_start_options on onnxruntime >= 1.20 (these levers run on a GPU only)
+QUICK: Final = {"cudnn_conv_algo_search": "HEURISTIC", "fuse_conv_bias": "0"}
+
+
 @dataclass(frozen=True)
 class Lever:
     name: str
@@ -137,6 +159,14 @@ LEVERS: Final = (
           "load -0.1..-0.3 s, first generate same: kept", sampler_main=True),
     Lever("all", "heuristic + cache + sampler-main", "(a) 1.0-1.5 s, (b) 0.6-1.0 s",
           {"cuda_options": {"cudnn_conv_algo_search": "HEURISTIC"}, "optimized_cache": True},
+          cuda_only=True, cached=True, sampler_main=True),
+    Lever("quick-start", "`fewstep sample`'s default: HEURISTIC, no fused bias",
+          "(b) 1.6-2.0 s", {"cuda_options": dict(QUICK)}, cuda_only=True),
+    Lever("quick-capture", "quick-start + capture_after=1 (no CUDA graph in the first "
+          "generate)", "first generate -60..-250 ms vs quick-start, steady same: kept",
+          {"cuda_options": dict(QUICK), "capture_after": 1}, cuda_only=True),
+    Lever("quick-all", "quick-capture + cache + sampler-main", "(a) 1.3-1.7 s, (b) 0.9-1.3 s",
+          {"cuda_options": dict(QUICK), "capture_after": 1, "optimized_cache": True},
           cuda_only=True, cached=True, sampler_main=True),
     Lever("cudnn-default", "cudnn_conv_algo_search=DEFAULT (no search)",
           "first generate -1.2..-2.3 s, steady +10..+50 %: reverted",
@@ -170,11 +200,13 @@ def _options(lever: Lever, out: Path) -> dict[str, Any]:
     return opts
 
 
-def _sample_argv(backend: str, steps: int, png: Path, model: Path | None) -> list[str]:
+def _sample_argv(backend: str, steps: int, png: Path, model: Path | None,
+                 own_defaults: bool = False) -> list[str]:
     # exhaustive: the library's defaults, which every lever changes one at a time (the
-    # command's own default is the `heuristic` lever's options)
-    argv = ["--n", "1", "--steps", str(steps), "--backend", backend, "--out", str(png),
-            "--cudnn-search", "exhaustive"]
+    # command's own default is the `heuristic` lever's options); own_defaults: neither
+    argv = ["--n", "1", "--steps", str(steps), "--backend", backend, "--out", str(png)]
+    if not own_defaults:
+        argv += ["--cudnn-search", "exhaustive"]
     return argv + (["--model", str(model)] if model is not None else [])
 
 
@@ -237,10 +269,19 @@ def child_argv(lever: Lever, out: Path, backend: str, steps: int, png: Path,
     return [sys.executable, "-m", "fewstep.benchmarks.first_image_child", json.dumps(spec)]
 
 
-def cli_argv(backend: str, steps: int, png: Path, model: Path | None) -> list[str]:
-    """The real ``fewstep`` entry point (what the console script runs)."""
+CLI_ROWS: Final = {
+    "fewstep-cli": "the real `fewstep sample` entry, baseline options: (a) only",
+    "fewstep-cli-default": "the real `fewstep sample` entry with its own defaults "
+                           "(`--cudnn-search heuristic` on ort-cuda): (a) only",
+}
+
+
+def cli_argv(backend: str, steps: int, png: Path, model: Path | None,
+             own_defaults: bool = False) -> list[str]:
+    """The real ``fewstep`` entry point (what the console script runs); ``own_defaults``:
+    without the baseline's ``--cudnn-search exhaustive``."""
     return [sys.executable, "-c", "from fewstep.runtime.cli import entry; entry()", "sample",
-            *_sample_argv(backend, steps, png, model)]
+            *_sample_argv(backend, steps, png, model, own_defaults)]
 
 
 # ---------------------------------------------------------------------------------
@@ -424,7 +465,8 @@ def measure(out: Path, backend: str, levers: Sequence[Lever], repeats: int, step
             writes["cache-write"] = one("cache-write", child_argv(
                 lever, out, backend, steps, png, model, steady), png, False)
     runs: dict[str, list[dict[str, Any]]] = {lv.name: [] for lv in levers}
-    runs["fewstep-cli"] = []
+    for name in CLI_ROWS:
+        runs[name] = []
     for r in range(repeats):
         for lever in levers:
             if time.perf_counter() - started > budget_s and runs[lever.name]:
@@ -434,12 +476,13 @@ def measure(out: Path, backend: str, levers: Sequence[Lever], repeats: int, step
                       png, True)
             rec["image"] = png.name
             runs[lever.name].append(rec)
-        if time.perf_counter() - started <= budget_s or not runs["fewstep-cli"]:
-            png = images / f"fewstep-cli-{r}.png"
-            runs["fewstep-cli"].append(one("fewstep-cli", cli_argv(backend, steps, png, model),
-                                           png, True))
+        for name in CLI_ROWS:
+            if time.perf_counter() - started <= budget_s or not runs[name]:
+                png = images / f"{name}-{r}.png"
+                runs[name].append(one(name, cli_argv(backend, steps, png, model,
+                                                     name == "fewstep-cli-default"), png, True))
     rows = [summarize(lv.name, runs[lv.name]) for lv in levers]
-    rows.append(summarize("fewstep-cli", runs["fewstep-cli"]))
+    rows += [summarize(name, runs[name]) for name in CLI_ROWS]
     if "cache-write" in writes:
         rows.append(summarize("cache-write", [writes["cache-write"]]))
     base_png = next((images / r["image"] for r in runs["baseline"] if "error" not in r), None)
@@ -448,9 +491,8 @@ def measure(out: Path, backend: str, levers: Sequence[Lever], repeats: int, step
     for row in rows:
         lever = by_name.get(row["lever"])
         if lever is None:
-            row.update(what=("the real `fewstep sample` entry, baseline options: (a) only"
-                             if row["lever"] == "fewstep-cli" else
-                             "the run that wrote the cache (not a lever)"),
+            row.update(what=CLI_ROWS.get(row["lever"],
+                                         "the run that wrote the cache (not a lever)"),
                        prediction="-", verdict="-", why="-")
             continue
         good = [r for r in runs[lever.name] if "error" not in r]
@@ -499,7 +541,7 @@ def markdown(env: dict[str, Any], rows: Sequence[dict[str, Any]], imports: dict[
     for r in rows:
         cells = [r["lever"], r.get("what", ""), r.get("prediction", ""), str(r["ok"]),
                  _s(r.get("png_s")),
-                 _s(r.get("exit_s")) if r["lever"] == "fewstep-cli" else "",
+                 _s(r.get("exit_s")) if r["lever"] in CLI_ROWS else "",
                  _s(r.get("interpreter_s")), _s(r.get("import_runtime_s")),
                  _s(r.get("import_sample_s")), _s(r.get("load_s")),
                  _s(r.get("first_generate_s")), _s(r.get("load_first_s")),

@@ -65,7 +65,7 @@ def test_one_row_per_lever_with_positive_times(run: dict[str, Any]) -> None:
     assert run["records"][0]["onnxruntime"]["version"]
     rows = rows_of(run)
     assert set(rows) == {"baseline", "cache", "level-basic", "sampler-main", "fewstep-cli",
-                         "cache-write"}
+                         "fewstep-cli-default", "cache-write"}
     for name in ("baseline", "cache", "level-basic", "sampler-main", "cache-write"):
         r = rows[name]
         assert r["ok"] == r["runs"] == 1 and "error" not in r, r
@@ -75,8 +75,9 @@ def test_one_row_per_lever_with_positive_times(run: dict[str, Any]) -> None:
         assert r["load_first_s"] == pytest.approx(r["load_s"] + r["first_generate_s"])
         assert r["png_s"] > r["load_first_s"]  # the PNG comes after load and generate
         assert r["path"] == "sampler"
-    assert rows["fewstep-cli"]["png_s"] > 0 and rows["fewstep-cli"]["exit_s"] >= \
-        rows["fewstep-cli"]["png_s"]
+    for name in ("fewstep-cli", "fewstep-cli-default"):
+        assert rows[name]["ok"] == 1 and rows[name]["png_s"] > 0
+        assert rows[name]["exit_s"] >= rows[name]["png_s"]
     # The cache row read what the unrecorded run wrote; the level row ran at its level.
     assert {g["optimized_cache"] for g in rows["cache"]["graphs"]} == {"hit"}
     assert {g["optimized_cache"] for g in rows["cache-write"]["graphs"]} == {"written"}
@@ -90,7 +91,7 @@ def test_one_row_per_lever_with_positive_times(run: dict[str, Any]) -> None:
     assert [p["lever"] for p in processes if not p["counted"]] == ["warm-up", "cache-write"]
     assert sorted(p.name for p in (run["out"] / "images").iterdir()) == [
         "baseline-0.png", "cache-0.png", "cache-write.png", "fewstep-cli-0.png",
-        "level-basic-0.png", "sampler-main-0.png", "warmup.png"]
+        "fewstep-cli-default-0.png", "level-basic-0.png", "sampler-main-0.png", "warmup.png"]
 
 
 def _md_rows(md: str) -> dict[str, list[str]]:
@@ -119,7 +120,7 @@ def test_kept_or_reverted_follows_the_numbers(run: dict[str, Any]) -> None:
                 and r["image_diff"] <= 2 else "reverted")
         assert md[name]["kept/reverted"] == want == r["verdict"], (name, gain)
         assert f"load+first {-gain * 100:+.1f} %" in md[name]["vs baseline"]
-    for name in ("fewstep-cli", "cache-write"):
+    for name in ("fewstep-cli", "fewstep-cli-default", "cache-write"):
         assert md[name]["kept/reverted"] == "-"
     last = run["stdout"].strip().splitlines()
     assert last[0].split()[0] == "lever" and {ln.split()[0] for ln in last[1:]} == set(rows)

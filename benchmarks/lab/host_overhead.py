@@ -11,6 +11,21 @@ is not in it. Also timed alone: ``noise.generation_noise`` of one sample and
 ``images.nonfinite_images`` of one image. p50 of ``--rounds`` rounds of ``--iters``
 calls each, ``perf_counter``.
 
+``--graph SAMPLER.onnx --backend ort-cuda`` (a GPU) decomposes the same call on a real
+fused sampler graph instead, one layer at a time, p50 of interleaved rounds:
+
+  replay      the bound graph launched on device buffers that already hold the inputs,
+              and synchronised (what the bench calls the network)
+  +upload     x copied from the host into its device buffer first (``update_inplace``)
+  +download   and the uint8 images copied back to a numpy array (``OrtValue.numpy``)
+  graph.run   ``OrtGraph.run``: feed checks, every input's upload (small ones skipped when
+              unchanged), the launch and the copy back
+  generate    ``Pipeline.generate(1, 4, guidance=2.0)``: arguments, plan, the noise of one
+              sample, feeds, ``graph.run`` and the output checks
+
+so ONNX Runtime's own copies (+upload, +download), the graph layer and the pipeline each
+get their share of the bench's host overhead (generate - replay).
+
 Host-side levers, predictions written before their measurement (this 2-core CPU machine):
 
 === ===================================================== ===============================
@@ -112,11 +127,81 @@ def run(model: Path, iters: int, rounds: int) -> dict[str, Any]:
             "iters": iters, "rounds": rounds, "rows": rows}
 
 
+def decompose(graph_path: Path, backend: str, iters: int, rounds: int) -> dict[str, Any]:
+    """The layers of one ``generate`` on a real sampler graph (see the module docstring)."""
+    from fewstep.runtime import backends
+
+    graph = backends.load(str(graph_path), backend, io_binding=True)
+    meta = graph.meta
+    if meta.graph.kind != "sampler":
+        raise ValueError(f"{graph_path.name} is a {meta.graph.kind} graph; pass a fused "
+                         "sampler graph (model.sampler-4.onnx)")
+    pipe = Pipeline.from_graphs([graph])
+    steps = meta.graph.steps
+    g = 2.0 if meta.graph.guidance else None
+    x, _ = noise.generation_noise(0, range(1), meta.sample_shape)
+    feeds: dict[str, Any] = {"x": x, **_extra(meta, g)}
+    pipe.generate(1, steps, seed=0, guidance=g)  # capture
+    buffers = graph._allocate(1)
+    for name, arr in graph._feeds(feeds, list(graph.inputs), 1).items():
+        buffers.upload(name, arr)
+
+    def replay(_: int) -> None:
+        graph._launch(buffers, 0)
+
+    def upload(_: int) -> None:
+        buffers.values["x"].update_inplace(x)
+        graph._launch(buffers, 0)
+
+    def download(_: int) -> None:
+        buffers.values["x"].update_inplace(x)
+        graph._launch(buffers, 0)
+        graph._host(buffers.out)
+
+    layers: dict[str, Callable[[int], Any]] = {
+        "replay": replay, "+upload": upload, "+download": download,
+        "graph.run": lambda i: graph.run(feeds),
+        "generate": lambda i: pipe.generate(1, steps, seed=i % 4, guidance=g),
+        "generation_noise": lambda i: noise.generation_noise(i % 4, range(1),
+                                                             meta.sample_shape),
+    }
+    per_round: dict[str, list[float]] = {k: [] for k in layers}
+    for call in layers.values():  # warm every layer first
+        _p50_us(call, min(iters, 200), 1)
+    for _ in range(rounds):
+        for name, call in layers.items():
+            per_round[name].append(_p50_us(call, iters, 1)[0])
+    rows = {k: {"p50_us": float(np.median(v)), "rounds_us": v} for k, v in per_round.items()}
+    base = rows["replay"]["p50_us"]
+    shares = {k: rows[k]["p50_us"] - base for k in layers if k not in ("replay",
+                                                                         "generation_noise")}
+    return {"graph": str(graph_path), "backend": backend, "describe": graph.describe(),
+            "steps": steps, "guidance": g, "iters": iters, "rounds": rounds, "rows": rows,
+            "over_replay_us": shares,
+            "host_overhead_pct_of_replay": 100.0 * shares["generate"] / base}
+
+
+def _extra(meta: ModelMeta, g: float | None) -> dict[str, Any]:
+    feeds: dict[str, Any] = {}
+    if "label" in meta.graph.inputs:
+        feeds["label"] = np.zeros(1, np.int64)
+    if "guidance" in meta.graph.inputs:
+        feeds["guidance"] = np.full(1, 1.0 if g is None else g, np.float32)
+    unknown = set(meta.graph.inputs) - {"x", "label", "guidance"}
+    if unknown:
+        raise ValueError(f"decompose feeds x, label and guidance; this graph also takes "
+                         f"{sorted(unknown)}")
+    return feeds
+
+
 def build_parser(prog: str) -> argparse.ArgumentParser:
     p = clitools.parser(prog, __doc__)
     p.add_argument("--model", type=Path, default=None, help="default: the shipped model")
     p.add_argument("--iters", type=clitools.positive_int, default=2000)
     p.add_argument("--rounds", type=clitools.positive_int, default=7)
+    p.add_argument("--graph", type=Path, default=None,
+                   help="a real fused sampler graph to decompose on --backend (a GPU)")
+    p.add_argument("--backend", default="ort-cuda", choices=["ort-cuda", "ort-cpu"])
     p.add_argument("--out", type=Path, default=None, help="JSON result file")
     return p
 
@@ -125,7 +210,10 @@ def body(args: argparse.Namespace) -> int:
     from fewstep.runtime.pipeline import default_model_path
 
     out = check_writable_target(args.out) if args.out is not None else None
-    result = run(args.model or default_model_path(), args.iters, args.rounds)
+    if args.graph is not None:
+        result = decompose(args.graph, args.backend, args.iters, args.rounds)
+    else:
+        result = run(args.model or default_model_path(), args.iters, args.rounds)
     if out is not None:
         from fewstep.benchmarks.envinfo import collect
 
@@ -134,6 +222,10 @@ def body(args: argparse.Namespace) -> int:
     for name, row in result["rows"].items():
         spread = f"{min(row['rounds_us']):.1f}-{max(row['rounds_us']):.1f}"
         print(f"{name:<18} p50 {row['p50_us']:8.1f} µs per call (rounds {spread})")
+    if "over_replay_us" in result:
+        print("over replay: " + ", ".join(f"{k} {v:+.1f} µs"
+                                          for k, v in result["over_replay_us"].items())
+              + f"; generate - replay = {result['host_overhead_pct_of_replay']:.1f} % of replay")
     return 0
 
 
