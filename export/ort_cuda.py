@@ -93,6 +93,22 @@ class _Graph:
             return self.const(node.input[0])
         return None
 
+    def uniform(self, name: str) -> tuple[float, onnx.NodeProto | None] | None:
+        """(value, the Expand node that makes it) of an input whose every element is one
+        constant value: a constant, or ``Expand`` of a one-element constant (how the
+        exporter writes a large LayerNormalization scale or bias, e.g. 655,360 ones for a
+        GroupNorm at 256 px). None for anything else."""
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Expand" and node.input[0] in self.inits:
+            value = self.const(node.input[0])
+            if value is not None and value.size == 1:
+                return float(value.reshape(-1)[0]), node
+            return None
+        value = self.const(name)
+        if value is None or value.size == 0 or not np.all(value == value.reshape(-1)[0]):
+            return None
+        return float(value.reshape(-1)[0]), None
+
     def only_consumer(self, name: str, op: str) -> onnx.NodeProto | None:
         users = self.consumers.get(name, [])
         if len(users) != 1 or name in self.outputs or users[0].op_type != op:
@@ -141,12 +157,16 @@ def _match(g: _Graph, ln: onnx.NodeProto) -> _Site | str | None:
         nodes.insert(0, cast_in)
         x = cast_in.input[0]
     shape3 = g.const(view.input[1])
-    scale = g.const(ln.input[1])
-    bias = g.const(ln.input[2]) if len(ln.input) > 2 and ln.input[2] else np.zeros(1)
+    scale = g.uniform(ln.input[1])
+    bias = g.uniform(ln.input[2]) if len(ln.input) > 2 and ln.input[2] else (0.0, None)
     if shape3 is None or shape3.shape != (3,) or scale is None or bias is None:
         return None
-    if not (np.all(scale == 1.0) and np.all(bias == 0.0)):
+    if scale[0] != 1.0 or bias[0] != 0.0:
         return None
+    for _, expand in (scale, bias):  # an Expand only this LayerNormalization reads goes too
+        if expand is not None and g.only_consumer(expand.output[0],
+                                                  "LayerNormalization") is ln:
+            nodes.insert(0, expand)
     back = g.only_consumer(ln.output[0], "Reshape")
     if back is None:
         return None
