@@ -54,9 +54,7 @@ def quick_start_options_here() -> dict[str, str]:
 
 def start_options(backend: str, model: Path | None, search: str) -> dict[str, Any]:
     """Backend options of ``--cudnn-search``: for ``heuristic`` on ort-cuda (named, or what
-    ``auto`` picks for this model) ``ort_options.quick_start_options`` and
-    ``capture_after=1`` (the first batch runs without a CUDA graph: a run of one batch
-    never captures one it would not replay); else none."""
+    ``auto`` picks for this model) ``ort_options.quick_start_options``; else none."""
     if search == "exhaustive":
         return {}
     from .pipeline import default_model_path
@@ -64,7 +62,7 @@ def start_options(backend: str, model: Path | None, search: str) -> dict[str, An
     path = artifact.locate(model if model is not None else default_model_path())
     if _resolve(backend, str(path)) != "ort-cuda":
         return {}
-    return {"cuda_options": quick_start_options_here(), "capture_after": 1}
+    return {"cuda_options": quick_start_options_here()}
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -79,8 +77,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                         "algorithms from its heuristics, so the first image comes seconds "
                         "sooner and each image is a little slower (H200, a model with its "
                         "ORT-CUDA variant: load + first image 5.2 -> 1.8 s, +8 %% per "
-                        "image), and captures the CUDA graph at the second batch, not the "
-                        "first; exhaustive times every algorithm at the first call and, "
+                        "image); exhaustive times every algorithm at the first call and, "
                         "on an ORT-CUDA variant, uses cuDNN's fused convolution + bias: the "
                         "library's default, the fastest images for a long run")
     p.add_argument("--n", type=clitools.bounded_int(1, MAX_N, "the most images one grid holds"),

@@ -175,54 +175,6 @@ def test_cuda_graph_bookkeeping_and_fallback_on_cpu_ortvalues(
     assert not graph.cuda_graph
 
 
-def test_capture_after_runs_the_first_bound_runs_without_the_graph(
-        step_graph: tuple[Path, ModelMeta, np.ndarray],
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """capture_after=2: per binding (batch size, direction), two runs with gpu_graph_id -1
-    (no capture, no replay), then the binding's own id; warm_up runs 3 times so the graph
-    is captured at load."""
-    path, meta, _ = step_graph
-    config = orto.OrtConfig(backend="ort-cpu", io_binding=True, cuda_graph=True, threads=1,
-                            capture_after=2)
-    graph = ortb.OrtGraph(str(path), meta, config)
-    reference = ortb.open_graph(str(path), "ort-cpu")
-    seen: list[str] = []
-    real = type(graph._session).run_with_iobinding
-
-    def record(self: Any, binding: Any, options: Any = None) -> None:
-        seen.append(options.get_run_config_entry("gpu_graph_id"))
-        real(self, binding, options)
-
-    monkeypatch.setattr(type(graph._session), "run_with_iobinding", record)
-    x, fixed, per_step = _loop_inputs(meta, 3, 5)
-    np.testing.assert_array_equal(graph.run_loop(x, fixed, per_step),
-                                  reference.run_loop(x, fixed, per_step))
-    # directions alternate 0, 1, 0, 1, 0: each direction's first two runs are plain
-    assert seen == ["-1", "-1", "-1", "-1", "1"]
-    seen.clear()
-    graph.run_loop(x, fixed, per_step[:2])
-    assert seen == ["1", "2"]
-    seen.clear()
-    graph.warm_up(2)  # a new batch size: 3 rounds of both directions
-    assert seen == ["-1", "-1", "-1", "-1", "3", "4"]
-    assert graph.describe()["capture_after"] == 2
-    monkeypatch.undo()
-    plain = ortb.OrtGraph(str(path), meta, orto.OrtConfig(
-        backend="ort-cpu", io_binding=True, cuda_graph=False, threads=1, capture_after=2))
-    plain.run_loop(x, fixed, per_step[:1])
-    assert plain._buffers[3].plain is None  # no CUDA graph: nothing to defer
-
-
-def test_capture_after_option_is_checked() -> None:
-    assert orto.make_config("ort-cuda", "m.onnx", {"capture_after": 1}).capture_after == 1
-    assert orto.make_config("ort-cuda", "m.onnx", {}).capture_after == 0
-    for bad in (-1, 1.5, "1", True):
-        with pytest.raises(ValueError, match="capture_after"):
-            orto.make_config("ort-cuda", "m.onnx", {"capture_after": bad})
-    with pytest.raises(ValueError, match="capture_after"):
-        orto.make_config("ort-cpu", "m.onnx", {"capture_after": 1})
-
-
 @pytest.mark.parametrize("io_binding", [True, False])
 def test_network_run_repeats_the_graph_alone_on_the_given_inputs(
         step_graph: tuple[Path, ModelMeta, np.ndarray], monkeypatch: pytest.MonkeyPatch,
@@ -633,15 +585,14 @@ def test_tensorrt_provider_options() -> None:
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize(("cuda_graph", "capture_after"), [(True, 0), (True, 1), (False, 0)])
-def test_cuda_matches_cpu(cuda_graph: bool, capture_after: int,
-                          step_graph: tuple[Path, ModelMeta, np.ndarray]) -> None:
+@pytest.mark.parametrize("cuda_graph", [True, False])
+def test_cuda_matches_cpu(cuda_graph: bool, step_graph: tuple[Path, ModelMeta, np.ndarray]
+                          ) -> None:
     path, meta, _ = step_graph
     cpu = ortb.open_graph(str(path), "ort-cpu")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the oracle graph must capture cleanly
-        gpu = ortb.open_graph(str(path), "ort-cuda", cuda_graph=cuda_graph,
-                              capture_after=capture_after)
+        gpu = ortb.open_graph(str(path), "ort-cuda", cuda_graph=cuda_graph)
     assert gpu.cuda_graph == cuda_graph and gpu.providers[0] == "CUDAExecutionProvider"
     for n in (1, 3, 3, 7, 3):  # new batch sizes capture new graphs; repeats replay
         feeds = feeds_for(meta, n, seed=n)

@@ -177,8 +177,7 @@ def test_sample_starts_quickly_on_ort_cuda(model: Path, tmp_path: Path,
     quick = ort_options.quick_start_options((1, 31, 1))
     assert quick == {"cudnn_conv_algo_search": "HEURISTIC", "fuse_conv_bias": "0"}
     assert ort_options.quick_start_options((1, 19, 0)) == {"cudnn_conv_algo_search": "HEURISTIC"}
-    for extra, want in (([], {"cuda_options": cli_sample.quick_start_options_here(),
-                              "capture_after": 1}),
+    for extra, want in (([], {"cuda_options": cli_sample.quick_start_options_here()}),
                         (["--cudnn-search", "exhaustive"], {})):
         code, _, err = run_main(cli_sample.main, [
             "--model", str(model), "--backend", "ort-cuda", "--n", "1", *extra,
@@ -187,7 +186,7 @@ def test_sample_starts_quickly_on_ort_cuda(model: Path, tmp_path: Path,
         assert seen.pop() == {"backend": "ort-cuda", **want}
     monkeypatch.setattr(cli_sample, "_resolve", lambda backend, path: "ort-cuda")
     assert cli_sample.start_options("auto", model, "heuristic") == {
-        "cuda_options": cli_sample.quick_start_options_here(), "capture_after": 1}
+        "cuda_options": cli_sample.quick_start_options_here()}
     monkeypatch.setattr(cli_sample, "_resolve", lambda backend, path: "ort-cpu")
     assert cli_sample.start_options("auto", model, "heuristic") == {}
     code, _, err = run_main(cli_sample.main, [

@@ -20,9 +20,7 @@ its own captured graph, told apart by the run option ``gpu_graph_id`` (ONNX Runt
 >= 1.18; older versions capture one graph per session, so they run without). If a
 session cannot use CUDA graphs (some node not on the CUDA EP, or capture fails) the
 graph warns once (``cuda.warn_no_cuda_graph``, as every backend does) and runs without
-them; ``cuda_graph=False`` turns them off. ``capture_after=N`` runs the first N bound
-runs of each binding without the graph (run option ``gpu_graph_id=-1``) and captures at
-the next.
+them; ``cuda_graph=False`` turns them off.
 An ORT-CUDA variant graph also gets ``fuse_conv_bias=1`` by default
 (``ort_options.fuse_conv_bias_default``); if a session fails to open or a run fails with
 it, the graph warns once and drops it first, then CUDA graphs, then reports the error.
@@ -166,8 +164,6 @@ class _Buffers:
     values: dict[str, Any]          # input name -> OrtValue
     out: Any                        # OrtValue of the output
     bound: list[tuple[Any, Any]]    # [(IOBinding, RunOptions)]: x→out, and out→x
-    plain: Any = None               # RunOptions of a run without the CUDA graph
-    plain_runs: list[int] = field(default_factory=lambda: [0, 0])  # per direction
     # What the small inputs (labels, guidance, ...) of the last bound run held, so an
     # unchanged one is not copied to the device again.
     last: dict[str, Array] = field(default_factory=dict)
@@ -298,7 +294,6 @@ class OrtGraph:
                 "graph_optimization_level": self.config.graph_optimization_level,
                 "execution_mode": self.config.execution_mode,
                 "warmup_batch": self.config.warmup_batch,
-                "capture_after": self.config.capture_after,
                 "fuse_conv_bias": self.fuse_conv_bias}
 
     def warm_up(self, batch: int) -> None:
@@ -316,9 +311,8 @@ class OrtGraph:
                     buffers = self._allocate(batch)
                     for name, arr in zeros.items():
                         buffers.upload(name, arr)
-                    for _ in range(self.config.capture_after + 1 if self.cuda_graph else 1):
-                        for parity in range(directions):
-                            self._launch(buffers, parity)
+                    for parity in range(directions):
+                        self._launch(buffers, parity)
                     buffers.bound[0][0].synchronize_outputs()
                     return
                 except _CaptureFailed:
@@ -466,22 +460,14 @@ class OrtGraph:
                 options.add_run_config_entry("gpu_graph_id", str(self._next_graph_id))
                 self._next_graph_id += 1
             bound.append((binding, options))
-        plain = None
-        if self.cuda_graph and self.config.capture_after:
-            plain = ort.RunOptions()
-            plain.add_run_config_entry("gpu_graph_id", "-1")  # no capture, no replay
-        buffers = _Buffers(values, out, bound, plain)
+        buffers = _Buffers(values, out, bound)
         self._buffers[batch] = buffers
         return buffers
 
     def _launch(self, buffers: _Buffers, parity: int) -> None:
         binding, options = buffers.bound[parity]
-        plain = buffers.plain is not None and buffers.plain_runs[parity] < \
-            self.config.capture_after
         try:
-            self._session.run_with_iobinding(binding, buffers.plain if plain else options)
-            if plain:
-                buffers.plain_runs[parity] += 1
+            self._session.run_with_iobinding(binding, options)
         except Exception as e:
             if self.fuse_conv_bias:  # first drop fewstep's own default, then CUDA graphs
                 self._drop_fused_bias(e)

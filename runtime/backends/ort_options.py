@@ -21,12 +21,6 @@ the optimisation level, which fewstep has always set to ``all``):
   batch size when it is opened, so buffers, cuDNN's algorithm choice and the CUDA graph
   are made at load time instead of in the first call.
 
-* ``capture_after`` (``ort-cuda``): 0 (default) or N: the first N bound runs of each
-  batch size (and ping-pong direction) run without the CUDA graph (run option
-  ``gpu_graph_id=-1``), the next one captures it. A process that makes one image never
-  pays for a capture it would not replay; steady state is the same. ``warmup_batch``
-  runs N + 1 times so the graph is still captured at load.
-
 ``cuda_options`` passes CUDA EP options through as given; ``cudnn_conv_algo_search``
 among them is checked (``EXHAUSTIVE``, ONNX Runtime's default, ``HEURISTIC`` or
 ``DEFAULT``), since ONNX Runtime's own message for a bad value names neither.
@@ -57,8 +51,8 @@ from ..meta import ModelMeta
 SESSION_OPTIONS: Final = ("graph_optimization_level", "execution_mode", "warmup_batch")
 OPTIONS: Final = {
     "ort-cpu": ("threads", "io_binding", *SESSION_OPTIONS, "optimized_cache"),
-    "ort-cuda": ("device_id", "cuda_graph", "capture_after", "gpu_mem_limit", "threads",
-                 "io_binding", "cuda_options", *SESSION_OPTIONS, "optimized_cache"),
+    "ort-cuda": ("device_id", "cuda_graph", "gpu_mem_limit", "threads", "io_binding",
+                 "cuda_options", *SESSION_OPTIONS, "optimized_cache"),
     "ort-tensorrt": ("device_id", "fp16", "cache_dir", "workspace_size", "max_batch",
                      "opt_batch", "gpu_mem_limit", "threads", "io_binding", *SESSION_OPTIONS),
 }
@@ -100,7 +94,6 @@ class OrtConfig:
     execution_mode: str = "sequential"
     optimized_cache: str = ""  # the cache folder, or "" for no cache
     warmup_batch: int | None = None
-    capture_after: int = 0  # bound runs without the CUDA graph before it is captured
 
 
 def _int_option(name: str, value: Any, low: int = 0) -> int:
@@ -181,7 +174,6 @@ def make_config(name: str, path: str, options: Mapping[str, Any],
                                EXECUTION_MODES),
         optimized_cache=_cache_option(o.get("optimized_cache", False)),
         warmup_batch=warmup,
-        capture_after=_int_option("capture_after", o.get("capture_after", 0)),
         cuda_options=tuple(sorted((k, str(v)) for k, v in extra.items())),
         backend=name,
         threads=None if threads is None else _int_option("threads", threads, 1),
