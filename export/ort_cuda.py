@@ -10,7 +10,9 @@ ONNX Runtime's CUDA execution provider runs (its ``com.microsoft`` contrib kerne
    = SiLU or none) → Transpose``. The kernel computes its statistics in fp32 whatever
    the input type, so the fp32 island around a GroupNorm of an fp16 graph is dropped.
    ONNX Runtime's kernel handles two channels per thread: a group with an odd number of
-   channels is left as it is (counted in ``Rewrite.odd_groups``).
+   channels is left as it is, and so is a layer-norm form whose scale and bias are not
+   recognisably 1 and 0 (both listed, with why, in ``Rewrite.left``, and counted in the
+   export's summary line).
 2. ONNX Runtime's own transformers optimizer for UNets (``model_type="unet"``) then
    turns every Conv into ``NhwcConv`` (weights transposed offline), removes the
    transpose pairs this leaves between NHWC kernels, fuses a GroupNorm's input Add
@@ -50,13 +52,13 @@ class Rewrite:
     model: onnx.ModelProto
     group_norms: int = 0  # GroupNorm sites fused by step 1
     silu: int = 0  # of which with the SiLU fused in
-    odd_groups: list[str] = field(default_factory=list)  # sites left alone, and why
+    left: list[str] = field(default_factory=list)  # GroupNorm sites left unfused, and why
     ops: Counter[str] = field(default_factory=Counter)  # op counts of the result
 
     def summary(self) -> str:
         fused = ", ".join(f"{op} x{self.ops[op]}" for op in CONTRIB_OPS if self.ops[op])
-        left = (f"; {len(self.odd_groups)} GroupNorm(s) left unfused (odd channels per "
-                "group)" if self.odd_groups else "")
+        left = (f"; {len(self.left)} GroupNorm(s) left unfused ({self.left[0]}"
+                + (", ..." if len(self.left) > 1 else "") + ")" if self.left else "")
         return f"{fused or 'no fused kernels'}{left}"
 
 
@@ -157,22 +159,23 @@ def _match(g: _Graph, ln: onnx.NodeProto) -> _Site | str | None:
         nodes.insert(0, cast_in)
         x = cast_in.input[0]
     shape3 = g.const(view.input[1])
-    scale = g.uniform(ln.input[1])
-    bias = g.uniform(ln.input[2]) if len(ln.input) > 2 and ln.input[2] else (0.0, None)
-    if shape3 is None or shape3.shape != (3,) or scale is None or bias is None:
+    if shape3 is None or shape3.shape != (3,):
         return None
-    if scale[0] != 1.0 or bias[0] != 0.0:
-        return None
-    for _, expand in (scale, bias):  # an Expand only this LayerNormalization reads goes too
-        if expand is not None and g.only_consumer(expand.output[0],
-                                                  "LayerNormalization") is ln:
-            nodes.insert(0, expand)
     back = g.only_consumer(ln.output[0], "Reshape")
     if back is None:
         return None
     shape4 = g.const(back.input[1])
     if shape4 is None or shape4.shape != (4,):
         return None
+    scale = g.uniform(ln.input[1])
+    bias = g.uniform(ln.input[2]) if len(ln.input) > 2 and ln.input[2] else (0.0, None)
+    if scale is None or bias is None or scale[0] != 1.0 or bias[0] != 0.0:
+        return (f"{ln.name or ln.output[0]}: its LayerNormalization's scale and bias are "
+                "not a recognisable constant 1 and 0")
+    for _, expand in (scale, bias):  # an Expand only this LayerNormalization reads goes too
+        if expand is not None and g.only_consumer(expand.output[0],
+                                                  "LayerNormalization") is ln:
+            nodes.insert(0, expand)
     channels, groups = int(shape4[1]), int(shape3[1])
     if groups <= 0 or channels <= 0 or channels % groups:
         return None
@@ -218,7 +221,7 @@ def _fuse_group_norms(model: onnx.ModelProto, result: Rewrite) -> None:
     for ln in [n for n in model.graph.node if n.op_type == "LayerNormalization"]:
         site = _match(g, ln)
         if isinstance(site, str):
-            result.odd_groups.append(site)
+            result.left.append(site)
         elif site is not None:
             sites.append(site)
     remove = {id(n) for s in sites for n in s.nodes}
@@ -339,13 +342,14 @@ def rewrite(model: onnx.ModelProto) -> Rewrite:
     result = Rewrite(model)
     _fuse_group_norms(model, result)
     if not result.group_norms:
-        why = (f" ({result.odd_groups[0]})" if result.odd_groups else
+        why = (f" ({result.left[0]})" if result.left else
                " (no GroupNorm in the graph's exported form)")
+        fix = ("its kernel needs an even number of channels per group: use `groups` that "
+               "leave an even count (the shipped presets do), or leave --target ort-cuda out"
+               if "odd" in why else "leave --target ort-cuda out")
         raise ValueError(
             f"no GroupNorm of {model.graph.name or 'the graph'} can use ONNX Runtime's fused "
-            f"kernel{why}; its kernel needs an even number of channels per group: use "
-            "`groups` that leave an even count (the shipped presets do), or leave "
-            "--target ort-cuda out"
+            f"kernel{why}; {fix}"
         )
     model = _ort_unet_fusions(model)
     _dedupe_initializers(model)

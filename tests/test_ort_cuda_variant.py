@@ -202,8 +202,18 @@ def test_rewrite_fuses_a_group_norm_whose_scale_is_an_expand_of_ones() -> None:
     assert result.group_norms == 1 and result.silu == 1
     ops = Counter(n.op_type for n in result.model.graph.node)
     assert ops["LayerNormalization"] == 0 and ops["Expand"] == 0 and ops["GroupNorm"] == 1
-    with pytest.raises(ValueError, match="no GroupNorm"):  # a scale of 2: not a plain norm
+    # a scale of 2 is not a plain norm: left, and said why
+    with pytest.raises(ValueError, match=r"scale and bias are not a recognisable constant 1 "
+                                         r"and 0\); leave --target ort-cuda out"):
         ort_cuda.rewrite(_group_norm_graph(8, 2, True, expand=2.0))
+
+
+def test_rewrite_summary_counts_the_group_norms_it_left() -> None:
+    from fewstep.export import ort_cuda
+
+    result = ort_cuda.Rewrite(onnx.ModelProto(), left=["ln_a: why a", "ln_b: why b"])
+    result.ops["GroupNorm"] = 3
+    assert result.summary() == "GroupNorm x3; 2 GroupNorm(s) left unfused (ln_a: why a, ...)"
 
 
 def test_rewrite_refuses_a_graph_whose_groups_have_odd_channel_counts() -> None:
