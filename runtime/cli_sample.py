@@ -76,7 +76,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="ort-cuda only: heuristic (default) lets cuDNN pick convolution "
                         "algorithms from its heuristics, so the first image comes seconds "
                         "sooner and each image is a little slower (H200, a model with its "
-                        "ORT-CUDA variant: load + first image 5.2 -> 1.8 s, +8 %% per "
+                        "fp16 ORT-CUDA variant: load + first image 11.1 -> 2.0 s, +5 %% per "
                         "image); exhaustive times every algorithm at the first call and, "
                         "on an ORT-CUDA variant, uses cuDNN's fused convolution + bias: the "
                         "library's default, the fastest images for a long run")

@@ -205,9 +205,10 @@ def quick_start_options(ort_version: tuple[int, ...]) -> dict[str, str]:
     """CUDA EP options for a process that makes a few images and exits (``fewstep sample``
     by default): cuDNN picks convolution algorithms from its heuristics instead of timing
     every one at the first call, and a variant graph runs without the fused convolution +
-    bias (whose engines would be searched too). On the H200, with the variant, `Pipeline.load`
-    + first `generate` went from 5.17 to 1.76 s, each later image 8 % slower
-    (``benchmarks/results/first-image-2026-12-01-h200-variant/``, lever ``heuristic``)."""
+    bias (whose engines would be searched too). On the H200, with the fp16 variant,
+    `Pipeline.load` + first `generate` went from 11.1 s (the library's defaults, fused bias
+    included) to 1.99 s, each later image 5 % slower
+    (``benchmarks/results/first-image-2026-12-01-h200-quickstart/``, lever ``quick-start``)."""
     opts = {"cudnn_conv_algo_search": "HEURISTIC"}
     if ort_version >= FUSE_CONV_BIAS_SINCE:
         opts["fuse_conv_bias"] = "0"
