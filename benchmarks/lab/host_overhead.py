@@ -34,7 +34,7 @@ id  lever                                                 prediction
 H1  noise: reuse one Philox bit generator per thread and  -8..-10 µs a sample: the
     set its key and counter, instead of constructing one  constructor draws OS entropy
     per sample (the same stream)                          for a seed it then discards
-H2  NaN check of uint8 images: compare a 64-byte prefix   -3..-8 µs a 64 x 64 image
+H2  NaN check of uint8 images: compare a 64-byte prefix   -3..-8 µs a 32 x 32 image
     with the marker first, the whole image only when the
     prefix matches
 === ===================================================== ===============================
