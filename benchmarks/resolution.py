@@ -35,7 +35,14 @@ and memory traffic set it. It is **launch-bound** when scaling < 0.5: extra imag
 nearly free, so the time goes into the fixed cost of launching and running the step's
 kernels (on the host: Python and dispatch for eager PyTorch; on the device: a few
 microseconds a kernel even inside a CUDA graph), and the floor and launch fractions show
-how far each floor is. With a single batch measured, a row is launch-bound when the
+how far each floor is. Except: a GPU path replayed from a CUDA graph (fewstep's, or
+torch.compile's) whose launch floor is under 5 % of its step (``launch_fraction`` <
+``LAUNCH_SHARE``) is **under-occupied**: extra images are nearly free, but launches do
+not explain the time, so some kernels leave most of the GPU idle (too few thread blocks
+for its SMs). The first 256 px run was that case: 12 GroupNorms a step ran as a
+LayerNormalization over 4 rows, 4 thread blocks on 132 SMs, 77 % of the busy time
+(``benchmarks/results/resolution-2026-12-01-h200-256/``), where the launch floor was
+2–3 % of the step. With a single batch measured, a row is launch-bound when the
 launch floor is at least the roofline floor, else compute-bound.
 """
 
@@ -59,6 +66,7 @@ from fewstep.runtime import backends, clitools
 from fewstep.runtime.fileio import write_text
 
 from .resolution_report import (
+    LAUNCH_SHARE,
     REPORT,
     RESULTS,
     SCALING_THRESHOLD,
@@ -589,7 +597,9 @@ def run(args: argparse.Namespace, settings: dict[str, Any],
                    "parity_gate": not args.no_check, "check_n": args.check_n},
         "weights": f"random init (torch.manual_seed({args.seed})); latency does not depend "
                    "on training",
-        "bound_rule": f"compute-bound when scaling >= {SCALING_THRESHOLD}, else launch-bound "
+        "bound_rule": f"compute-bound when scaling >= {SCALING_THRESHOLD}; else "
+                      f"under-occupied for a CUDA-graph path whose launch floor is under "
+                      f"{LAUNCH_SHARE:.0%} of a step, else launch-bound "
                       "(benchmarks/resolution.py)",
         "models": str(args.models) if args.models is not None
         else "a temporary folder, removed at the end (the weights are seeded: re-made alike)",

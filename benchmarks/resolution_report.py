@@ -18,7 +18,12 @@ from .envinfo import gpu_line
 
 RESULTS: Final = "resolution.jsonl"
 REPORT: Final = "resolution.md"
-SCALING_THRESHOLD: Final = 0.5  # the bound rule (module docstring)
+SCALING_THRESHOLD: Final = 0.5  # the bound rule (resolution.py's docstring)
+# Below this share of a step in the launch floor, a CUDA-graph path whose time does not
+# follow the work is under-occupied rather than launch-bound (resolution.py's docstring).
+LAUNCH_SHARE: Final = 0.05
+BOUNDS: Final = {"launch-bound": "launch", "under-occupied": "under-occupied",
+                 "compute-bound": "compute"}
 ROW_KEYS: Final = (
     "record", "size", "batch", "steps", "path", "family", "precision", "device", "status",
     "reason", "p50_ms", "images_per_s", "per_step_ms", "vs_torch_compile",
@@ -97,8 +102,18 @@ def add_bounds(rows: list[dict[str, Any]]) -> None:
             if wb <= wa:
                 continue
             r["scaling"] = (b["per_step_ms"] / a["per_step_ms"] - 1) / (wb / wa - 1)
-            r["bound"] = ("compute-bound" if r["scaling"] >= SCALING_THRESHOLD
-                          else "launch-bound")
+            if r["scaling"] >= SCALING_THRESHOLD:
+                r["bound"] = "compute-bound"
+            elif _replayed(r) and (r.get("launch_fraction") or 0.0) < LAUNCH_SHARE:
+                r["bound"] = "under-occupied"
+            else:
+                r["bound"] = "launch-bound"
+
+
+def _replayed(r: dict[str, Any]) -> bool:
+    """A GPU path whose kernels are not launched one by one from Python: fewstep's graphs
+    and torch.compile (CUDA graphs), not the eager loops."""
+    return r.get("device") == "cuda" and "eager" not in str(r.get("path"))
 
 
 # ---------------------------------------------------------------------------------
@@ -150,7 +165,7 @@ def _cell(r: dict[str, Any] | None) -> str:
     if r.get("floor_fraction") is not None:
         parts.append(f"{100 * r['floor_fraction']:.1f} % roof")
     if r.get("bound"):
-        parts.append(r["bound"].split("-")[0])
+        parts.append(BOUNDS.get(r["bound"], r["bound"]))
     return " · ".join(parts)
 
 
@@ -201,7 +216,8 @@ def render(run: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str:
         if launch else "Per-kernel time: not measured."]
     lines += ["", "Cells: p50 ms (end to end) · × the fastest torch.compile (c) and eager (e) "
               "row of the same size and batch · roofline fraction · bound (launch = "
-              "launch-bound, compute = compute-bound; rule in `benchmarks/resolution.py`)."]
+              "launch-bound, under-occupied, compute = compute-bound; rule in "
+              "`benchmarks/resolution.py`)."]
     for st in steps:
         for path in _paths(rows):
             cells = {(r["size"], r["batch"]): r for r in rows
@@ -312,7 +328,7 @@ def _pct(v: float | None) -> str:
 def _by_bound(best: dict[tuple[int, int, int], dict[str, Any]]) -> list[str]:
     """The ratio to torch.compile grouped by fewstep's bound."""
     out = []
-    for bound in ("launch-bound", "compute-bound"):
+    for bound in BOUNDS:
         got = [r for r in best.values() if r.get("bound") == bound
                and r.get("vs_torch_compile") is not None]
         if not got:

@@ -169,6 +169,36 @@ def test_bound_rule_and_ratios_on_scripted_rows() -> None:
     assert "Where fewstep is compute-bound (64 px b4, 64 px b16) it runs at 0.89–2.00×" in why
 
 
+def test_a_graph_replayed_path_that_launches_do_not_explain_is_under_occupied() -> None:
+    """The first 256 px run's figures: time grew 28 % as fast as the work on every path,
+    fewstep's launch floor was 3 % of a step (its unfused GroupNorms ran on 4 thread
+    blocks), torch.compile's 8 %, and eager's launches are paid on the host."""
+    def row(path: str, batch: int, p50: float, lf: float, device: str = "cuda"
+            ) -> dict[str, Any]:
+        return _row(path, batch, p50, size=256, launch_fraction=lf, device=device)
+
+    rows = [row("fewstep ort-cuda sampler fp16", 1, 33.0, 0.031),
+            row("fewstep ort-cuda sampler fp16", 4, 36.7, 0.017),
+            row("torch-compile reduce-overhead fp16", 1, 12.9, 0.08),
+            row("torch-compile reduce-overhead fp16", 4, 14.5, 0.072),
+            row("torch-eager fp16", 1, 61.2, 0.017),
+            row("torch-eager fp16", 4, 68.0, 0.009),
+            row("fewstep ort-cpu sampler fp32", 1, 50.0, 0.01, device="cpu"),
+            row("fewstep ort-cpu sampler fp32", 4, 55.0, 0.01, device="cpu")]
+    rr.add_ratios(rows)
+    rr.add_bounds(rows)
+    got = {(r["path"], r["batch"]): r["bound"] for r in rows}
+    assert all(r["scaling"] < rr.SCALING_THRESHOLD for r in rows)
+    assert got[("fewstep ort-cuda sampler fp16", 1)] == "under-occupied"
+    assert got[("fewstep ort-cuda sampler fp16", 4)] == "under-occupied"
+    assert got[("torch-compile reduce-overhead fp16", 1)] == "launch-bound"  # 8 % >= 5 %
+    assert got[("torch-eager fp16", 1)] == "launch-bound"  # host-launched: not replayed
+    assert got[("fewstep ort-cpu sampler fp32", 1)] == "launch-bound"  # not a GPU path
+    text = rr.render({"record": "run", "config": {"sizes": [256]}}, rows)
+    assert "· under-occupied" in text
+    assert "Where fewstep is under-occupied (256 px b1, 256 px b4)" in text
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
