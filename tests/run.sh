@@ -47,7 +47,7 @@ for d in runtime export train benchmarks; do ln -s "../../../$d" "$tc/fewstep/$d
 
 echo "== pytest"
 status=0
-"$py" -m pytest -q "$@" || status=$?
+"$py" -m pytest -q --durations=15 "$@" || status=$?
 if [ "$status" -eq 5 ]; then
   echo "pytest collected no tests: that is a failure" >&2
   exit 1
