@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-from fewstep.runtime import Pipeline, artifact, clitools, images, noise
+from fewstep.runtime import Pipeline, artifact, clitools, images, noise, runners
 from fewstep.runtime.backends import Array, NetworkRun
 from fewstep.runtime.fileio import check_writable_target, write_text
 from fewstep.runtime.meta import ModelMeta
@@ -139,8 +139,12 @@ def decompose(graph_path: Path, backend: str, iters: int, rounds: int) -> dict[s
     pipe = Pipeline.from_graphs([graph])
     steps = meta.graph.steps
     g = 2.0 if meta.graph.guidance else None
+    unknown = set(meta.graph.inputs) - {"x", "label", "guidance"}
+    if unknown:
+        raise ValueError(f"decompose feeds x, label and guidance; this graph also takes "
+                         f"{sorted(unknown)}")
     x, _ = noise.generation_noise(0, range(1), meta.sample_shape)
-    feeds: dict[str, Any] = {"x": x, **_extra(meta, g)}
+    feeds: dict[str, Any] = {"x": x, **runners.extra_feeds(graph, np.zeros(1, np.int64), g, 1)}
     pipe.generate(1, steps, seed=0, guidance=g)  # capture
     buffers = graph._allocate(1)
     for name, arr in graph._feeds(feeds, list(graph.inputs), 1).items():
@@ -179,19 +183,6 @@ def decompose(graph_path: Path, backend: str, iters: int, rounds: int) -> dict[s
             "steps": steps, "guidance": g, "iters": iters, "rounds": rounds, "rows": rows,
             "over_replay_us": shares,
             "host_overhead_pct_of_replay": 100.0 * shares["generate"] / base}
-
-
-def _extra(meta: ModelMeta, g: float | None) -> dict[str, Any]:
-    feeds: dict[str, Any] = {}
-    if "label" in meta.graph.inputs:
-        feeds["label"] = np.zeros(1, np.int64)
-    if "guidance" in meta.graph.inputs:
-        feeds["guidance"] = np.full(1, 1.0 if g is None else g, np.float32)
-    unknown = set(meta.graph.inputs) - {"x", "label", "guidance"}
-    if unknown:
-        raise ValueError(f"decompose feeds x, label and guidance; this graph also takes "
-                         f"{sorted(unknown)}")
-    return feeds
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:

@@ -58,7 +58,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, NoReturn, TypeVar
 
 import numpy as np
 
@@ -305,18 +305,17 @@ class OrtGraph:
             self._session.run([self.output.name], zeros)
             return
         directions = 2 if self.meta.graph.kind == "step" else 1
+
+        def warm() -> None:
+            buffers = self._allocate(batch)
+            for name, arr in zeros.items():
+                buffers.upload(name, arr)
+            for parity in range(directions):
+                self._launch(buffers, parity)
+            buffers.bound[0][0].synchronize_outputs()
+
         with self._lock:
-            for _ in range(FALLBACKS + 1):  # again after each fallback (_launch)
-                try:
-                    buffers = self._allocate(batch)
-                    for name, arr in zeros.items():
-                        buffers.upload(name, arr)
-                    for parity in range(directions):
-                        self._launch(buffers, parity)
-                    buffers.bound[0][0].synchronize_outputs()
-                    return
-                except _CaptureFailed:
-                    continue
+            _retrying(warm)
 
     # -- feeds ----------------------------------------------------------------------
 
@@ -349,15 +348,14 @@ class OrtGraph:
         batch = int(np.shape(feeds["x"])[0]) if np.ndim(feeds["x"]) else None
         arrays = self._feeds(feeds, list(self.inputs), batch)
         if not self.config.io_binding:
-            try:
-                out: Array = self._session.run([self.output.name], arrays)[0]
-            except Exception as e:
-                if not self.fuse_conv_bias:
-                    raise
-                self._drop_fused_bias(e)
-                self._session = self._open_session()
-                out = self._session.run([self.output.name], arrays)[0]
-            return out
+            def unbound() -> Array:
+                try:
+                    out: Array = self._session.run([self.output.name], arrays)[0]
+                except Exception as e:
+                    self._fall_back(e, cuda_graphs=False)
+                return out
+
+            return _retrying(unbound)
         assert batch is not None
         with self._lock:
             return _retrying(lambda: self._bound_run(batch, arrays))
@@ -469,14 +467,21 @@ class OrtGraph:
         try:
             self._session.run_with_iobinding(binding, options)
         except Exception as e:
-            if self.fuse_conv_bias:  # first drop fewstep's own default, then CUDA graphs
-                self._drop_fused_bias(e)
-            elif self.cuda_graph:
-                self._warn_no_cuda_graph(e)
-            else:
-                raise
-            self._session = self._open_session()
-            raise _CaptureFailed from e
+            self._fall_back(e)
+
+    def _fall_back(self, e: Exception, cuda_graphs: bool = True) -> NoReturn:
+        """A run failed with ``e``: drop fewstep's own ``fuse_conv_bias`` default first,
+        then (``cuda_graphs``: a bound run) CUDA graphs, open the session again and raise
+        ``_CaptureFailed`` so ``_retrying`` runs it again; with nothing left to drop,
+        ``e`` itself."""
+        if self.fuse_conv_bias:
+            self._drop_fused_bias(e)
+        elif cuda_graphs and self.cuda_graph:
+            self._warn_no_cuda_graph(e)
+        else:
+            raise e
+        self._session = self._open_session()
+        raise _CaptureFailed from e
 
     def _host(self, value: Any) -> Array:
         out = value.numpy()
