@@ -12,6 +12,12 @@ fastest graph that can do what was asked:
    on the host in between;
 3. ``denoiser``: the network alone, the DDIM update on the host (``sampling.run_loop``).
 
+``Pipeline.load(..., prefer="step")`` (or ``sampler``, ``denoiser``) tries that kind
+first wherever it can do what is asked: the step graph reaches a new process's first
+image sooner on cuDNN (``fewstep sample --graph``). A request repeated with the same plain
+arguments reuses its checked preparation (``requests.Prepared``); only its seed's noise
+is drawn anew.
+
 On ONNX Runtime's CUDA provider, the ORT-CUDA variant beside the model
 (``model.ort-cuda.onnx`` and its graphs, from ``fewstep export --target ort-cuda``) is
 preferred for every path it has; a variant graph that cannot be opened is reported once
@@ -32,7 +38,6 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
@@ -46,7 +51,17 @@ from .clitools import plural
 from .errors import ArtifactError, NumericalError, inert
 from .fileio import check_writable_target
 from .images import grid, init_images, masks, save_image, to_uint8_nhwc
-from .meta import ModelMeta, graph_summary, meta_summary
+from .meta import GRAPH_KINDS, ModelMeta, graph_summary, meta_summary
+from .requests import (
+    MAX_PREPARED,
+    GenerateRequest,
+    GenerationInfo,
+    ImageInput,
+    Prepared,
+    Progress,
+    prepared_key,
+    read_only,
+)
 from .runners import Batch
 from .sampling import SamplingPlan
 
@@ -55,8 +70,6 @@ DEFAULT_BATCH: Final = 16
 
 F32 = NDArray[np.float32]
 U8 = NDArray[np.uint8]
-ImageInput = Any  # a file path, a PIL image or an array: see images.init_images / masks
-Progress = Callable[[int, int], None]
 
 
 def default_model_path() -> Path:
@@ -71,21 +84,6 @@ def default_model_path() -> Path:
             f"{str(folder)!r}); pass --model PATH to a model.onnx made by `fewstep export`"
         )
     return path
-
-
-@dataclass(frozen=True)
-class GenerationInfo:
-    """How the last ``generate`` ran (``Pipeline.last_info``)."""
-
-    path: str       # "sampler", "step", "step-blend" or "denoiser"
-    graph: str      # the graph file that ran
-    backend: str
-    n: int
-    steps: int      # network evaluations per image (fewer than plan steps for img2img)
-    spacing: str
-    eta: float
-    batch_size: int
-    seconds: float
 
 
 def _variant_entries(art: artifact.Artifact, path: Path, backend: str,
@@ -139,33 +137,16 @@ class _Entry:
 _name = runners.name
 
 
-@dataclass(frozen=True)
-class GenerateRequest:
-    """The arguments of one ``generate`` call, as the user gave them."""
-
-    n: int
-    steps: int | None = None
-    eta: float = 0.0
-    seed: int = 0
-    labels: Any = None
-    guidance: float | None = None
-    spacing: str | None = None
-    init_image: ImageInput | None = None
-    strength: float = 1.0
-    mask: ImageInput | None = None
-    batch_size: int | None = None
-    progress: Progress | None = None
-    output: str | None = None
-    cond: Any = None
-    latents: Any = None
-
-
 class Pipeline:
     """A loaded model: ``generate`` images, ``describe`` it. See the module docstring."""
 
-    def __init__(self, entries: Sequence[_Entry], backend: str, source: str) -> None:
+    def __init__(self, entries: Sequence[_Entry], backend: str, source: str,
+                 prefer: str | None = None) -> None:
         if not entries:
             raise ValueError("a Pipeline needs at least one graph")
+        if prefer is not None:
+            checks.choice("prefer", prefer, GRAPH_KINDS)
+        self.prefer = prefer
         self._entries = list(entries)
         self.meta: ModelMeta = entries[0].meta
         self.backend = backend
@@ -174,6 +155,7 @@ class Pipeline:
         self._lock = threading.Lock()
         self._warned: set[int] = set()
         self._plans: dict[tuple[Any, ...], SamplingPlan] = {}
+        self._prepared: dict[tuple[Any, ...], Prepared] = {}
 
     def __repr__(self) -> str:
         kinds = ", ".join(_name(e.path) for e in self._entries)
@@ -182,14 +164,21 @@ class Pipeline:
     # -- construction -----------------------------------------------------------------
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str] | None = None, backend: str = "auto",
-             **backend_options: Any) -> Pipeline:
+    def load(cls, path: str | os.PathLike[str] | None = None, backend: str = "auto", *,
+             prefer: str | None = None, **backend_options: Any) -> Pipeline:
         """Open ``path`` (default: the shipped model) and know its sibling graphs.
 
         ``backend``: ``auto`` (TensorRT for a ``.plan``, else ONNX Runtime CUDA when
         usable, else CPU), or a name from ``backends.BACKENDS``; ``backend_options``
-        go to the backend (e.g. ``threads=4``, ``cuda_graph=False``).
+        go to the backend (e.g. ``threads=4``, ``cuda_graph=False``). ``prefer``: a
+        graph kind (``sampler``, ``step``, ``denoiser``) to try before the others
+        wherever it can do what is asked; None = the fastest per call (see the module
+        docstring). ``prefer="step"`` suits a process that generates once on cuDNN:
+        the fused sampler's unrolled loop pays cuDNN's first use once per convolution
+        (4x the step graph's), see ``fewstep sample --graph``.
         """
+        if prefer is not None:
+            checks.choice("prefer", prefer, GRAPH_KINDS)
         p = artifact.locate(path if path is not None else default_model_path())
         name = str(p)
         oracle = name.endswith(artifact.ORACLE_EXT) and backend == "auto"
@@ -218,14 +207,14 @@ class Pipeline:
             _Entry(str(g.path), g.meta, None, opener(str(g.path)))
             for g in art.graphs[1:] if g.meta is not None
         ] + variant
-        return cls(entries, concrete, name)
+        return cls(entries, concrete, name, prefer)
 
     @classmethod
-    def from_graphs(cls, graphs: Sequence[Graph]) -> Pipeline:
+    def from_graphs(cls, graphs: Sequence[Graph], prefer: str | None = None) -> Pipeline:
         """A pipeline over already-opened graphs (oracle graphs in tests, benchmarks).
 
         The first denoiser (else the first graph) is the main one; the others must be
-        graphs of the same model.
+        graphs of the same model. ``prefer``: as for ``load``.
         """
         if not graphs:
             raise ValueError("from_graphs needs at least one graph")
@@ -239,7 +228,8 @@ class Pipeline:
                     "differs; pass graphs of one model"
                 )
         names = sorted({g.backend for g in graphs})
-        return cls([_Entry(g.path, g.meta, g) for g in ordered], "+".join(names), main.path)
+        return cls([_Entry(g.path, g.meta, g) for g in ordered], "+".join(names), main.path,
+                   prefer)
 
     # -- what is loaded ---------------------------------------------------------------
 
@@ -275,6 +265,7 @@ class Pipeline:
                     entry.graph = entry.opener()
                 except ArtifactError as e:
                     entry.failed = True
+                    self._prepared.clear()  # the graph and default steps chosen may change
                     warnings.warn(inert(f"ignoring {entry.path}: {e}", 2000), stacklevel=4)
             return entry.graph
 
@@ -304,6 +295,8 @@ class Pipeline:
         for kind in ("step", "denoiser"):
             out += [(kind, e) for e in sorted(
                 (e for e in self._entries if usable(e) and e.meta.graph.kind == kind), key=rank)]
+        if self.prefer is not None:  # stable: the preferred kind first, the rest as ranked
+            out.sort(key=lambda pe: pe[0] != self.prefer)
         return out
 
     def _no_graph(self, plan: SamplingPlan, spacing: str, reason: str) -> ValueError:
@@ -416,9 +409,21 @@ class Pipeline:
                                               progress, output, cond, latents))
 
     def _generate(self, r: GenerateRequest) -> Any:
+        seed = host_noise.check_seed(r.seed)
+        key = prepared_key(r)
+        prep = None if key is None else self._prepared.get(key)
+        if prep is None:
+            prep = self._prepare(r)
+            if key is not None and len(self._prepared) < MAX_PREPARED:
+                self._prepared[key] = prep
+        return self._run(prep, seed, r.progress)
+
+    def _prepare(self, r: GenerateRequest) -> Prepared:
+        """Everything of a generation but the seed's: its arguments checked, plan, graph,
+        labels, conditioning, batch split. Pure for a request of plain values, so
+        ``_generate`` keeps it per ``_prepared_key`` (until a graph fails to open)."""
         meta = self.meta
         n = checks.whole_number("n", r.n, 1, " (the number of samples)")
-        seed = host_noise.check_seed(r.seed)
         output = r.output if r.output is not None else ("images" if meta.images else "samples")
         checks.choice("output", output, ("images", "samples"))
         if output == "images" and not meta.images:
@@ -464,43 +469,52 @@ class Pipeline:
                 f"{graph.max_batch}, or rebuild the plan with a larger --batch MIN:OPT:MAX"
             )
         chunk = min(limit or DEFAULT_BATCH, graph.max_batch or DEFAULT_BATCH * 1024)
-        if want_float:
+        return Prepared(n, want_float, plan, spacing, g, path, graph, chunk, all_labels,
+                         all_cond, latents, init, m)
+
+    def _run(self, p: Prepared, seed: int, progress: Progress | None) -> Any:
+        meta, plan, graph, n = self.meta, p.plan, p.graph, p.n
+        if p.want_float:
             out: Any = np.empty((n, *meta.sample_shape), np.float32)
         else:
             c, h, w = meta.image_shape
             out = np.empty((n, h, w, c), np.uint8)
         started = time.perf_counter()
-        for lo in range(0, n, chunk):
-            hi = min(n, lo + chunk)
+        for lo in range(0, n, p.chunk):
+            hi = min(n, lo + p.chunk)
             x_T, step_noise = host_noise.generation_noise(
                 seed, range(lo, hi), meta.sample_shape, plan.steps if plan.stochastic else 0)
-            if latents is not None:
-                x_T = latents[lo:hi]
-            labels = None if all_labels is None else all_labels[lo:hi]
-            cond = {k: v[lo:hi] for k, v in all_cond.items()}
+            if p.latents is not None:
+                x_T = p.latents[lo:hi]
+            labels = None if p.labels is None else p.labels[lo:hi]
+            extra = p.feeds.get(lo)
+            if extra is None:
+                cond = {k: v[lo:hi] for k, v in p.cond.items()}
+                extra = p.feeds[lo] = read_only(
+                    runners.extra_feeds(graph, labels, p.guidance, hi - lo, cond))
 
             def part(a: F32 | None, lo: int = lo, hi: int = hi) -> F32 | None:
                 return None if a is None else (a if a.shape[0] == 1 else a[lo:hi])
 
-            batch = Batch(x_T, step_noise,
-                          runners.extra_feeds(graph, labels, g, hi - lo, cond),
-                          part(init), part(m), lo)
+            batch = Batch(x_T, step_noise, extra, part(p.init), part(p.mask), lo)
             try:
-                y = runners.run(path, graph, plan, batch)
+                y = runners.run(p.path, graph, plan, batch)
             except NumericalError as e:
-                if path != "sampler":
+                if p.path != "sampler":
                     raise
-                raise self._locate(e, plan, spacing, g, batch, labels, cond) from None
+                cond = {k: v[lo:hi] for k, v in p.cond.items()}
+                raise self._locate(e, plan, p.spacing, p.guidance, batch, labels,
+                                   cond) from None
             if y.dtype == np.uint8:
                 out[lo:hi] = y
             else:
-                out[lo:hi] = y if want_float else to_uint8_nhwc(y)
-            if r.progress is not None:
-                r.progress(hi, n)
+                out[lo:hi] = y if p.want_float else to_uint8_nhwc(y)
+            if progress is not None:
+                progress(hi, n)
         self.last_info = GenerationInfo(
-            path=path, graph=graph.path, backend=graph.backend, n=n,
-            steps=plan.steps - plan.start, spacing=spacing, eta=plan.eta, batch_size=chunk,
-            seconds=time.perf_counter() - started,
+            path=p.path, graph=graph.path, backend=graph.backend, n=n,
+            steps=plan.steps - plan.start, spacing=p.spacing, eta=plan.eta,
+            batch_size=p.chunk, seconds=time.perf_counter() - started,
         )
         return out
 

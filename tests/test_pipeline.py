@@ -817,3 +817,115 @@ def test_the_oracle_samples_any_shape_with_named_conditioning(kind: str) -> None
     np.testing.assert_allclose(out, np.broadcast_to(x0, out.shape), atol=1e-4)
     with pytest.raises(ValueError, match="does not fit samples of shape"):
         make_oracle(g, np.zeros((3, 32, 32)))
+
+
+# ---------------------------------------------------------------------------------
+# Kept preparations (a repeated request skips its checks, graph choice and feeds)
+# ---------------------------------------------------------------------------------
+
+
+def test_a_repeated_request_reuses_its_feeds_and_gives_fresh_images(
+        cond_meta: ModelMeta, cond_x0: np.ndarray) -> None:
+    spy = Spy(sampler_of(cond_meta, cond_x0, 4, "trailing", 0.0, bias=0.3))
+    seen: list[dict[str, Any]] = []
+    run = spy.run
+    spy.run = lambda feeds: (seen.append(dict(feeds)), run(feeds))[1]  # type: ignore[method-assign]
+    pipe = Pipeline.from_graphs([spy])
+    a = pipe.generate(2, 4, seed=5, labels=1)
+    b = pipe.generate(2, 4, seed=6, labels=1)
+    c = pipe.generate(2, 4, seed=5, labels=2)
+    # the label feed of the same request is the same (read-only) array; another label
+    # is another preparation
+    assert seen[0]["label"] is seen[1]["label"]
+    assert not seen[0]["label"].flags.writeable
+    np.testing.assert_array_equal(seen[2]["label"], [2, 2])
+    # and every image is what a fresh pipeline gives: the seed is never kept
+    fresh = pipe_of(cond_meta, cond_x0, "sampler", bias=0.3, steps=4, spacing="trailing",
+                    eta=0.0)
+    np.testing.assert_array_equal(a, fresh.generate(2, 4, seed=5, labels=1))
+    np.testing.assert_array_equal(b, fresh.generate(2, 4, seed=6, labels=1))
+    np.testing.assert_array_equal(c, fresh.generate(2, 4, seed=5, labels=2))
+    assert not np.array_equal(a, b)
+
+
+def test_arguments_equal_in_value_but_not_in_type_are_prepared_apart(
+        cond_meta: ModelMeta, cond_x0: np.ndarray) -> None:
+    pipe = pipe_of(cond_meta, cond_x0, "denoiser", bias=0.3)
+    pipe.generate(1, 2, eta=0, labels=1)
+    # False == 0 and True == 1 (and hash alike), but neither is a valid eta, n or label
+    for bad in ({"eta": False}, {"n": True}, {"labels": True}):
+        with pytest.raises(ValueError):
+            pipe.generate(**({"n": 1, "steps": 2, "eta": 0, "labels": 1} | bad))
+    pipe.generate(1, 2, eta=0.0, labels=1)
+    assert len(pipe._prepared) == 2
+
+
+def test_a_backend_writing_into_a_kept_feed_fails_instead_of_changing_the_next_call(
+        cond_meta: ModelMeta, cond_x0: np.ndarray) -> None:
+    spy = Spy(sampler_of(cond_meta, cond_x0, 4, "trailing", 0.0))
+
+    def scribbles(feeds: Any) -> Any:
+        feeds["label"][0] = 0
+        return spy.graph.run(feeds)
+
+    spy.run = scribbles  # type: ignore[method-assign]
+    pipe = Pipeline.from_graphs([spy])
+    with pytest.raises(ValueError, match="read-only"):
+        pipe.generate(2, 4, labels=1)
+
+
+def test_arrays_and_images_are_checked_anew_every_call(cond_meta: ModelMeta,
+                                                       cond_x0: np.ndarray) -> None:
+    pipe = pipe_of(cond_meta, cond_x0, "step", bias=0.3)
+    labels = np.array([0, 1])
+    a = pipe.generate(2, 4, labels=labels)
+    labels[1] = 2  # the caller's array changed: so do the images
+    b = pipe.generate(2, 4, labels=labels)
+    np.testing.assert_array_equal(a[0], b[0])
+    assert not np.array_equal(a[1], b[1])
+    assert not pipe._prepared
+    with pytest.raises(ValueError, match="outside the model's classes"):
+        pipe.generate(2, 4, labels=np.array([0, 7]))
+
+
+def test_a_graph_that_fails_to_open_drops_the_kept_preparations(
+        cond_meta: ModelMeta, cond_x0: np.ndarray) -> None:
+    from fewstep.runtime.pipeline import _Entry
+
+    step = oo.toy(cond_meta.for_graph(kind="step"), cond_x0, 0.3, path="<step>")
+    sampler_meta = cond_meta.for_graph(kind="sampler", steps=4, spacing="trailing")
+
+    def refuse() -> Graph:
+        raise ArtifactError("this sampler cannot be opened")
+
+    pipe = Pipeline([_Entry("<step>", step.meta, step),
+                     _Entry("<sampler-4>", sampler_meta, None, refuse)], "oracle", "<step>")
+    pipe.generate(1, 2)
+    assert len(pipe._prepared) == 1
+    with pytest.warns(UserWarning, match="cannot be opened"):
+        out = pipe.generate(1, 4)  # tries the sampler first: it fails, the step graph runs
+    assert pipe.last_path == "step"
+    assert len(pipe._prepared) == 1  # only the request prepared after the failure
+    np.testing.assert_array_equal(out, pipe.generate(1, 4))
+
+
+def test_prefer_tries_that_graph_kind_first_and_falls_back(cond_meta: ModelMeta,
+                                                           cond_x0: np.ndarray) -> None:
+    graphs = [oo.toy(cond_meta.for_graph(kind=k), cond_x0, 0.3, path=f"<{k}>")
+              for k in ("denoiser", "step")] + [
+        sampler_of(cond_meta, cond_x0, 4, "trailing", 1.0, bias=0.3)]
+    want = Pipeline.from_graphs(graphs).generate(3, 4, eta=1.0, seed=4, output="samples")
+    assert Pipeline.from_graphs(graphs).last_path is None
+    for prefer in ("sampler", "step", "denoiser"):
+        pipe = Pipeline.from_graphs(graphs, prefer=prefer)
+        got = pipe.generate(3, 4, eta=1.0, seed=4, output="samples")
+        assert pipe.last_path == prefer
+        assert np.abs(got - want).max() <= 1e-4
+        # where the preferred kind cannot run (3 steps: no such sampler), the next does
+        pipe.generate(1, 3, eta=1.0)
+        assert pipe.last_path == ("step" if prefer == "sampler" else prefer)
+    only_sampler = Pipeline.from_graphs(graphs[2:], prefer="step")
+    only_sampler.generate(1, 4, eta=1.0)
+    assert only_sampler.last_path == "sampler"
+    with pytest.raises(ValueError, match="prefer='fused' is not supported"):
+        Pipeline.from_graphs(graphs, prefer="fused")

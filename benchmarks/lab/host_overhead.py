@@ -37,11 +37,24 @@ H1  noise: reuse one Philox bit generator per thread and  -8..-10 µs a sample: 
 H2  NaN check of uint8 images: compare a 64-byte prefix   -3..-8 µs a 32 x 32 image
     with the marker first, the whole image only when the
     prefix matches
+H3  the two copies of a bound run through cudaMemcpy     +upload +download 65 -> 20-30 µs
+    (cuda-python) on the OrtValues' device pointers,      on the H200 host: a cuda-python
+    not ONNX Runtime's binding (``+upload cudart``,       call is a few µs, a small
+    ``+download cudart``)                                 pageable copy 5-10 µs each way
+H3b the same copies through libcuda's cuMemcpyHtoD/DtoH   15-25 µs: no cuda-python wrapper
+    via ctypes (``+upload driver``, ``+download driver``)
+H4  the pipeline keeps each request's checked, prepared   ``generate`` -15..-25 µs here
+    form (plan, graph, labels, feeds) per its plain       (plan lookup, graph choice,
+    arguments; a call with the same ones only draws the   labels, guidance checks); on the
+    seed's noise and runs                                 H200 host -80..-130 µs
 === ===================================================== ===============================
 
 Measured (``benchmarks/results/host-overhead-2026-12-01-cpu/``): H1 took one sample's
 noise from 52–79 to 35–54 µs p50 over three alternating pairs (kept); H2 measured no gain
-(6.7–7.8 → 7.1 µs) and was reverted, so the runtime has H1 only.
+(6.7–7.8 → 7.1 µs) and was reverted, so the runtime has H1 only. H4: the null-graph
+``generate`` went from 164–171 to 114–123 µs p50 (two alternating pairs, 7 rounds of
+2000 calls): −41..−57 µs, more than predicted (the feeds it keeps were not in the
+prediction); kept. H3/H3b need a GPU (``--graph``).
 """
 
 from __future__ import annotations
@@ -127,6 +140,81 @@ def run(model: Path, iters: int, rounds: int) -> dict[str, Any]:
             "iters": iters, "rounds": rounds, "rows": rows}
 
 
+def _cudart_layers(graph: Any, buffers: Any, x: Any) -> dict[str, Callable[[int], Any]]:
+    """The same two copies through cuda-python's ``cudaMemcpy`` on the OrtValues' device
+    pointers instead of ONNX Runtime's binding (``+upload cudart``, ``+download
+    cudart``; lever H3), when cuda-python imports: ``run_with_iobinding`` synchronises
+    its stream before it returns, and ``cudaMemcpy`` from pageable memory returns when
+    the copy is done, so the order is the binding's."""
+    try:
+        from fewstep.runtime.backends.cuda import cuda_check, import_cudart
+
+        cudart = import_cudart()
+    except ImportError:
+        return {}
+    h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+    d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+    dst_x = buffers.values["x"].data_ptr()
+    out_value = buffers.out
+    host_out = np.empty(out_value.shape(), dtype=np.asarray(graph._host(out_value)).dtype)
+    src_out = out_value.data_ptr()
+
+    def upload(_: int) -> None:
+        cuda_check(cudart.cudaMemcpy(dst_x, x.ctypes.data, x.nbytes, h2d), "cudaMemcpy")
+        graph._launch(buffers, 0)
+
+    def download(_: int) -> None:
+        upload(_)
+        cuda_check(cudart.cudaMemcpy(host_out.ctypes.data, src_out, host_out.nbytes, d2h),
+                   "cudaMemcpy")
+
+    # the same bytes either way, checked once
+    download(0)
+    if not np.array_equal(host_out, np.asarray(graph._host(out_value))):
+        raise RuntimeError("cudaMemcpy copied other bytes than OrtValue.numpy()")
+    return {"+upload cudart": upload, "+download cudart": download,
+            **_driver_layers(graph, buffers, x, host_out)}
+
+
+def _driver_layers(graph: Any, buffers: Any, x: Any, host_out: Any
+                   ) -> dict[str, Callable[[int], Any]]:
+    """The two copies through the driver API itself (``cuMemcpyHtoD``/``DtoH`` from
+    libcuda through ctypes: no cuda-python), in the context ONNX Runtime made current on
+    this thread (``+upload driver``, ``+download driver``; lever H3b)."""
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return {}
+    ctx = ctypes.c_void_p()
+    if lib.cuCtxGetCurrent(ctypes.byref(ctx)) != 0 or not ctx.value:
+        print("driver rows skipped: no current CUDA context on this thread", file=sys.stderr)
+        return {}
+    h2d, d2h = lib.cuMemcpyHtoD_v2, lib.cuMemcpyDtoH_v2
+    h2d.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t]
+    d2h.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t]
+    dst_x, src_out = buffers.values["x"].data_ptr(), buffers.out.data_ptr()
+    x_ptr, x_bytes = x.ctypes.data, x.nbytes
+    out_ptr, out_bytes = host_out.ctypes.data, host_out.nbytes
+
+    def upload(_: int) -> None:
+        if h2d(dst_x, x_ptr, x_bytes) != 0:
+            raise RuntimeError("cuMemcpyHtoD failed")
+        graph._launch(buffers, 0)
+
+    def download(_: int) -> None:
+        upload(_)
+        if d2h(out_ptr, src_out, out_bytes) != 0:
+            raise RuntimeError("cuMemcpyDtoH failed")
+
+    host_out.fill(0)
+    download(0)
+    if not np.array_equal(host_out, np.asarray(graph._host(buffers.out))):
+        raise RuntimeError("cuMemcpyDtoH copied other bytes than OrtValue.numpy()")
+    return {"+upload driver": upload, "+download driver": download}
+
+
 def decompose(graph_path: Path, backend: str, iters: int, rounds: int) -> dict[str, Any]:
     """The layers of one ``generate`` on a real sampler graph (see the module docstring)."""
     from fewstep.runtime import backends
@@ -164,8 +252,12 @@ def decompose(graph_path: Path, backend: str, iters: int, rounds: int) -> dict[s
 
     layers: dict[str, Callable[[int], Any]] = {
         "replay": replay, "+upload": upload, "+download": download,
+        **_cudart_layers(graph, buffers, x),
         "graph.run": lambda i: graph.run(feeds),
         "generate": lambda i: pipe.generate(1, steps, seed=i % 4, guidance=g),
+        # the same with nothing kept from the call before (H4 off)
+        "generate unkept": lambda i: (pipe._prepared.clear(),
+                                      pipe.generate(1, steps, seed=i % 4, guidance=g)),
         "generation_noise": lambda i: noise.generation_noise(i % 4, range(1),
                                                              meta.sample_shape),
     }
