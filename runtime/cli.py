@@ -53,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: unknown command {name!r}; use one of {', '.join(COMMANDS)}",
               file=sys.stderr)
         return 2
+    if name == "sample":
+        _head_start(args[1:])
     try:
         module = importlib.import_module(COMMANDS[name][0])
     except ModuleNotFoundError as e:
@@ -62,6 +64,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     result: int = module.main(args[1:], prog=f"fewstep {name}")
     return result
+
+
+def _option(args: Sequence[str], flag: str) -> str | None:
+    """The value of ``flag`` in ``args`` (``--flag V`` or ``--flag=V``; the last wins),
+    read before argparse so that work can start while the command imports."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg[len(flag) + 1:]
+    return value
+
+
+def _head_start(args: Sequence[str]) -> None:
+    """``fewstep sample`` on the GPU: the CUDA context is made in a background thread
+    while numpy and ONNX Runtime import (``cuda_start``); a wrong argument is still
+    argparse's to report."""
+    if "-h" in args or "--help" in args:
+        return
+    from . import cuda_start
+
+    if cuda_start.wants_cuda(_option(args, "--backend") or "auto", _option(args, "--model")):
+        cuda_start.start_context()
 
 
 def entry() -> None:

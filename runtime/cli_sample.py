@@ -30,7 +30,7 @@ from typing import Any, TextIO
 
 from . import artifact, clitools, ddim, fileio, images, sampling
 from .errors import inert
-from .meta import ModelMeta
+from .meta import GRAPH_KINDS, ModelMeta
 
 DEFAULT_STRENGTH = 0.75
 MAX_N = 10_000  # images per run: one grid; more is a batch job (call Pipeline.generate)
@@ -52,17 +52,24 @@ def quick_start_options_here() -> dict[str, str]:
     return quick_start_options(installed_version())
 
 
-def start_options(backend: str, model: Path | None, search: str) -> dict[str, Any]:
-    """Backend options of ``--cudnn-search``: for ``heuristic`` on ort-cuda (named, or what
-    ``auto`` picks for this model) ``ort_options.quick_start_options``; else none."""
-    if search == "exhaustive":
-        return {}
+def start_options(backend: str, model: Path | None, search: str,
+                  graph: str = "auto") -> dict[str, Any]:
+    """``Pipeline.load`` options of ``--cudnn-search`` and ``--graph``: on ort-cuda (named,
+    or what ``auto`` picks for this model) ``heuristic`` gives
+    ``ort_options.quick_start_options`` and ``--graph auto`` the step graph first."""
+    opts: dict[str, Any] = {} if graph == "auto" else {"prefer": graph}
+    if search == "exhaustive" and graph != "auto":
+        return opts
     from .pipeline import default_model_path
 
     path = artifact.locate(model if model is not None else default_model_path())
     if _resolve(backend, str(path)) != "ort-cuda":
-        return {}
-    return {"cuda_options": quick_start_options_here()}
+        return opts
+    if graph == "auto":
+        opts["prefer"] = "step"
+    if search != "exhaustive":
+        opts["cuda_options"] = quick_start_options_here()
+    return opts
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
@@ -80,6 +87,14 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                         "image); exhaustive times every algorithm at the first call and, "
                         "on an ORT-CUDA variant, uses cuDNN's fused convolution + bias: the "
                         "library's default, the fastest images for a long run")
+    p.add_argument("--graph", choices=("auto", *GRAPH_KINDS), default="auto",
+                   help="which of the model's graphs to try first: auto (default) takes the "
+                        "step graph on ort-cuda, where the fused sampler's unrolled loop "
+                        "pays cuDNN's first use once per convolution, four times the step "
+                        "graph's (measured: see the README's time to first image), and the "
+                        "fastest graph per call elsewhere; sampler, step or denoiser to "
+                        "choose (a kind the model lacks, or that cannot do what is asked, "
+                        "falls back to the others)")
     p.add_argument("--n", type=clitools.bounded_int(1, MAX_N, "the most images one grid holds"),
                    default=16, help=f"number of images, at most {MAX_N}")
     p.add_argument("--steps", type=int, default=None,
@@ -232,7 +247,8 @@ def body(args: argparse.Namespace) -> int:
     with one_line_warnings(err):
         started = time.perf_counter()
         pipe = Pipeline.load(args.model, backend=args.backend,
-                             **start_options(args.backend, args.model, args.cudnn_search))
+                             **start_options(args.backend, args.model, args.cudnn_search,
+                                             args.graph))
         # Said with the first finished batch: a run that fails before prints only its error.
         loaded = (f"model {pipe.source} on {pipe.backend} "
                   f"(loaded in {time.perf_counter() - started:.2f} s)")

@@ -161,8 +161,9 @@ def test_sample_starts_quickly_on_ort_cuda(model: Path, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch,
                                            capsys: pytest.CaptureFixture[str]) -> None:
     """`fewstep sample` is one process for a few images: on ort-cuda (named, or what auto
-    picks) its default --cudnn-search heuristic passes the quick-start CUDA EP options;
-    exhaustive, and every other backend, pass none."""
+    picks) its default --cudnn-search heuristic passes the quick-start CUDA EP options,
+    and its default --graph auto the step graph first; exhaustive, and every other
+    backend, pass none of the options, and --graph KIND passes that kind anywhere."""
     from fewstep.runtime.backends import ort_options
     from fewstep.runtime.pipeline import Pipeline
 
@@ -177,18 +178,26 @@ def test_sample_starts_quickly_on_ort_cuda(model: Path, tmp_path: Path,
     quick = ort_options.quick_start_options((1, 31, 1))
     assert quick == {"cudnn_conv_algo_search": "HEURISTIC", "fuse_conv_bias": "0"}
     assert ort_options.quick_start_options((1, 19, 0)) == {"cudnn_conv_algo_search": "HEURISTIC"}
-    for extra, want in (([], {"cuda_options": cli_sample.quick_start_options_here()}),
-                        (["--cudnn-search", "exhaustive"], {})):
+    quick_step = {"cuda_options": cli_sample.quick_start_options_here(), "prefer": "step"}
+    for extra, want in (([], quick_step),
+                        (["--cudnn-search", "exhaustive"], {"prefer": "step"}),
+                        (["--graph", "sampler"], {**quick_step, "prefer": "sampler"}),
+                        (["--cudnn-search", "exhaustive", "--graph", "denoiser"],
+                         {"prefer": "denoiser"})):
         code, _, err = run_main(cli_sample.main, [
             "--model", str(model), "--backend", "ort-cuda", "--n", "1", *extra,
             "--out", str(tmp_path / "a.png")], capsys)
         assert code == 0, err
         assert seen.pop() == {"backend": "ort-cuda", **want}
     monkeypatch.setattr(cli_sample, "_resolve", lambda backend, path: "ort-cuda")
-    assert cli_sample.start_options("auto", model, "heuristic") == {
-        "cuda_options": cli_sample.quick_start_options_here()}
+    assert cli_sample.start_options("auto", model, "heuristic") == quick_step
     monkeypatch.setattr(cli_sample, "_resolve", lambda backend, path: "ort-cpu")
     assert cli_sample.start_options("auto", model, "heuristic") == {}
+    assert cli_sample.start_options("auto", model, "heuristic", "step") == {"prefer": "step"}
+    code, _, err = run_main(cli_sample.main, [
+        "--model", str(model), "--backend", "ort-cpu", "--n", "1", "--graph", "fused",
+        "--out", str(tmp_path / "c.png")], capsys)
+    assert code == 2 and "--graph" in err and "Traceback" not in err
     code, _, err = run_main(cli_sample.main, [
         "--model", str(model), "--backend", "ort-cpu", "--n", "1", "--cudnn-search", "fast",
         "--out", str(tmp_path / "b.png")], capsys)
@@ -412,3 +421,78 @@ def test_run_command_missing_tool_and_timeout() -> None:
     assert jetson.run_command([sys.executable, "-c", "import sys; sys.exit(3)"]) is None
     assert jetson.run_command([sys.executable, "-c", "import time; time.sleep(5)"],
                               timeout=0.2) is None
+
+
+# ---------------------------------------------------------------------------------
+# The CUDA context's head start (runtime/cuda_start.py)
+# ---------------------------------------------------------------------------------
+
+
+def test_sample_starts_the_cuda_context_only_for_a_gpu_backend(
+        model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from fewstep.runtime import cuda_start
+
+    started: list[int] = []
+    monkeypatch.setattr(cuda_start, "start_context", lambda device=0: started.append(device))
+    monkeypatch.setattr(cuda_start, "ort_cuda_installed", lambda: False)
+    argv = ["sample", "--model", str(model), "--n", "1", "--out", str(tmp_path / "a.png")]
+    for backend, wanted in ((["--backend", "ort-cpu"], 0), ([], 0),  # auto, no CUDA provider
+                            (["--backend=oracle"], 0), (["--backend", "ort-cuda"], 1),
+                            (["--backend", "ort-cpu", "--backend", "tensorrt"], 1)):
+        started.clear()
+        cli.main([*argv, *backend])
+        capsys.readouterr()  # ort-cuda and tensorrt fail here (no GPU): only the start counts
+        assert len(started) == wanted, backend
+    monkeypatch.setattr(cuda_start, "ort_cuda_installed", lambda: True)
+    started.clear()
+    code, _, err = run_main(cli.main, [*argv, "--backend", "ort-cpu"], capsys)
+    assert code == 0, err
+    assert not started
+    cli.main([*argv])  # auto with onnxruntime's CUDA provider installed
+    capsys.readouterr()
+    assert started == [0]
+    started.clear()
+    run_main(cli.main, ["sample", "--help"], capsys)
+    assert not started
+
+
+def test_the_cuda_head_start_is_quiet_where_there_is_no_driver(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+    import threading
+
+    from fewstep.runtime import cuda_start
+
+    assert cuda_start._retain_primary(0, str(tmp_path / "libcuda.so.1")) is False
+    monkeypatch.setattr(cuda_start, "LIBCUDA", str(tmp_path / "libcuda.so.1"))
+    raised: list[Any] = []
+    monkeypatch.setattr(threading, "excepthook", raised.append)
+    thread = cuda_start.start_context()
+    thread.join(10)
+    assert not raised
+    assert not thread.is_alive() and thread.daemon and thread.name == cuda_start.THREAD_NAME
+    # the CUDA provider is looked up on disk, without importing onnxruntime
+    pkg = tmp_path / "site" / "onnxruntime"
+    (pkg / "capi").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise ImportError('imported')\n")
+    spec = importlib.util.spec_from_file_location(
+        "onnxruntime", pkg / "__init__.py", submodule_search_locations=[str(pkg)])
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec)
+    assert cuda_start.ort_cuda_installed() is False
+    (pkg / "capi" / "libonnxruntime_providers_cuda.so").write_bytes(b"")
+    assert cuda_start.ort_cuda_installed() is True
+    assert cuda_start.wants_cuda("auto", "model.onnx") is True
+    assert cuda_start.wants_cuda("ort-cpu", "model.onnx") is False
+    assert cuda_start.wants_cuda("auto", "model.plan") is True
+    assert cuda_start.wants_cuda("ort", "model.plan") is False
+
+
+def test_sample_graph_picks_the_path(model: Path, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    for graph, path in (("step", "step"), ("denoiser", "denoiser"), ("auto", "sampler")):
+        code, _, err = run_main(cli_sample.main, [
+            "--model", str(model), "--backend", "ort-cpu", "--n", "1", "--steps", "4",
+            "--graph", graph, "--out", str(tmp_path / f"{graph}.png")], capsys)
+        assert code == 0, err
+        assert f"via the {path} path" in err

@@ -148,6 +148,10 @@ def test_verdict_rule(change: dict[str, Any], want: str) -> None:
     base = {"lever": "baseline", "load_first_s": 1.0, "steady_s": 0.010}
     row = {"lever": "x", "load_first_s": 0.90, "steady_s": 0.0105, "image_diff": 0, **change}
     assert fi.verdict(row, base)[0] == want
+    # a `fewstep sample` default (one generate a process): the same rule without the
+    # steady state
+    one_shot = "kept in fewstep sample" if want == "kept" or "steady_s" in change else want
+    assert fi.verdict(row, base, one_shot=True)[0] == one_shot
 
 
 @pytest.mark.parametrize(("argv", "message"), [

@@ -8,8 +8,10 @@ with ``perf_counter`` from the first line of the child:
 
   numpy          ``import numpy``
   onnxruntime    ``import onnxruntime``
-  raw context    cuInit + the primary context of device 0 (cuda-python; configuration
-                 ``raw-ctx`` only): the driver's own share of the first CUDA work
+  raw context    cuInit + the primary context of device 0 (cuda-python in ``raw-ctx``,
+                 libcuda through ctypes in ``cudnn-first``): the driver's share
+  cudnn load     ``cudnn-first``: cuDNN's libraries dlopened (``nvidia.cudnn``'s lib)
+  overlap wait   ``overlap``: waiting for the thread (context + cuDNN) after the imports
   tiny create    an InferenceSession of a one-Identity graph on the CUDA EP (``tiny-*``
                  configurations): CUDA context, the EP, its allocator and handles
   tiny run       that graph's first run
@@ -39,6 +41,39 @@ eager-load  ``direct`` with CUDA_MODULE_LOADING=EAGER        create +0.5..+3 s: 
                                                              matters
 profile     ``direct`` with the session profiler             run 1's excess in Conv/NhwcConv
 =========== ================================================ ==================================
+
+Second round (2026-12-01, 13:35 UTC), predictions written before its run:
+
+============ =============================================== ==================================
+config       what                                            prediction
+============ =============================================== ==================================
+profile      per node of the costliest op (NhwcConv): how    each node pays its own first use
+             many of the sampler's 172 convolutions pay a    (ORT's CUDA Conv keeps its cuDNN
+             first-use cost over 1 ms                        choice per node): >= 150 of 172
+                                                             over 1 ms, median 4-7 ms
+direct with  ``--graph`` the fused step graph (43            run 1 0.2-0.35 s, against
+a step graph convolutions: one step of the same network)     0.9-1.15 s for the sampler
+cudnn-first  libcuda's context (ctypes) and cuDNN's          cudnn load 0.1-0.4 s; run 1
+             libraries dlopened before ``create``            -that much
+overlap      the same two in a thread started first, while   to run 1 -0.2..-0.45 s against
+             numpy and onnxruntime import                    ``direct``
+============ =============================================== ==================================
+
+Measured (``benchmarks/results/first-image-2026-12-01-h200-onecall/``): every one of the
+sampler's 172 convolutions paid 2.4-2.5 ms at run 1 (per node, as predicted; the median
+was below the 4-7 ms predicted); the step graph's run 1 was 0.61 s (predicted 0.2-0.35 s:
+about 0.45 s of run 1 is paid once whatever the graph) against 0.99 s; cudnn-first loaded
+the libraries in 21 ms and saved nothing at run 1; overlap took 244 ms off "to run 1".
+
+Third round, predictions written before its run:
+
+=============== ============================================ ==================================
+config          what                                         prediction
+=============== ============================================ ==================================
+overlap-handles ``overlap``'s thread, then cudnnCreate and   run 1 -0.1..-0.3 s against
+                cublasCreate through ctypes, not joined:     ``overlap`` (the once-per-process
+                it runs on while the session is created      share of run 1 moves into create)
+=============== ============================================ ==================================
 """
 
 from __future__ import annotations
@@ -54,9 +89,11 @@ from pathlib import Path
 from typing import Any
 
 RESULT = "PHASES "
-CONFIGS = ("direct", "tiny-first", "raw-ctx", "cuda-graph", "eager-load", "profile")
-PHASES = ("numpy", "onnxruntime", "raw_context", "tiny_create", "tiny_run", "create",
-          "run1", "run2", "steady")
+CONFIGS = ("direct", "tiny-first", "raw-ctx", "cuda-graph", "eager-load", "profile",
+           "cudnn-first", "overlap", "overlap-handles")
+PHASES = ("numpy", "onnxruntime", "raw_context", "cudnn_load", "overlap_wait", "tiny_create",
+          "tiny_run", "create", "run1", "run2", "steady")
+LATER = ("run2", "steady")  # not in "to run 1": the child's time to its first result
 
 
 # ---------------------------------------------------------------------------------
@@ -88,6 +125,91 @@ def _raw_context() -> None:
     assert int(err) == 0, err
 
 
+def _driver_context() -> None:
+    """cuInit + the primary context of device 0 through libcuda itself (ctypes: nothing to
+    import), which the runtime API, and so ONNX Runtime, then finds ready."""
+    import ctypes
+
+    lib = ctypes.CDLL("libcuda.so.1")
+    dev, ctx = ctypes.c_int(), ctypes.c_void_p()
+    for what, rc in (("cuInit", lambda: lib.cuInit(0)),
+                     ("cuDeviceGet", lambda: lib.cuDeviceGet(ctypes.byref(dev), 0)),
+                     ("cuDevicePrimaryCtxRetain",
+                      lambda: lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev))):
+        code = rc()
+        if code != 0:
+            raise RuntimeError(f"{what} failed: {code}")
+
+
+CUDNN_ORDER = ("libcudnn_graph", "libcudnn_ops", "libcudnn_heuristic", "libcudnn_cnn",
+               "libcudnn_engines_precompiled", "libcudnn_engines_runtime_compiled",
+               "libcudnn_adv", "libcudnn.")
+
+
+def _cudnn_libraries() -> list[str]:
+    """cuDNN 9's libraries from the nvidia-cudnn wheel, in dependency order: libcudnn
+    dlopens the rest (engines, heuristics) only at its first convolution."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("nvidia.cudnn")
+    except ImportError:
+        return []
+    dirs = [Path(d) / "lib" for d in (spec.submodule_search_locations or [])] if spec else []
+    found = [p for d in dirs for p in d.glob("libcudnn*.so.*")]
+    return [str(p) for prefix in CUDNN_ORDER for p in sorted(found)
+            if p.name.startswith(prefix)]
+
+
+def _load_cudnn() -> int:
+    import ctypes
+
+    libs = _cudnn_libraries()
+    for lib in libs:
+        ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+    return len(libs)
+
+
+def _nvidia_libs(package: str, prefixes: tuple[str, ...]) -> list[str]:
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(f"nvidia.{package}")
+    except ImportError:
+        return []
+    dirs = [Path(d) / "lib" for d in (spec.submodule_search_locations or [])] if spec else []
+    found = [p for d in dirs for p in d.glob("lib*.so.*")]
+    return [str(p) for prefix in prefixes for p in sorted(found) if p.name.startswith(prefix)]
+
+
+def _handles() -> dict[str, float]:
+    """cudnnCreate and cublasCreate_v2 through ctypes on the wheels' libraries: their
+    one-time initialisation, which ONNX Runtime's first run otherwise pays."""
+    import ctypes
+
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    for lib in _cudnn_libraries():
+        ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+    cudnn = ctypes.CDLL("libcudnn.so.9", mode=ctypes.RTLD_GLOBAL)
+    handle = ctypes.c_void_p()
+    code = cudnn.cudnnCreate(ctypes.byref(handle))
+    if code != 0:
+        raise RuntimeError(f"cudnnCreate failed: {code}")
+    seconds["cudnn"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    libs = _nvidia_libs("cublas", ("libcublasLt", "libcublas."))
+    for lib in libs:
+        ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+    if libs:
+        cublas = ctypes.CDLL(Path(libs[-1]).name, mode=ctypes.RTLD_GLOBAL)
+        code = cublas.cublasCreate_v2(ctypes.byref(ctypes.c_void_p()))
+        if code != 0:
+            raise RuntimeError(f"cublasCreate_v2 failed: {code}")
+    seconds["cublas"] = time.perf_counter() - t0
+    return seconds
+
+
 def _feeds(session: Any, np: Any) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     types = {"tensor(float)": np.float32, "tensor(int64)": np.int64,
@@ -112,15 +234,19 @@ def _profile_split(path: str) -> dict[str, Any]:
     init = sum(e["dur"] for e in events
                if e.get("cat") == "Session" and e["name"] == "session_initialization")
     per_run: list[dict[str, float]] = []
+    per_node: list[dict[str, tuple[str, float]]] = []
     for r in runs[:2]:
         lo, hi = r["ts"], r["ts"] + r["dur"]
         by_op: dict[str, float] = {}
+        nodes: dict[str, tuple[str, float]] = {}
         for e in events:
             if (e.get("cat") == "Node" and e["name"].endswith("_kernel_time")
                     and lo <= e["ts"] <= hi):
                 op = e.get("args", {}).get("op_name", "?")
                 by_op[op] = by_op.get(op, 0.0) + e["dur"] / 1e3
+                nodes[e["name"]] = (op, e["dur"] / 1e3)
         per_run.append(by_op)
+        per_node.append(nodes)
     out: dict[str, Any] = {"session_initialization_ms": init / 1e3,
                            "model_run_ms": [r["dur"] / 1e3 for r in runs[:3]]}
     if len(per_run) == 2:
@@ -128,6 +254,22 @@ def _profile_split(path: str) -> dict[str, Any]:
         excess = {op: per_run[0].get(op, 0.0) - per_run[1].get(op, 0.0) for op in ops}
         out["run1_excess_ms_by_op"] = dict(sorted(excess.items(), key=lambda kv: -kv[1])[:10])
         out["run1_ms_by_op"] = dict(sorted(per_run[0].items(), key=lambda kv: -kv[1])[:10])
+        # per node of the costliest op type: does every node pay its own first use (a
+        # per-kernel choice: the node count matters) or only the first of each shape
+        # (a process-wide cache: it does not)?
+        top = max(excess, key=lambda op: excess[op])
+        first, second = per_node
+        extra = sorted(ms - second.get(name, ("", 0.0))[1]
+                       for name, (op, ms) in first.items() if op == top)
+        if extra:
+            out["run1_excess_per_node"] = {
+                "op": top, "nodes": len(extra),
+                "median_ms": statistics.median(extra),
+                "over_1ms": sum(x > 1.0 for x in extra),
+                "over_0.1ms": sum(x > 0.1 for x in extra),
+                "quartiles_ms": [extra[len(extra) // 4], extra[len(extra) // 2],
+                                 extra[3 * len(extra) // 4], extra[-1]],
+            }
     return out
 
 
@@ -141,13 +283,40 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         t[name] = now - mark
         mark = now
 
+    config = spec["config"]
+    background = None
+    handles: dict[str, Any] = {}
+    if config == "overlap":  # context and cuDNN in a thread while the imports run
+        import threading
+
+        background = threading.Thread(target=lambda: (_driver_context(), _load_cudnn()))
+        background.start()
+    if config == "overlap-handles":  # and cuDNN's and cuBLAS's handles, kept to create
+        import threading
+
+        def warm() -> None:
+            try:
+                _driver_context()
+                handles.update(_handles())
+            except Exception as e:  # reported in the record, the run goes on
+                handles["error"] = f"{type(e).__name__}: {e}"[:300]
+
+        background = threading.Thread(target=warm)
+        background.start()
     import numpy as np
 
     lap("numpy")
     import onnxruntime as ort
 
     lap("onnxruntime")
-    config = spec["config"]
+    if config == "cudnn-first":
+        _driver_context()
+        lap("raw_context")
+        t["cudnn_libraries"] = _load_cudnn()
+        lap("cudnn_load")
+    if background is not None and config == "overlap":
+        background.join()
+        lap("overlap_wait")
     options = {"device_id": "0", "cudnn_conv_algo_search": "HEURISTIC", "fuse_conv_bias": "0"}
     if config == "raw-ctx":
         _raw_context()
@@ -197,6 +366,9 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     t["steady"] = statistics.median(steady)
     result: dict[str, Any] = {"config": config, "seconds": t,
                               "providers": session.get_providers()}
+    if background is not None:
+        background.join()
+        result["background"] = handles
     if config == "profile":
         result["profile"] = _profile_split(session.end_profiling())
     return result
@@ -233,18 +405,21 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
             continue
         rows[config] = {p: statistics.median(r["seconds"][p] for r in ok)
                         for p in PHASES if all(p in r["seconds"] for r in ok)}
+        rows[config]["to_run1"] = statistics.median(
+            sum(v for k, v in r["seconds"].items() if k in PHASES and k not in LATER)
+            for r in ok)
         rows[config]["n"] = len(ok)
         rows[config]["wall_s"] = statistics.median(r["wall_s"] for r in ok)
     return rows
 
 
 def table(rows: dict[str, dict[str, float]]) -> str:
-    head = "| config | n | " + " | ".join(PHASES) + " | process wall |"
-    lines = [head, "|" + " --- |" * (len(PHASES) + 3)]
+    head = "| config | n | " + " | ".join(PHASES) + " | to run 1 | process wall |"
+    lines = [head, "|" + " --- |" * (len(PHASES) + 4)]
     for config, row in rows.items():
         cells = [f"{row[p] * 1e3:.0f}" if p in row else "" for p in PHASES]
         lines.append(f"| {config} | {row['n']:.0f} | " + " | ".join(cells)
-                     + f" | {row['wall_s'] * 1e3:.0f} |")
+                     + f" | {row['to_run1'] * 1e3:.0f} | {row['wall_s'] * 1e3:.0f} |")
     return "\n".join(lines) + "\n(milliseconds; medians of n fresh processes)"
 
 
