@@ -421,7 +421,7 @@ class Pipeline:
     def _prepare(self, r: GenerateRequest) -> Prepared:
         """Everything of a generation but the seed's: its arguments checked, plan, graph,
         labels, conditioning, batch split. Pure for a request of plain values, so
-        ``_generate`` keeps it per ``_prepared_key`` (until a graph fails to open)."""
+        ``_generate`` keeps it per ``requests.prepared_key`` (until a graph fails to open)."""
         meta = self.meta
         n = checks.whole_number("n", r.n, 1, " (the number of samples)")
         output = r.output if r.output is not None else ("images" if meta.images else "samples")
