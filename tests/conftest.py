@@ -60,3 +60,19 @@ def tiny_artifact(tiny_checkpoint, tmp_path_factory):  # type: ignore[no-untyped
                                         sampler_steps=(2,))
     onnx_export.export_to_folder(ck.build_model(), ck.meta, folder, "model", options)
     return folder / "model.onnx"
+
+
+@pytest.fixture(scope="session")
+def tiny_variant(tiny_checkpoint, tmp_path_factory):  # type: ignore[no-untyped-def]
+    """``tiny_artifact``'s export with the ORT-CUDA variant beside it (no gate: this may be
+    a CPU machine); shared by the variant's tests, which copy it before changing it."""
+    pytest.importorskip("onnx")
+    from fewstep.export import onnx_export
+    from fewstep.train import checkpoint as ckpt_io
+
+    ck = ckpt_io.load(tiny_checkpoint)
+    folder = tmp_path_factory.mktemp("tiny_variant")
+    options = onnx_export.ExportOptions(guidance=True, fused=("step", "sampler"),
+                                        sampler_steps=(2,), variants=("ort-cuda",))
+    onnx_export.export_to_folder(ck.build_model(), ck.meta, folder, "model", options)
+    return folder / "model.onnx"

@@ -56,21 +56,14 @@ def _need_ort_transformers() -> None:
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
-             ) -> tuple[Path, int]:
-    """The tiny model exported once with the ORT-CUDA variant: (model.onnx, classes)."""
+def exported(tiny_checkpoint: Path, tiny_variant: Path) -> tuple[Path, int]:
+    """The tiny model exported once with the ORT-CUDA variant (conftest's, its sampler
+    has SAMPLER_STEPS steps): (model.onnx, classes)."""
     pytest.importorskip("torch")
     _need_ort_transformers()
-    from fewstep.export import onnx_export
     from fewstep.train import checkpoint as ckpt_io
 
-    ck = ckpt_io.load(tiny_checkpoint)
-    folder = tmp_path_factory.mktemp("ort_cuda_lowered")
-    options = onnx_export.ExportOptions(guidance=True, fused=("step", "sampler"),
-                                        sampler_steps=(SAMPLER_STEPS,),
-                                        variants=("ort-cuda",))
-    onnx_export.export_to_folder(ck.build_model(), ck.meta, folder, "model", options)
-    return folder / "model.onnx", ck.meta.num_classes
+    return tiny_variant, ckpt_io.load(tiny_checkpoint).meta.num_classes
 
 
 def _pair(main: Path, kind: str) -> tuple[Path, Path]:
