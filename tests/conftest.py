@@ -47,32 +47,27 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[n
     return train(tiny_config(), quiet_options(out))
 
 
-@pytest.fixture(scope="session")
-def tiny_artifact(tiny_checkpoint, tmp_path_factory):  # type: ignore[no-untyped-def]
-    """fp32 export of the tiny model: denoiser + guidance, step graph, 2-step sampler."""
+def _export_tiny(checkpoint, tmp_path_factory, name, variants=()):  # type: ignore[no-untyped-def]
     pytest.importorskip("onnx")
     from fewstep.export import onnx_export
     from fewstep.train import checkpoint as ckpt_io
 
-    ck = ckpt_io.load(tiny_checkpoint)
-    folder = tmp_path_factory.mktemp("tiny_onnx")
+    ck = ckpt_io.load(checkpoint)
+    folder = tmp_path_factory.mktemp(name)
     options = onnx_export.ExportOptions(guidance=True, fused=("step", "sampler"),
-                                        sampler_steps=(2,))
+                                        sampler_steps=(2,), variants=variants)
     onnx_export.export_to_folder(ck.build_model(), ck.meta, folder, "model", options)
     return folder / "model.onnx"
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tiny_checkpoint, tmp_path_factory):  # type: ignore[no-untyped-def]
+    """fp32 export of the tiny model: denoiser + guidance, step graph, 2-step sampler."""
+    return _export_tiny(tiny_checkpoint, tmp_path_factory, "tiny_onnx")
 
 
 @pytest.fixture(scope="session")
 def tiny_variant(tiny_checkpoint, tmp_path_factory):  # type: ignore[no-untyped-def]
     """``tiny_artifact``'s export with the ORT-CUDA variant beside it (no gate: this may be
     a CPU machine); shared by the variant's tests, which copy it before changing it."""
-    pytest.importorskip("onnx")
-    from fewstep.export import onnx_export
-    from fewstep.train import checkpoint as ckpt_io
-
-    ck = ckpt_io.load(tiny_checkpoint)
-    folder = tmp_path_factory.mktemp("tiny_variant")
-    options = onnx_export.ExportOptions(guidance=True, fused=("step", "sampler"),
-                                        sampler_steps=(2,), variants=("ort-cuda",))
-    onnx_export.export_to_folder(ck.build_model(), ck.meta, folder, "model", options)
-    return folder / "model.onnx"
+    return _export_tiny(tiny_checkpoint, tmp_path_factory, "tiny_variant", ("ort-cuda",))

@@ -127,18 +127,12 @@ def _raw_context() -> None:
 
 def _driver_context() -> None:
     """cuInit + the primary context of device 0 through libcuda itself (ctypes: nothing to
-    import), which the runtime API, and so ONNX Runtime, then finds ready."""
-    import ctypes
+    import; ``fewstep.runtime.cuda_start``'s), which the runtime API, and so ONNX Runtime,
+    then finds ready."""
+    from fewstep.runtime import cuda_start
 
-    lib = ctypes.CDLL("libcuda.so.1")
-    dev, ctx = ctypes.c_int(), ctypes.c_void_p()
-    for what, rc in (("cuInit", lambda: lib.cuInit(0)),
-                     ("cuDeviceGet", lambda: lib.cuDeviceGet(ctypes.byref(dev), 0)),
-                     ("cuDevicePrimaryCtxRetain",
-                      lambda: lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev))):
-        code = rc()
-        if code != 0:
-            raise RuntimeError(f"{what} failed: {code}")
+    if not cuda_start._retain_primary(0):
+        raise RuntimeError("cuInit / cuDevicePrimaryCtxRetain through libcuda failed")
 
 
 CUDNN_ORDER = ("libcudnn_graph", "libcudnn_ops", "libcudnn_heuristic", "libcudnn_cnn",
@@ -149,16 +143,7 @@ CUDNN_ORDER = ("libcudnn_graph", "libcudnn_ops", "libcudnn_heuristic", "libcudnn
 def _cudnn_libraries() -> list[str]:
     """cuDNN 9's libraries from the nvidia-cudnn wheel, in dependency order: libcudnn
     dlopens the rest (engines, heuristics) only at its first convolution."""
-    import importlib.util
-
-    try:
-        spec = importlib.util.find_spec("nvidia.cudnn")
-    except ImportError:
-        return []
-    dirs = [Path(d) / "lib" for d in (spec.submodule_search_locations or [])] if spec else []
-    found = [p for d in dirs for p in d.glob("libcudnn*.so.*")]
-    return [str(p) for prefix in CUDNN_ORDER for p in sorted(found)
-            if p.name.startswith(prefix)]
+    return _nvidia_libs("cudnn", CUDNN_ORDER)
 
 
 def _load_cudnn() -> int:
@@ -189,8 +174,7 @@ def _handles() -> dict[str, float]:
 
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    for lib in _cudnn_libraries():
-        ctypes.CDLL(lib, mode=ctypes.RTLD_GLOBAL)
+    _load_cudnn()
     cudnn = ctypes.CDLL("libcudnn.so.9", mode=ctypes.RTLD_GLOBAL)
     handle = ctypes.c_void_p()
     code = cudnn.cudnnCreate(ctypes.byref(handle))

@@ -140,79 +140,77 @@ def run(model: Path, iters: int, rounds: int) -> dict[str, Any]:
             "iters": iters, "rounds": rounds, "rows": rows}
 
 
-def _cudart_layers(graph: Any, buffers: Any, x: Any) -> dict[str, Callable[[int], Any]]:
-    """The same two copies through cuda-python's ``cudaMemcpy`` on the OrtValues' device
-    pointers instead of ONNX Runtime's binding (``+upload cudart``, ``+download
-    cudart``; lever H3), when cuda-python imports: ``run_with_iobinding`` synchronises
-    its stream before it returns, and ``cudaMemcpy`` from pageable memory returns when
-    the copy is done, so the order is the binding's."""
+Copy = Callable[[int, int, int], None]  # (destination, source, bytes)
+
+
+def _copy_layers(name: str, copies: tuple[Copy, Copy] | None, graph: Any, buffers: Any,
+                 x: Any) -> dict[str, Callable[[int], Any]]:
+    """``+upload NAME`` and ``+download NAME``: x uploaded and the images copied back with
+    ``copies`` (host→device, device→host) on the OrtValues' device pointers instead of
+    ONNX Runtime's binding. ``run_with_iobinding`` synchronises its stream before it
+    returns, and a copy from pageable memory returns when it is done, so the order is
+    the binding's. The bytes are checked against ``OrtValue.numpy()`` once."""
+    if copies is None:
+        return {}
+    h2d, d2h = copies
+    dst_x, src_out = buffers.values["x"].data_ptr(), buffers.out.data_ptr()
+    host_out = np.zeros(buffers.out.shape(), dtype=np.asarray(graph._host(buffers.out)).dtype)
+
+    def upload(_: int) -> None:
+        h2d(dst_x, x.ctypes.data, x.nbytes)
+        graph._launch(buffers, 0)
+
+    def download(_: int) -> None:
+        upload(_)
+        d2h(host_out.ctypes.data, src_out, host_out.nbytes)
+
+    download(0)
+    if not np.array_equal(host_out, np.asarray(graph._host(buffers.out))):
+        raise RuntimeError(f"{name} copied other bytes than OrtValue.numpy()")
+    return {f"+upload {name}": upload, f"+download {name}": download}
+
+
+def _cudart_copies() -> tuple[Copy, Copy] | None:
+    """cuda-python's ``cudaMemcpy`` (lever H3); None without cuda-python."""
     try:
         from fewstep.runtime.backends.cuda import cuda_check, import_cudart
 
         cudart = import_cudart()
     except ImportError:
-        return {}
-    h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
-    d2h = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
-    dst_x = buffers.values["x"].data_ptr()
-    out_value = buffers.out
-    host_out = np.empty(out_value.shape(), dtype=np.asarray(graph._host(out_value)).dtype)
-    src_out = out_value.data_ptr()
+        return None
+    kinds = cudart.cudaMemcpyKind
 
-    def upload(_: int) -> None:
-        cuda_check(cudart.cudaMemcpy(dst_x, x.ctypes.data, x.nbytes, h2d), "cudaMemcpy")
-        graph._launch(buffers, 0)
+    def copy(kind: Any) -> Copy:
+        return lambda dst, src, n: cuda_check(cudart.cudaMemcpy(dst, src, n, kind),
+                                              "cudaMemcpy")
 
-    def download(_: int) -> None:
-        upload(_)
-        cuda_check(cudart.cudaMemcpy(host_out.ctypes.data, src_out, host_out.nbytes, d2h),
-                   "cudaMemcpy")
-
-    # the same bytes either way, checked once
-    download(0)
-    if not np.array_equal(host_out, np.asarray(graph._host(out_value))):
-        raise RuntimeError("cudaMemcpy copied other bytes than OrtValue.numpy()")
-    return {"+upload cudart": upload, "+download cudart": download,
-            **_driver_layers(graph, buffers, x, host_out)}
+    return copy(kinds.cudaMemcpyHostToDevice), copy(kinds.cudaMemcpyDeviceToHost)
 
 
-def _driver_layers(graph: Any, buffers: Any, x: Any, host_out: Any
-                   ) -> dict[str, Callable[[int], Any]]:
-    """The two copies through the driver API itself (``cuMemcpyHtoD``/``DtoH`` from
-    libcuda through ctypes: no cuda-python), in the context ONNX Runtime made current on
-    this thread (``+upload driver``, ``+download driver``; lever H3b)."""
+def _driver_copies() -> tuple[Copy, Copy] | None:
+    """libcuda's ``cuMemcpyHtoD``/``DtoH`` through ctypes, no cuda-python (lever H3b), in
+    the context ONNX Runtime made current on this thread; None without one."""
     import ctypes
 
     try:
         lib = ctypes.CDLL("libcuda.so.1")
     except OSError:
-        return {}
+        return None
     ctx = ctypes.c_void_p()
     if lib.cuCtxGetCurrent(ctypes.byref(ctx)) != 0 or not ctx.value:
         print("driver rows skipped: no current CUDA context on this thread", file=sys.stderr)
-        return {}
+        return None
     h2d, d2h = lib.cuMemcpyHtoD_v2, lib.cuMemcpyDtoH_v2
     h2d.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t]
     d2h.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_size_t]
-    dst_x, src_out = buffers.values["x"].data_ptr(), buffers.out.data_ptr()
-    x_ptr, x_bytes = x.ctypes.data, x.nbytes
-    out_ptr, out_bytes = host_out.ctypes.data, host_out.nbytes
 
-    def upload(_: int) -> None:
-        if h2d(dst_x, x_ptr, x_bytes) != 0:
-            raise RuntimeError("cuMemcpyHtoD failed")
-        graph._launch(buffers, 0)
+    def checked(fn: Any, what: str) -> Copy:
+        def copy(dst: int, src: int, n: int) -> None:
+            if fn(dst, src, n) != 0:
+                raise RuntimeError(f"{what} failed")
+        return copy
 
-    def download(_: int) -> None:
-        upload(_)
-        if d2h(out_ptr, src_out, out_bytes) != 0:
-            raise RuntimeError("cuMemcpyDtoH failed")
-
-    host_out.fill(0)
-    download(0)
-    if not np.array_equal(host_out, np.asarray(graph._host(buffers.out))):
-        raise RuntimeError("cuMemcpyDtoH copied other bytes than OrtValue.numpy()")
-    return {"+upload driver": upload, "+download driver": download}
+    return checked(h2d, "cuMemcpyHtoD"), checked(d2h, "cuMemcpyDtoH")
 
 
 def decompose(graph_path: Path, backend: str, iters: int, rounds: int) -> dict[str, Any]:
@@ -252,7 +250,8 @@ def decompose(graph_path: Path, backend: str, iters: int, rounds: int) -> dict[s
 
     layers: dict[str, Callable[[int], Any]] = {
         "replay": replay, "+upload": upload, "+download": download,
-        **_cudart_layers(graph, buffers, x),
+        **_copy_layers("cudart", _cudart_copies(), graph, buffers, x),
+        **_copy_layers("driver", _driver_copies(), graph, buffers, x),
         "graph.run": lambda i: graph.run(feeds),
         "generate": lambda i: pipe.generate(1, steps, seed=i % 4, guidance=g),
         # the same with nothing kept from the call before (H4 off)
